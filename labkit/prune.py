@@ -1,0 +1,451 @@
+"""Pruning: magnitude, Wanda and N:M masks, an in-place `prune_`, structured MLP-neuron pruning, recovery.
+
+Defined in notebook 01 (01_pruning.ipynb); notebook 04 (sparse storage) imports the masks from here.
+
+Conventions: a mask is a bool tensor shaped like the weight, True = KEEP, False = pruned (zero).
+`sparsity` is the fraction of weights set to zero; the number pruned is round(sparsity * numel), the same
+rule as `torch.nn.utils.prune` (so our masks equal torch's on the same weights).
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+METHODS = ("magnitude", "wanda", "nm")
+SCOPES = ("layer", "global", "row")
+
+FilterFn = Callable[[nn.Module, str], bool]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Config and validation
+# ---------------------------------------------------------------------------------------------------------
+@dataclass
+class PruneConfig:
+    """What `prune_` does (notebook 01 §1).
+
+    method: "magnitude" (score |W|), "wanda" (score |W|·‖X‖₂, needs calibration) or "nm" (N of every M kept).
+    sparsity: fraction of weights to zero, in [0, 1) (ignored by "nm": there it is 1 − n/m).
+    scope: which weights compete: "layer" (within each matrix), "global" (all selected matrices together) or
+        "row" (within each output row, as in the Wanda paper).
+    n, m: the N:M pattern for method "nm" (2:4 = keep 2 of every 4 consecutive input weights).
+    score: the importance that "nm" ranks by inside each group: "magnitude" or "wanda".
+    """
+
+    method: str = "magnitude"
+    sparsity: float = 0.5
+    scope: str = "layer"
+    n: int = 2
+    m: int = 4
+    score: str = "magnitude"
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"PruneConfig.method={self.method!r} is unknown; use one of {METHODS}")
+        if self.scope not in SCOPES:
+            raise ValueError(f"PruneConfig.scope={self.scope!r} is unknown; use one of {SCOPES}")
+        if self.score not in ("magnitude", "wanda"):
+            raise ValueError(f"PruneConfig.score={self.score!r} is unknown; use 'magnitude' or 'wanda'")
+        check_sparsity(self.sparsity)
+        check_nm(self.n, self.m)
+
+    @property
+    def needs_calibration(self) -> bool:
+        """True when the score uses activation norms (Wanda)."""
+        return self.method == "wanda" or (self.method == "nm" and self.score == "wanda")
+
+    @property
+    def target_sparsity(self) -> float:
+        """The fraction of zeros this config produces."""
+        return 1.0 - self.n / self.m if self.method == "nm" else float(self.sparsity)
+
+    @property
+    def label(self) -> str:
+        """Short name for tables and plots, e.g. 'magnitude 50%' or '2:4 wanda'."""
+        if self.method == "nm":
+            return f"{self.n}:{self.m} {self.score}"
+        return f"{self.method} {self.sparsity:.0%}"
+
+
+def check_sparsity(sparsity) -> float:
+    """Return sparsity as a float or raise a ValueError that says how to fix it."""
+    try:
+        s = float(sparsity)
+    except (TypeError, ValueError):
+        raise TypeError(f"sparsity must be a number in [0, 1), got {sparsity!r}") from None
+    if not (0.0 <= s < 1.0) or s != s:
+        raise ValueError(
+            f"sparsity must be in [0, 1) (the fraction of weights set to zero), got {sparsity!r}; "
+            "use e.g. 0.5 for 50% — not 50 — and 1.0 would delete every weight")
+    return s
+
+
+def check_nm(n, m) -> None:
+    """Raise a ValueError unless 0 < n < m are integers."""
+    if not (isinstance(n, int) and isinstance(m, int)):
+        raise TypeError(f"N:M needs integers n and m, got n={n!r}, m={m!r}")
+    if not (0 < n < m):
+        raise ValueError(
+            f"N:M pattern needs 0 < N < M (keep N of every M weights), got N={n}, M={m}; "
+            "e.g. n=2, m=4 for 2:4 sparsity (N ≥ M would prune nothing, N = 0 everything)")
+
+
+def _n_to_prune(numel: int, sparsity: float) -> int:
+    # Same rule as torch.nn.utils.prune._compute_nparams_toprune: Python's round().
+    return int(round(sparsity * numel))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Masks (pure functions on tensors)
+# ---------------------------------------------------------------------------------------------------------
+def mask_from_scores(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Keep-mask that zeros the round(sparsity·numel) lowest scores of the whole tensor (notebook 01 §1)."""
+    sparsity = check_sparsity(sparsity)
+    k = _n_to_prune(scores.numel(), sparsity)
+    mask = torch.ones(scores.numel(), dtype=torch.bool, device=scores.device)
+    if k > 0:
+        idx = torch.topk(scores.detach().reshape(-1), k, largest=False).indices
+        mask[idx] = False
+    return mask.view_as(scores)
+
+
+def row_mask_from_scores(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Keep-mask that zeros the lowest round(sparsity·in) scores of every output row (Wanda's comparison group)."""
+    sparsity = check_sparsity(sparsity)
+    if scores.dim() != 2:
+        raise ValueError(f"row scope needs a 2-D weight [out, in], got shape {tuple(scores.shape)}")
+    k = _n_to_prune(scores.shape[1], sparsity)
+    mask = torch.ones_like(scores, dtype=torch.bool)
+    if k > 0:
+        idx = torch.topk(scores.detach(), k, dim=1, largest=False).indices
+        mask.scatter_(1, idx, False)
+    return mask
+
+
+def magnitude_mask(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Layer-wise magnitude mask: zero the smallest |w| (= torch.nn.utils.prune.l1_unstructured)."""
+    return mask_from_scores(weight.detach().abs(), sparsity)
+
+
+def global_masks_from_scores(scores: dict[str, torch.Tensor], sparsity: float) -> dict[str, torch.Tensor]:
+    """Masks for several tensors ranked together: the lowest round(sparsity·total) scores overall are zeroed."""
+    sparsity = check_sparsity(sparsity)
+    if not scores:
+        return {}
+    names = list(scores)
+    flat = torch.cat([scores[n].detach().reshape(-1).float() for n in names])
+    keep = mask_from_scores(flat, sparsity)
+    out, start = {}, 0
+    for n in names:
+        size = scores[n].numel()
+        out[n] = keep[start:start + size].view_as(scores[n])
+        start += size
+    return out
+
+
+def global_magnitude_masks(weights: dict[str, torch.Tensor], sparsity: float) -> dict[str, torch.Tensor]:
+    """Global magnitude masks (= torch.nn.utils.prune.global_unstructured with L1Unstructured)."""
+    return global_masks_from_scores({k: w.detach().abs() for k, w in weights.items()}, sparsity)
+
+
+def wanda_scores(weight: torch.Tensor, input_norm: torch.Tensor) -> torch.Tensor:
+    """Wanda importance |W_ij| · ‖X_j‖₂ (Sun et al. 2024): weight [out, in] times per-input-feature norms [in]."""
+    if weight.dim() != 2 or input_norm.shape != (weight.shape[1],):
+        raise ValueError(f"wanda_scores needs weight [out, in] and input_norm [in]; got {tuple(weight.shape)} "
+                         f"and {tuple(input_norm.shape)} — collect the norms with collect_input_norms(model, tokens)")
+    return weight.detach().abs() * input_norm.to(weight.dtype).view(1, -1)
+
+
+def nm_mask_from_scores(scores: torch.Tensor, n: int = 2, m: int = 4) -> torch.Tensor:
+    """N:M keep-mask: in every group of m consecutive inputs of a row, keep the n highest scores."""
+    check_nm(n, m)
+    if scores.dim() != 2:
+        raise ValueError(f"N:M masks need a 2-D weight [out, in], got shape {tuple(scores.shape)}")
+    rows, cols = scores.shape
+    if cols % m:
+        raise ValueError(f"N:M with M={m} needs in_features divisible by {m}, got {cols}; pick an M that divides "
+                         f"{cols} or leave this layer out with filter_fn")
+    groups = scores.detach().reshape(rows, cols // m, m)
+    mask = torch.ones_like(groups, dtype=torch.bool)
+    idx = torch.topk(groups, m - n, dim=-1, largest=False).indices
+    mask.scatter_(-1, idx, False)
+    return mask.reshape(rows, cols)
+
+
+def nm_mask(weight: torch.Tensor, n: int = 2, m: int = 4) -> torch.Tensor:
+    """N:M magnitude mask (2:4 = the pattern sparse tensor cores accelerate)."""
+    return nm_mask_from_scores(weight.detach().abs(), n, m)
+
+
+def sparsity_of(x) -> float:
+    """Fraction of exact zeros in a tensor, or over the given modules' weights / a dict of tensors."""
+    if isinstance(x, torch.Tensor):
+        return float((x == 0).sum()) / max(1, x.numel())
+    tensors = list(x.values()) if isinstance(x, dict) else [getattr(mod, "weight", mod) for mod in x]
+    zeros = sum(int((t == 0).sum()) for t in tensors)
+    total = sum(t.numel() for t in tensors)
+    return zeros / max(1, total)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Selecting modules, calibration
+# ---------------------------------------------------------------------------------------------------------
+def default_filter(module: nn.Module, fqn: str) -> bool:
+    """Every nn.Linear except the output head: embeddings and lm_head stay dense (tied in SmolLM2)."""
+    return isinstance(module, nn.Linear) and not fqn.split(".")[-1] == "lm_head"
+
+
+def select_linears(model: nn.Module, filter_fn: FilterFn | None = None) -> dict[str, nn.Linear]:
+    """{fqn: module} of the Linear layers `prune_` will touch."""
+    filter_fn = filter_fn or default_filter
+    return {name: mod for name, mod in model.named_modules()
+            if isinstance(mod, nn.Linear) and filter_fn(mod, name)}
+
+
+def calibration_batches(tokens: torch.Tensor, n_samples: int = 8, seq_len: int = 128) -> torch.Tensor:
+    """[n_samples, seq_len] windows spread evenly over a 1-D token tensor (deterministic)."""
+    tokens = torch.as_tensor(tokens).reshape(-1)
+    if tokens.numel() < seq_len:
+        raise ValueError(f"need at least seq_len={seq_len} tokens for calibration, got {tokens.numel()}")
+    last = tokens.numel() - seq_len
+    starts = torch.linspace(0, last, n_samples).long().tolist()
+    return torch.stack([tokens[s:s + seq_len] for s in starts])
+
+
+@torch.no_grad()
+def collect_input_norms(model: nn.Module, tokens: torch.Tensor, filter_fn: FilterFn | None = None,
+                        n_samples: int = 8, seq_len: int = 128, batch_size: int = 4) -> dict[str, torch.Tensor]:
+    """‖X_j‖₂ over calibration tokens for every input feature j of each selected Linear (forward hooks).
+
+    `tokens` is a 1-D tensor (e.g. the train split) cut into windows, or an already-batched [B, T] tensor.
+    """
+    batches = tokens if torch.as_tensor(tokens).dim() == 2 else calibration_batches(tokens, n_samples, seq_len)
+    linears = select_linears(model, filter_fn)
+    sumsq = {name: torch.zeros(mod.in_features, dtype=torch.float64) for name, mod in linears.items()}
+
+    def hook(name):
+        def fn(mod, inputs, output):
+            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()
+            sumsq[name] += (x * x).sum(0)
+        return fn
+
+    handles = [mod.register_forward_hook(hook(name)) for name, mod in linears.items()]
+    was_training = model.training
+    model.eval()
+    try:
+        for i in range(0, batches.shape[0], batch_size):
+            model(batches[i:i + batch_size])
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return {name: s.sqrt().float() for name, s in sumsq.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# In-place pruning (torchao-style)
+# ---------------------------------------------------------------------------------------------------------
+def compute_masks(model: nn.Module, config: PruneConfig, filter_fn: FilterFn | None = None,
+                  input_norms: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """{fqn: keep-mask} for the selected Linear weights, without changing the model."""
+    linears = select_linears(model, filter_fn)
+    if not linears:
+        raise ValueError("filter_fn selected no nn.Linear modules; check the names with "
+                         "[n for n, m in model.named_modules()]")
+    if config.needs_calibration:
+        if input_norms is None:
+            raise ValueError(f"{config.label} needs activation norms: pass calib_tokens=<1-D train tokens> or "
+                             "input_norms=collect_input_norms(model, tokens)")
+        missing = [n for n in linears if n not in input_norms]
+        if missing:
+            raise ValueError(f"input_norms lacks {missing[:3]}…; collect them with the same filter_fn")
+        scores = {n: wanda_scores(mod.weight, input_norms[n]) for n, mod in linears.items()}
+    else:
+        scores = {n: mod.weight.detach().abs() for n, mod in linears.items()}
+
+    if config.method == "nm":
+        return {n: nm_mask_from_scores(s, config.n, config.m) for n, s in scores.items()}
+    if config.scope == "global":
+        return global_masks_from_scores(scores, config.sparsity)
+    if config.scope == "row":
+        return {n: row_mask_from_scores(s, config.sparsity) for n, s in scores.items()}
+    return {n: mask_from_scores(s, config.sparsity) for n, s in scores.items()}
+
+
+@torch.no_grad()
+def apply_masks_(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
+    """Zero the pruned weights in place (weight *= mask)."""
+    modules = dict(model.named_modules())
+    for name, mask in masks.items():
+        modules[name].weight.mul_(mask.to(modules[name].weight.dtype))
+
+
+def prune_(model: nn.Module, config: PruneConfig, filter_fn: FilterFn | None = None, *,
+           calib_tokens: torch.Tensor | None = None,
+           input_norms: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Prune the selected Linear weights of `model` in place; return the {fqn: keep-mask} used (notebook 01 §2).
+
+    Like torchao's `quantize_(model, config, filter_fn)`: filter_fn(module, fqn) -> bool picks the layers
+    (default: every Linear but lm_head). Wanda needs `calib_tokens` (1-D train tokens) or `input_norms`.
+    The weights stay dense tensors with zeros in them: this alone saves no memory and no time.
+    """
+    if not isinstance(config, PruneConfig):
+        raise TypeError(f"prune_ needs a PruneConfig, got {type(config).__name__}; "
+                        "e.g. prune_(model, PruneConfig(method='magnitude', sparsity=0.5))")
+    if config.needs_calibration and input_norms is None and calib_tokens is not None:
+        input_norms = collect_input_norms(model, calib_tokens, filter_fn)
+    masks = compute_masks(model, config, filter_fn, input_norms)
+    apply_masks_(model, masks)
+    return masks
+
+
+@contextlib.contextmanager
+def pruned(model: nn.Module, config: PruneConfig, filter_fn: FilterFn | None = None, **kwargs):
+    """Temporarily prune: `with pruned(model, cfg) as masks: ...` restores the dense weights on exit."""
+    linears = select_linears(model, filter_fn)
+    saved = {n: mod.weight.detach().clone() for n, mod in linears.items()}
+    try:
+        yield prune_(model, config, filter_fn, **kwargs)
+    finally:
+        with torch.no_grad():
+            for n, mod in linears.items():
+                mod.weight.copy_(saved[n])
+        del saved
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Structured pruning: whole MLP neurons (the matrices really shrink)
+# ---------------------------------------------------------------------------------------------------------
+def _mlps(model: nn.Module) -> dict[str, nn.Module]:
+    return {name: mod for name, mod in model.named_modules()
+            if all(isinstance(getattr(mod, a, None), nn.Linear) for a in ("gate_proj", "up_proj", "down_proj"))}
+
+
+def _slice_linear(lin: nn.Linear, idx: torch.Tensor, dim: int) -> nn.Linear:
+    w = lin.weight.detach().index_select(dim, idx).clone()
+    out_f, in_f = w.shape
+    new = nn.Linear(in_f, out_f, bias=lin.bias is not None, dtype=w.dtype, device=w.device)
+    with torch.no_grad():
+        new.weight.copy_(w)
+        if lin.bias is not None:
+            new.bias.copy_(lin.bias.detach().index_select(0, idx) if dim == 0 else lin.bias.detach())
+    return new
+
+
+def neuron_scores(mlp: nn.Module, down_input_norm: torch.Tensor | None = None) -> torch.Tensor:
+    """Importance of each intermediate neuron j of a Llama MLP: ‖X_j‖₂·‖W_down[:, j]‖₂ with calibration
+    norms (Wanda-style), else ‖W_gate[j]‖·‖W_up[j]‖·‖W_down[:, j]‖ from the weights alone."""
+    down = mlp.down_proj.weight.detach().norm(dim=0)
+    if down_input_norm is not None:
+        return down_input_norm.to(down.dtype) * down
+    return mlp.gate_proj.weight.detach().norm(dim=1) * mlp.up_proj.weight.detach().norm(dim=1) * down
+
+
+@torch.no_grad()
+def prune_mlp_neurons_(model: nn.Module, sparsity: float,
+                       input_norms: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Remove the lowest-scoring round(sparsity·I) neurons from every gated MLP (gate/up rows, down columns).
+
+    The Linear layers are replaced by smaller ones and `model.config.intermediate_size` is updated, so the
+    bytes and the matmul time really shrink (notebook 01 §5). Returns {mlp fqn: kept neuron indices}.
+    """
+    sparsity = check_sparsity(sparsity)
+    mlps = _mlps(model)
+    if not mlps:
+        raise ValueError("no gated MLP (gate_proj/up_proj/down_proj) found; prune_mlp_neurons_ expects a Llama-style model")
+    kept = {}
+    for name, mlp in mlps.items():
+        inter = mlp.gate_proj.out_features
+        n_keep = inter - _n_to_prune(inter, sparsity)
+        if n_keep < 1:
+            raise ValueError(f"sparsity {sparsity} would remove every neuron of {name}; use a smaller sparsity")
+        norm = None if input_norms is None else input_norms.get(f"{name}.down_proj")
+        idx = torch.topk(neuron_scores(mlp, norm), n_keep).indices.sort().values
+        mlp.gate_proj = _slice_linear(mlp.gate_proj, idx, 0)
+        mlp.up_proj = _slice_linear(mlp.up_proj, idx, 0)
+        mlp.down_proj = _slice_linear(mlp.down_proj, idx, 1)
+        if hasattr(mlp, "intermediate_size"):
+            mlp.intermediate_size = n_keep
+        kept[name] = idx
+    sizes = {len(v) for v in kept.values()}
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "intermediate_size") and len(sizes) == 1:
+        config.intermediate_size = sizes.pop()
+    return kept
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Recovery fine-tune (masks re-applied after every step, so sparsity is kept)
+# ---------------------------------------------------------------------------------------------------------
+def recovery_finetune_(model: nn.Module, tokens: torch.Tensor, masks: dict[str, torch.Tensor] | None = None,
+                       steps: int = 20, lr: float = 1e-4, seq_len: int = 128, batch_size: int = 4,
+                       train_filter: FilterFn | None = None, seed: int = 0) -> list[float]:
+    """A few AdamW steps of next-token loss on `tokens` (train split), training only the selected Linear
+    weights (default: the pruned ones), re-applying the masks after each step. Returns the loss per step."""
+    if steps < 0:
+        raise ValueError(f"steps must be ≥ 0, got {steps}")
+    tokens = torch.as_tensor(tokens).reshape(-1)
+    params = [mod.weight for mod in select_linears(model, train_filter).values()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(seed)
+    losses = []
+    was_training = model.training
+    model.train()
+    try:
+        for _ in range(steps):
+            starts = torch.randint(0, tokens.numel() - seq_len - 1, (batch_size,), generator=g).tolist()
+            batch = torch.stack([tokens[s:s + seq_len] for s in starts])
+            loss = model(batch, labels=batch).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if masks:
+                apply_masks_(model, masks)
+            losses.append(float(loss.detach()))
+    finally:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        model.train(was_training)
+        del opt
+    return losses
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Measuring
+# ---------------------------------------------------------------------------------------------------------
+def state_dict_bytes(module: nn.Module) -> int:
+    """Bytes of everything in module.state_dict() (parameters AND buffers such as weight_mask)."""
+    seen, total = set(), 0
+    for t in module.state_dict().values():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel())
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
+    return total
+
+
+def csr_bytes(weight: torch.Tensor, index_bytes: int = 4) -> int:
+    """Bytes a CSR copy of a 2-D weight would take: nnz values + nnz column indices + (rows+1) row pointers."""
+    nnz = int((weight != 0).sum())
+    return nnz * (weight.element_size() + index_bytes) + (weight.shape[0] + 1) * index_bytes
+
+
+@torch.no_grad()
+def time_forward(model: nn.Module, batch: torch.Tensor, repeats: int = 3) -> float:
+    """Best-of-`repeats` seconds for one forward pass (time it in one run, as ratios, on one thread)."""
+    model(batch)  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        model(batch)
+        best = min(best, time.perf_counter() - t0)
+    return best
