@@ -1,0 +1,238 @@
+"""Developer commands: `python -m labkit <command>` (run from anywhere; paths are relative to your cwd).
+
+  prepare                 build the model cache and the token caches (quick when already built)
+  bench [--only a,b]      print one JSON object {module: module.bench()} of the lab's headline figures
+  results MODULE          run labkit.MODULE.make_results() and write data/results/MODULE.json atomically
+  execute NB [NB ...]     execute notebooks in place (cwd = the notebook's folder), then clean them
+  clean [--check] NB ...  strip metadata noise (outputs are kept); --check only lists what would change
+  student [--check]       write notebooks/student/ copies with solutions stubbed; --check verifies them
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import json
+import os
+import re
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from labkit import student as _student
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+REPO_ROOT = PACKAGE_DIR.parent
+NOTEBOOKS = REPO_ROOT / "notebooks"
+STUDENT = NOTEBOOKS / "student"
+CELL_TIMEOUT_S = 600
+
+
+def _err(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# --- prepare -------------------------------------------------------------------------------------
+
+def cmd_prepare(args) -> int:
+    from labkit import data, models
+    t0 = time.perf_counter()
+    models.prepare()
+    tokenizer = models.load_tokenizer("smollm2-135m") if hasattr(models, "load_tokenizer") \
+        else models.load_model("smollm2-135m")[1]
+    data.prepare(tokenizer)
+    _err(f"prepare: model and token caches ready in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+# --- bench ---------------------------------------------------------------------------------------
+
+def bench_modules() -> list[str]:
+    """Names of labkit modules whose source defines a top-level `bench()` (found without importing)."""
+    names = []
+    for path in sorted(PACKAGE_DIR.glob("*.py")):
+        if path.stem in ("__main__", "__init__"):
+            continue
+        if re.search(r"^def bench\(", path.read_text(encoding="utf-8"), flags=re.M):
+            names.append(path.stem)
+    return names
+
+
+def cmd_bench(args) -> int:
+    names = bench_modules()
+    if args.only:
+        wanted = [n.strip() for n in args.only.split(",") if n.strip()]
+        unknown = [n for n in wanted if n not in names]
+        if unknown:
+            _err(f"bench: no bench() in labkit module(s) {', '.join(unknown)}; modules with one: {', '.join(names)}")
+            return 2
+        names = wanted
+    report, failed = {}, False
+    for name in names:
+        t0 = time.perf_counter()
+        try:
+            with contextlib.redirect_stdout(sys.stderr):  # stdout carries the JSON only
+                report[name] = importlib.import_module(f"labkit.{name}").bench()
+            json.dumps(report[name])
+        except Exception as e:  # one failing section does not hide the others
+            traceback.print_exc()
+            report[name], failed = {"error": f"{type(e).__name__}: {e}"}, True
+        _err(f"bench: {name} took {time.perf_counter() - t0:.1f} s")
+    print(json.dumps(report, indent=2))
+    return 1 if failed else 0
+
+
+# --- results -------------------------------------------------------------------------------------
+
+def cmd_results(args) -> int:
+    from labkit import repro
+    try:
+        module = importlib.import_module(f"labkit.{args.module}")
+    except ModuleNotFoundError:
+        _err(f"results: there is no module labkit/{args.module}.py")
+        return 2
+    if not hasattr(module, "make_results"):
+        _err(f"results: labkit.{args.module} defines no make_results()")
+        return 2
+    t0 = time.perf_counter()
+    obj = module.make_results()
+    path = repro.atomic_write_json(repro.results_path(args.module), obj)
+    _err(f"results: wrote {path} in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+# --- execute / clean -----------------------------------------------------------------------------
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+def _kernel_manager():
+    """A KernelManager for "python3" that runs THIS interpreter (the venv's), whatever the PATH says."""
+    import ipykernel.kernelspec
+    from jupyter_client import KernelManager
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    class CurrentEnv(KernelSpecManager):
+        def get_kernel_spec(self, kernel_name):
+            return self.kernel_spec_class(resource_dir=ipykernel.kernelspec.RESOURCES,
+                                          **ipykernel.kernelspec.get_kernel_dict())
+
+    return KernelManager(kernel_name="python3", kernel_spec_manager=CurrentEnv())
+
+
+def execute_notebook(path: Path, timeout: int = CELL_TIMEOUT_S) -> float:
+    """Execute a notebook in place (cwd = its folder), clean it, return the wall seconds."""
+    from nbclient import NotebookClient
+
+    nb = _student.read_notebook(path)
+    bin_dir = str(Path(sys.executable).parent)  # subprocesses started by the kernel find the venv too
+    os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
+    km = _kernel_manager()
+    client = NotebookClient(nb, km=km, timeout=timeout, kernel_name="python3",
+                            resources={"metadata": {"path": str(path.parent)}}, record_timing=False)
+    t0 = time.perf_counter()
+    try:
+        client.execute()
+    finally:
+        if km.has_kernel:
+            km.shutdown_kernel(now=True)
+    seconds = time.perf_counter() - t0
+    _write(path, _student.notebook_text(_student.clean_notebook(nb)))
+    return seconds
+
+
+def cmd_execute(args) -> int:
+    from nbclient.exceptions import CellExecutionError
+    status = 0
+    for name in args.notebooks:
+        path = Path(name).resolve()
+        try:
+            seconds = execute_notebook(path, timeout=args.timeout)
+        except CellExecutionError as e:
+            _err(f"execute: {name} FAILED (left unchanged):\n{e}")
+            status = 1
+            continue
+        print(f"{name}: executed in {seconds:.1f} s", flush=True)
+    return status
+
+
+def cmd_clean(args) -> int:
+    changed = []
+    for name in args.notebooks:
+        path = Path(name)
+        text = path.read_text(encoding="utf-8")
+        cleaned = _student.notebook_text(_student.clean_notebook(_student.read_notebook(path)))
+        if cleaned != text:
+            changed.append(name)
+            if not args.check:
+                _write(path, cleaned)
+    if args.check and changed:
+        _err("clean --check: these notebooks carry metadata noise; run `python -m labkit clean` on them:")
+        for name in changed:
+            _err(f"  {name}")
+        return 1
+    for name in changed:
+        print(f"cleaned {name}")
+    return 0
+
+
+# --- student -------------------------------------------------------------------------------------
+
+def cmd_student(args) -> int:
+    src, out = Path(args.src), Path(args.out)
+    try:
+        if args.check:
+            problems = _student.student_copy_problems(src, out)
+            for path, why in problems:
+                _err(f"student --check: {path}: {why}")
+            if problems:
+                _err("run `python -m labkit student` (or `make student`) and commit notebooks/student/")
+            return 1 if problems else 0
+        for path in _student.write_student_copies(src, out):
+            print(f"wrote {path}")
+    except _student.SolutionMarkerError as e:
+        _err(f"student: {e}")
+        return 1
+    return 0
+
+
+# --- command line --------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m labkit", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("prepare", help="build the model and token caches").set_defaults(fn=cmd_prepare)
+    b = sub.add_parser("bench", help="print the headline figures as JSON")
+    b.add_argument("--only", help="comma-separated module names, e.g. memory,quantize")
+    b.set_defaults(fn=cmd_bench)
+    r = sub.add_parser("results", help="regenerate data/results/MODULE.json")
+    r.add_argument("module")
+    r.set_defaults(fn=cmd_results)
+    e = sub.add_parser("execute", help="execute notebooks in place, then clean them")
+    e.add_argument("notebooks", nargs="+")
+    e.add_argument("--timeout", type=int, default=CELL_TIMEOUT_S, help="seconds per cell (default 600)")
+    e.set_defaults(fn=cmd_execute)
+    c = sub.add_parser("clean", help="strip metadata noise from notebooks")
+    c.add_argument("--check", action="store_true", help="change nothing; exit 1 listing noisy notebooks")
+    c.add_argument("notebooks", nargs="+")
+    c.set_defaults(fn=cmd_clean)
+    s = sub.add_parser("student", help="write or check the student copies")
+    s.add_argument("--check", action="store_true", help="exit 1 if a copy is missing, stale or has a solution")
+    s.add_argument("--src", default=str(NOTEBOOKS), help=argparse.SUPPRESS)
+    s.add_argument("--out", default=str(STUDENT), help=argparse.SUPPRESS)
+    s.set_defaults(fn=cmd_student)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
