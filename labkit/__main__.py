@@ -36,13 +36,15 @@ def _err(msg: str) -> None:
 # --- prepare -------------------------------------------------------------------------------------
 
 def cmd_prepare(args) -> int:
+    from transformers import AutoTokenizer
+
     from labkit import data, models
     t0 = time.perf_counter()
-    models.prepare()
-    tokenizer = models.load_tokenizer("smollm2-135m") if hasattr(models, "load_tokenizer") \
-        else models.load_model("smollm2-135m")[1]
-    data.prepare(tokenizer)
-    _err(f"prepare: model and token caches ready in {time.perf_counter() - t0:.1f} s")
+    folders = {name: models.prepare(name) for name in models.REGISTRY}  # converts once, verifies after
+    for name, folder in folders.items():
+        _err(f"prepare: {name}: {folder}")
+    tokens = data.prepare(AutoTokenizer.from_pretrained(str(folders["smollm2-135m"])))
+    _err(f"prepare: token caches {tokens}; ready in {time.perf_counter() - t0:.1f} s")
     return 0
 
 
