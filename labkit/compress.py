@@ -1,0 +1,291 @@
+"""Entropy coding of weights: entropy, canonical Huffman codes (encode/decode with numpy), weight sharing,
+and a comparison with general-purpose compressors (zlib, lzma, zstandard).
+
+Defined in notebook 04 (Sparse storage, "Compressing what is left"), after Deep Compression (Han et al. 2016):
+prune → share values (a small codebook, 4-bit indices) → Huffman-code the indices.
+
+    >>> enc = lk.compress.huffman_encode(symbols)          # symbols: integer numpy array
+    >>> (lk.compress.huffman_decode(enc) == symbols).all()
+    True
+"""
+from __future__ import annotations
+
+import heapq
+import lzma
+import math
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+MAX_CODE_LENGTH = 57  # decoding reads a window of this many bits into one uint64
+
+
+# ----------------------------------------------------------------------------------------------- entropy
+def _check_symbols(symbols) -> np.ndarray:
+    if isinstance(symbols, torch.Tensor):
+        symbols = symbols.detach().cpu().numpy()
+    if isinstance(symbols, (bytes, bytearray)):
+        symbols = np.frombuffer(symbols, dtype=np.uint8)
+    a = np.asarray(symbols)
+    if a.dtype.kind not in "iub":
+        raise TypeError(f"symbols must be integers (e.g. quantization indices), got dtype {a.dtype}; "
+                        f"quantize first (lk.compress.share_weights) or view the bytes with np.frombuffer")
+    if a.size and a.min() < 0:
+        raise ValueError("symbols must be non-negative; shift them (x - x.min()) before coding")
+    return a
+
+
+def frequencies(symbols) -> dict[int, int]:
+    """Count of each symbol value."""
+    a = _check_symbols(symbols).ravel()
+    vals, counts = np.unique(a, return_counts=True)
+    return {int(v): int(c) for v, c in zip(vals, counts)}
+
+
+def entropy(symbols=None, freqs: dict | None = None) -> float:
+    """Shannon entropy H = −Σ p·log2 p in bits per symbol: the lower bound on any symbol-by-symbol code."""
+    if freqs is None:
+        freqs = frequencies(symbols)
+    c = np.array(list(freqs.values()), dtype=np.float64)
+    if c.size == 0 or c.sum() == 0:
+        return 0.0
+    p = c[c > 0] / c.sum()
+    return max(0.0, float(-(p * np.log2(p)).sum()))
+
+
+# ----------------------------------------------------------------------------------------------- Huffman
+def huffman_lengths(freqs: dict[int, int]) -> dict[int, int]:
+    """Code length per symbol from a Huffman tree built with heapq (merge the two rarest, repeat).
+
+    A single symbol gets length 1 (a code needs at least one bit)."""
+    items = [(int(c), s) for s, c in freqs.items() if c > 0]
+    if not items:
+        raise ValueError("cannot build a Huffman code from no symbols")
+    if len(items) == 1:
+        return {items[0][1]: 1}
+    # heap entries: (count, tie-breaker, node id); parent[node] gives the tree, leaves are 0..n-1
+    heap = [(c, i, i) for i, (c, _) in enumerate(items)]
+    heapq.heapify(heap)
+    parent: list[int] = [-1] * len(items)
+    while len(heap) > 1:
+        c1, _, a = heapq.heappop(heap)
+        c2, _, b = heapq.heappop(heap)
+        node = len(parent)
+        parent.append(-1)
+        parent[a] = parent[b] = node
+        heapq.heappush(heap, (c1 + c2, node, node))
+    depth = [0] * len(parent)
+    for node in range(len(parent) - 2, -1, -1):   # parents have larger ids: walk from the root down
+        depth[node] = depth[parent[node]] + 1
+    return {s: depth[i] for i, (_, s) in enumerate(items)}
+
+
+def canonical_codes(lengths: dict[int, int]) -> dict[int, tuple[int, int]]:
+    """Canonical Huffman: sort by (length, symbol) and count upwards; {symbol: (code, length)}.
+
+    Only the lengths need to be stored to rebuild the code."""
+    code, prev = 0, 0
+    out = {}
+    for s, L in sorted(lengths.items(), key=lambda kv: (kv[1], kv[0])):
+        code <<= L - prev
+        out[s] = (code, L)
+        code += 1
+        prev = L
+    return out
+
+
+@dataclass
+class HuffmanEncoded:
+    """A Huffman-coded array: the bit-packed payload plus what decoding needs (symbols and their lengths)."""
+    payload: bytes
+    n_bits: int
+    shape: tuple
+    dtype: str
+    symbols: np.ndarray   # alphabet, sorted by (length, symbol)
+    lengths: np.ndarray   # uint8 code lengths, same order
+
+    @property
+    def n_symbols(self) -> int:
+        return int(np.prod(self.shape)) if self.shape else 1
+
+    @property
+    def nbytes(self) -> int:
+        """Payload + code table (symbol values and one length byte each)."""
+        return len(self.payload) + self.symbols.nbytes + self.lengths.nbytes
+
+    @property
+    def bits_per_symbol(self) -> float:
+        """Mean code length (payload bits / symbols), without the table."""
+        return self.n_bits / max(1, self.n_symbols)
+
+
+def mean_code_length(freqs: dict[int, int], lengths: dict[int, int]) -> float:
+    """Σ p(s)·len(s): expected bits per symbol of the code."""
+    total = sum(freqs.values())
+    return sum(c * lengths[s] for s, c in freqs.items()) / total
+
+
+def huffman_encode(symbols, chunk: int = 1 << 18) -> HuffmanEncoded:
+    """Encode an integer array with a canonical Huffman code built from its own frequencies."""
+    a = _check_symbols(symbols)
+    flat = a.ravel()
+    if flat.size == 0:
+        return HuffmanEncoded(b"", 0, a.shape, a.dtype.str, np.zeros(0, np.int64), np.zeros(0, np.uint8))
+    freqs = frequencies(flat)
+    codes = canonical_codes(huffman_lengths(freqs))
+    order = sorted(codes, key=lambda s: (codes[s][1], s))
+    lmax = max(L for _, L in codes.values())
+    if lmax > MAX_CODE_LENGTH:
+        raise ValueError(f"a code length of {lmax} bits exceeds {MAX_CODE_LENGTH}; the distribution is too skewed "
+                         f"for this decoder — code fewer distinct symbols")
+    # lookup tables indexed by symbol value
+    top = int(flat.max()) + 1
+    code_of = np.zeros(top, dtype=np.uint64)
+    len_of = np.zeros(top, dtype=np.int64)
+    for s, (c, L) in codes.items():
+        code_of[s], len_of[s] = c, L
+    out, carry, n_bits = [], np.zeros(0, np.uint8), 0
+    shifts = np.arange(lmax - 1, -1, -1, dtype=np.int64)          # MSB first
+    for i in range(0, flat.size, chunk):
+        part = flat[i:i + chunk].astype(np.int64)
+        L, C = len_of[part], code_of[part]
+        # bit j of a code of length L, left-aligned in lmax columns
+        rel = shifts[None, :] - (lmax - L)[:, None]               # which bit of the code sits in each column
+        bits = ((C[:, None] >> np.maximum(rel, 0).astype(np.uint64)) & np.uint64(1)).astype(np.uint8)
+        bits = bits[rel >= 0]                                      # row-major: codes in order, MSB first
+        n_bits += bits.size
+        bits = np.concatenate([carry, bits])
+        full = bits.size // 8 * 8
+        out.append(np.packbits(bits[:full]).tobytes())
+        carry = bits[full:]
+    if carry.size:
+        out.append(np.packbits(carry).tobytes())                   # zero-padded last byte
+    return HuffmanEncoded(b"".join(out), n_bits, a.shape, a.dtype.str,
+                          np.array(order, dtype=np.int64), np.array([codes[s][1] for s in order], dtype=np.uint8))
+
+
+def huffman_decode(enc: HuffmanEncoded) -> np.ndarray:
+    """Decode without a Python loop over symbols.
+
+    1. For every bit position p, read the lmax-bit window starting at p and find which codeword it starts with
+       (canonical codes: the code length is found by comparing the window with per-length limits).
+    2. The real codeword starts are 0, next(0), next(next(0)), ... with next(p) = p + len(p); compute that chain
+       for all n symbols at once by pointer doubling (log2 n vectorized steps)."""
+    n = enc.n_symbols
+    dtype = np.dtype(enc.dtype)
+    if n == 0 or enc.n_bits == 0:
+        return np.zeros(enc.shape, dtype=dtype)
+    lengths = enc.lengths.astype(np.int64)
+    lmax = int(lengths.max())
+    bits = np.unpackbits(np.frombuffer(enc.payload, dtype=np.uint8))[: enc.n_bits]
+    if bits.size < enc.n_bits:
+        raise ValueError(f"Huffman payload is truncated: {bits.size} bits, expected {enc.n_bits}")
+    B = enc.n_bits
+    padded = np.concatenate([bits, np.zeros(lmax, np.uint8)]).astype(np.uint64)
+    window = np.zeros(B, dtype=np.uint64)
+    for j in range(lmax):
+        window = (window << np.uint64(1)) | padded[j:j + B]
+    # canonical tables per length: first code, count, index of first symbol of that length
+    counts = np.bincount(lengths, minlength=lmax + 1)
+    first = np.zeros(lmax + 2, dtype=np.int64)
+    offset = np.zeros(lmax + 2, dtype=np.int64)
+    code = 0
+    for L in range(1, lmax + 1):
+        first[L] = code
+        offset[L] = offset[L - 1] + (counts[L - 1] if L > 1 else 0)
+        code = (code + counts[L]) << 1
+    # limit[L] = exclusive upper bound of lmax-bit windows that start with a code of length ≤ L
+    limit = np.array([(int(first[L]) + int(counts[L])) << (lmax - L) for L in range(1, lmax + 1)], dtype=np.uint64)
+    L_at = np.searchsorted(limit, window, side="right") + 1        # code length starting at each bit position
+    L_at = np.minimum(L_at, lmax)
+    idx = (window >> (np.uint64(lmax) - L_at.astype(np.uint64))).astype(np.int64) - first[L_at] + offset[L_at]
+    # chain of codeword starts by pointer doubling; positions ≥ B go to a sentinel
+    nxt = np.minimum(np.arange(B, dtype=np.int64) + L_at, B)
+    nxt = np.append(nxt, B)
+    starts = np.zeros(1, dtype=np.int64)
+    while starts.size < n:
+        starts = np.concatenate([starts, nxt[starts]])
+        nxt = nxt[nxt]
+    starts = starts[:n]
+    if starts[-1] >= B:
+        raise ValueError("Huffman payload is corrupt: ran out of bits before decoding every symbol")
+    sym_idx = idx[starts]
+    if sym_idx.min() < 0 or sym_idx.max() >= enc.symbols.size:
+        raise ValueError("Huffman payload is corrupt: a bit pattern is not a codeword")
+    return enc.symbols[sym_idx].astype(dtype).reshape(enc.shape)
+
+
+# ----------------------------------------------------------------------------------------------- weights → symbols
+def kmeans_1d(values: torch.Tensor, k: int, iters: int = 15) -> torch.Tensor:
+    """Sorted centroids of a 1-D k-means with linear initialisation (min..max), as in Deep Compression."""
+    v = values.detach().float().reshape(-1)
+    if v.numel() == 0:
+        raise ValueError("no values to cluster")
+    c = torch.linspace(float(v.min()), float(v.max()), k)
+    for _ in range(iters):
+        assign = torch.bucketize(v, (c[1:] + c[:-1]) / 2)
+        sums = torch.zeros(k).index_add_(0, assign, v)
+        cnt = torch.bincount(assign, minlength=k).float()
+        c = torch.where(cnt > 0, sums / cnt.clamp(min=1), c).sort().values
+    return c
+
+
+def share_weights(w: torch.Tensor, bits: int = 4, iters: int = 15) -> tuple[np.ndarray, torch.Tensor]:
+    """Weight sharing: zeros (pruned) get symbol 0; nonzeros get 1..2^bits−1 from a k-means codebook.
+
+    Returns (symbols as uint8 numpy array, codebook with codebook[0] = 0)."""
+    if not 1 <= bits <= 8:
+        raise ValueError(f"bits must be in 1..8, got {bits}")
+    w = w.detach().float()
+    nz = w != 0
+    k = 2 ** bits - 1
+    cent = kmeans_1d(w[nz], k, iters) if nz.any() else torch.zeros(k)
+    sym = torch.zeros(w.shape, dtype=torch.uint8)
+    sym[nz] = (torch.bucketize(w[nz], (cent[1:] + cent[:-1]) / 2) + 1).to(torch.uint8)
+    return sym.numpy(), torch.cat([torch.zeros(1), cent])
+
+
+def pack_nibbles(symbols: np.ndarray) -> bytes:
+    """Two 4-bit symbols per byte: the plain fixed-length storage of 4-bit indices."""
+    a = _check_symbols(symbols).ravel().astype(np.uint8)
+    if a.size and a.max() > 15:
+        raise ValueError("pack_nibbles needs symbols < 16")
+    if a.size % 2:
+        a = np.append(a, np.uint8(0))
+    return (a[0::2] | (a[1::2] << 4)).astype(np.uint8).tobytes()
+
+
+# ----------------------------------------------------------------------------------------------- comparison
+def compressed_sizes(data: bytes) -> dict[str, int]:
+    """Bytes after zlib (level 9), lzma (preset 9) and zstandard (level 19) on the same input."""
+    import zstandard
+    return {"zlib": len(zlib.compress(data, 9)),
+            "lzma": len(lzma.compress(data, preset=9)),
+            "zstd": len(zstandard.ZstdCompressor(level=19).compress(data))}
+
+
+def compare(symbols, bits: int = 4) -> dict[str, float]:
+    """Bits per symbol: fixed-length, entropy H, Huffman (payload, and with its table), and zlib/lzma/zstd on
+    the fixed-length packed bytes (nibbles for bits=4, else one byte per symbol)."""
+    a = _check_symbols(symbols).ravel()
+    n = a.size
+    raw = pack_nibbles(a) if bits == 4 else a.astype(np.uint8).tobytes()
+    enc = huffman_encode(a)
+    out = {"fixed": len(raw) * 8 / n, "entropy": entropy(a), "huffman": enc.bits_per_symbol,
+           "huffman+table": enc.nbytes * 8 / n}
+    out.update({k: v * 8 / n for k, v in compressed_sizes(raw).items()})
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- bench
+def bench() -> dict:
+    """Huffman bits/weight vs entropy on 4-bit shared, 50%-pruned synthetic Gaussian weights (1M weights)."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(1024, 1024, generator=g)
+    w = w * (w.abs() > w.abs().median())
+    sym, _ = share_weights(w, bits=4)
+    c = compare(sym, bits=4)
+    return {"weights": "1M Gaussian, 50% magnitude-pruned, 4-bit shared",
+            **{k: round(v, 3) for k, v in c.items()}}

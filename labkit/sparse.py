@@ -1,0 +1,594 @@
+"""Sparse storage formats for weight matrices: dense, COO, CSR, BSR, bitmap and 2:4, with exact byte formulas.
+
+Defined in notebook 04 (Sparse storage). Each format is a small dataclass that holds real tensors, can go back
+with `to_dense()`, reports `nbytes` measured from those tensors, and has a `formula_bytes(...)` that predicts
+`nbytes` exactly. COO/CSR/BSR are checked against torch's own `to_sparse_coo/csr/bsr` in tests/test_sparse.py.
+
+    >>> import labkit as lk
+    >>> s = lk.sparse.to_format(w, "csr", index_dtype=torch.int32)
+    >>> s.nbytes == lk.sparse.CSR.formula_bytes(w.shape, s.nnz, index_dtype=torch.int32)
+    True
+"""
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+INDEX_DTYPES = (torch.int32, torch.int64)
+FORMATS = ("dense", "coo", "csr", "csr32", "bsr", "bitmap", "2:4")
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def _bytes(*tensors: torch.Tensor) -> int:
+    """Bytes held by the tensors' elements (numel · element_size), summed."""
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _elsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _check_matrix(dense, what: str = "dense") -> torch.Tensor:
+    """A 2-D floating-point tensor, or a clear TypeError/ValueError."""
+    if not isinstance(dense, torch.Tensor):
+        raise TypeError(f"{what} must be a torch.Tensor, got {type(dense).__name__}; "
+                        f"convert with torch.as_tensor(x, dtype=torch.float32)")
+    if dense.layout != torch.strided:
+        raise TypeError(f"{what} must be a dense (strided) tensor, got layout {dense.layout}; call .to_dense() first")
+    if not dense.is_floating_point():
+        raise TypeError(f"{what} must be a floating-point tensor (weights), got {dense.dtype}; "
+                        f"convert with .float()")
+    if dense.dim() != 2:
+        raise ValueError(f"{what} must be a 2-D matrix, got shape {tuple(dense.shape)}; "
+                         f"reshape it (e.g. w.reshape(w.shape[0], -1)) or store each matrix separately")
+    return dense
+
+
+def _check_index_dtype(index_dtype) -> torch.dtype:
+    if index_dtype not in INDEX_DTYPES:
+        raise TypeError(f"index_dtype must be torch.int32 or torch.int64, got {index_dtype}")
+    return index_dtype
+
+
+def _check_fits(n: int, index_dtype: torch.dtype, what: str) -> None:
+    if index_dtype == torch.int32 and n > torch.iinfo(torch.int32).max:
+        raise ValueError(f"{what} = {n} does not fit in int32 indices; use index_dtype=torch.int64")
+
+
+def _check_block(shape, blocksize) -> tuple[int, int]:
+    if isinstance(blocksize, int):
+        blocksize = (blocksize, blocksize)
+    br, bc = (int(b) for b in blocksize)
+    if br < 1 or bc < 1:
+        raise ValueError(f"blocksize must be positive, got {blocksize}")
+    rows, cols = shape
+    if rows % br or cols % bc:
+        raise ValueError(f"shape {tuple(shape)} is not divisible by blocksize {(br, bc)}; pick a block size that "
+                         f"divides both dimensions (e.g. {math.gcd(rows, 16)}×{math.gcd(cols, 16)}) or pad the matrix")
+    return br, bc
+
+
+def pack_bits(bits: torch.Tensor) -> torch.Tensor:
+    """Pack a bool tensor (flattened) into uint8, 8 bits per byte, least significant bit first."""
+    flat = bits.reshape(-1).to(torch.uint8)
+    pad = (-flat.numel()) % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+    return (flat.view(-1, 8) * weights).sum(dim=1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """Inverse of pack_bits: the first n bits as a bool tensor."""
+    shifts = torch.arange(8, dtype=torch.uint8)
+    return ((packed.reshape(-1, 1) >> shifts) & 1).reshape(-1)[:n].bool()
+
+
+# ----------------------------------------------------------------------------------------------- formats
+@dataclass
+class Dense:
+    """Plain row-major storage: rows·cols values."""
+    values: torch.Tensor
+
+    @classmethod
+    def from_dense(cls, dense: torch.Tensor) -> "Dense":
+        return cls(_check_matrix(dense).contiguous().clone())
+
+    def to_dense(self) -> torch.Tensor:
+        return self.values.clone()
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.values.shape)
+
+    @property
+    def nnz(self) -> int:
+        return int(torch.count_nonzero(self.values))
+
+    @property
+    def nbytes(self) -> int:
+        return _bytes(self.values)
+
+    @staticmethod
+    def formula_bytes(shape, nnz=None, value_dtype=torch.float32) -> int:
+        """rows · cols · value_bytes (independent of nnz)."""
+        return shape[0] * shape[1] * _elsize(value_dtype)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"values": self.values}
+
+
+@dataclass
+class COO:
+    """Coordinate list: for each nonzero its (row, col) and value. Bytes = nnz · (2·index + value)."""
+    indices: torch.Tensor   # [2, nnz]
+    values: torch.Tensor    # [nnz]
+    shape: tuple[int, int]
+
+    @classmethod
+    def from_dense(cls, dense: torch.Tensor, index_dtype=torch.int64) -> "COO":
+        dense = _check_matrix(dense)
+        _check_fits(max(dense.shape), _check_index_dtype(index_dtype), "largest dimension")
+        idx = dense.nonzero().t()  # row-major order, like torch's coalesced COO
+        return cls(idx.to(index_dtype).contiguous(), dense[idx[0], idx[1]].contiguous(), tuple(dense.shape))
+
+    def to_dense(self) -> torch.Tensor:
+        out = torch.zeros(self.shape, dtype=self.values.dtype)
+        out[self.indices[0].long(), self.indices[1].long()] = self.values
+        return out
+
+    def to_torch(self) -> torch.Tensor:
+        return torch.sparse_coo_tensor(self.indices.long(), self.values, self.shape).coalesce()
+
+    @property
+    def nnz(self) -> int:
+        return self.values.numel()
+
+    @property
+    def nbytes(self) -> int:
+        return _bytes(self.indices, self.values)
+
+    @staticmethod
+    def formula_bytes(shape, nnz, value_dtype=torch.float32, index_dtype=torch.int64) -> int:
+        """nnz · (2 · index_bytes + value_bytes): 20 bytes per nonzero for fp32 values, int64 indices."""
+        return nnz * (2 * _elsize(index_dtype) + _elsize(value_dtype))
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"indices": self.indices, "values": self.values}
+
+
+@dataclass
+class CSR:
+    """Compressed sparse rows: row pointers (rows+1), column index and value per nonzero."""
+    crow_indices: torch.Tensor  # [rows + 1]
+    col_indices: torch.Tensor   # [nnz]
+    values: torch.Tensor        # [nnz]
+    shape: tuple[int, int]
+
+    @classmethod
+    def from_dense(cls, dense: torch.Tensor, index_dtype=torch.int64) -> "CSR":
+        dense = _check_matrix(dense)
+        mask = dense != 0
+        _check_fits(int(mask.sum()), _check_index_dtype(index_dtype), "nnz")
+        counts = mask.sum(dim=1)
+        crow = torch.zeros(dense.shape[0] + 1, dtype=torch.int64)
+        torch.cumsum(counts, 0, out=crow[1:])
+        col = mask.nonzero()[:, 1]
+        return cls(crow.to(index_dtype), col.to(index_dtype), dense[mask].contiguous(), tuple(dense.shape))
+
+    def to_torch(self) -> torch.Tensor:
+        """torch's own CSR tensor over the same index/value tensors (used for matmul)."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
+            return torch.sparse_csr_tensor(self.crow_indices, self.col_indices, self.values, self.shape)
+
+    def to_dense(self) -> torch.Tensor:
+        rows = torch.repeat_interleave(torch.arange(self.shape[0]), self.crow_indices.long().diff())
+        out = torch.zeros(self.shape, dtype=self.values.dtype)
+        out[rows, self.col_indices.long()] = self.values
+        return out
+
+    def __matmul__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.to_torch() @ x
+
+    @property
+    def nnz(self) -> int:
+        return self.values.numel()
+
+    @property
+    def nbytes(self) -> int:
+        return _bytes(self.crow_indices, self.col_indices, self.values)
+
+    @staticmethod
+    def formula_bytes(shape, nnz, value_dtype=torch.float32, index_dtype=torch.int64) -> int:
+        """(rows + 1) · index_bytes + nnz · (index_bytes + value_bytes)."""
+        ib = _elsize(index_dtype)
+        return (shape[0] + 1) * ib + nnz * (ib + _elsize(value_dtype))
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"crow_indices": self.crow_indices, "col_indices": self.col_indices, "values": self.values}
+
+
+@dataclass
+class BSR:
+    """Block CSR: CSR over (br × bc) blocks; every block with any nonzero is stored whole (zeros included)."""
+    crow_indices: torch.Tensor  # [rows/br + 1]
+    col_indices: torch.Tensor   # [n_blocks]
+    values: torch.Tensor        # [n_blocks, br, bc]
+    shape: tuple[int, int]
+
+    @classmethod
+    def from_dense(cls, dense: torch.Tensor, blocksize=(4, 4), index_dtype=torch.int64) -> "BSR":
+        dense = _check_matrix(dense)
+        br, bc = _check_block(dense.shape, blocksize)
+        _check_index_dtype(index_dtype)
+        R, C = dense.shape[0] // br, dense.shape[1] // bc
+        blocks = dense.reshape(R, br, C, bc).transpose(1, 2)          # [R, C, br, bc]
+        keep = (blocks != 0).any(dim=-1).any(dim=-1)                  # [R, C]
+        crow = torch.zeros(R + 1, dtype=torch.int64)
+        torch.cumsum(keep.sum(dim=1), 0, out=crow[1:])
+        col = keep.nonzero()[:, 1]
+        return cls(crow.to(index_dtype), col.to(index_dtype), blocks[keep].contiguous(), tuple(dense.shape))
+
+    @property
+    def blocksize(self) -> tuple[int, int]:
+        return tuple(self.values.shape[1:])
+
+    def to_torch(self) -> torch.Tensor:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.sparse_bsr_tensor(self.crow_indices, self.col_indices, self.values, self.shape)
+
+    def to_dense(self) -> torch.Tensor:
+        br, bc = self.blocksize
+        R, C = self.shape[0] // br, self.shape[1] // bc
+        rows = torch.repeat_interleave(torch.arange(R), self.crow_indices.long().diff())
+        blocks = torch.zeros(R, C, br, bc, dtype=self.values.dtype)
+        blocks[rows, self.col_indices.long()] = self.values
+        return blocks.transpose(1, 2).reshape(self.shape)
+
+    def __matmul__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.to_torch() @ x
+
+    @property
+    def nnz(self) -> int:
+        """Stored values (zeros inside kept blocks included)."""
+        return self.values.numel()
+
+    @property
+    def n_blocks(self) -> int:
+        return self.values.shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return _bytes(self.crow_indices, self.col_indices, self.values)
+
+    @staticmethod
+    def formula_bytes(shape, n_blocks, blocksize=(4, 4), value_dtype=torch.float32, index_dtype=torch.int64) -> int:
+        """(rows/br + 1) · index_bytes + n_blocks · (index_bytes + br·bc·value_bytes). Note: n_blocks, not nnz."""
+        br, bc = _check_block(shape, blocksize)
+        ib = _elsize(index_dtype)
+        return (shape[0] // br + 1) * ib + n_blocks * (ib + br * bc * _elsize(value_dtype))
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"crow_indices": self.crow_indices, "col_indices": self.col_indices, "values": self.values}
+
+
+@dataclass
+class Bitmap:
+    """One bit per position (1 = nonzero, packed 8 per byte) + the nonzero values in row-major order."""
+    mask: torch.Tensor     # uint8 [ceil(rows·cols / 8)]
+    values: torch.Tensor   # [nnz]
+    shape: tuple[int, int]
+
+    @classmethod
+    def from_dense(cls, dense: torch.Tensor) -> "Bitmap":
+        dense = _check_matrix(dense)
+        m = dense != 0
+        return cls(pack_bits(m), dense[m].contiguous(), tuple(dense.shape))
+
+    def to_dense(self) -> torch.Tensor:
+        m = unpack_bits(self.mask, self.shape[0] * self.shape[1]).reshape(self.shape)
+        out = torch.zeros(self.shape, dtype=self.values.dtype)
+        out[m] = self.values
+        return out
+
+    @property
+    def nnz(self) -> int:
+        return self.values.numel()
+
+    @property
+    def nbytes(self) -> int:
+        return _bytes(self.mask, self.values)
+
+    @staticmethod
+    def formula_bytes(shape, nnz, value_dtype=torch.float32) -> int:
+        """ceil(rows · cols / 8) + nnz · value_bytes."""
+        return -(-shape[0] * shape[1] // 8) + nnz * _elsize(value_dtype)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"mask": self.mask, "values": self.values}
+
+
+@dataclass
+class TwoFour:
+    """2:4 semi-structured: in every group of 4 along a row keep 2 values + a 2-bit position each (4 per byte).
+
+    Groups with fewer than 2 nonzeros store explicit zeros, so the size does not depend on nnz:
+    rows·cols/2 values + rows·cols/8 bytes of metadata (2.125 bytes per weight for fp32 instead of 4).
+    """
+    values: torch.Tensor   # [rows, cols/2]
+    meta: torch.Tensor     # uint8 [ceil(rows·cols/2 / 4)], four 2-bit positions per byte
+    shape: tuple[int, int]
+
+    @classmethod
+    def from_dense(cls, dense: torch.Tensor) -> "TwoFour":
+        dense = _check_matrix(dense)
+        rows, cols = dense.shape
+        if cols % 4:
+            raise ValueError(f"2:4 needs the number of columns to be a multiple of 4, got shape {(rows, cols)}; "
+                             f"pad the matrix or use CSR/bitmap")
+        g = dense.reshape(rows, cols // 4, 4)
+        nz = g != 0
+        if nz.numel() and int(nz.sum(dim=-1).max()) > 2:
+            bad = int((nz.sum(dim=-1) > 2).sum())
+            raise ValueError(f"matrix is not 2:4 sparse: {bad} groups of 4 have more than 2 nonzeros; prune it "
+                             f"first with an N:M mask (lk.prune, n=2, m=4)")
+        # choose 2 positions per group: nonzeros first, then the lowest free positions; keep them in order
+        key = nz.to(torch.int64) * 4 + (3 - torch.arange(4))
+        pos = key.topk(2, dim=-1).indices.sort(dim=-1).values        # [rows, cols/4, 2]
+        vals = g.gather(-1, pos).reshape(rows, cols // 2)
+        codes = pos.reshape(-1).to(torch.uint8)                         # 2-bit codes
+        pad = (-codes.numel()) % 4
+        if pad:
+            codes = torch.cat([codes, codes.new_zeros(pad)])
+        c = codes.view(-1, 4)
+        meta = c[:, 0] | (c[:, 1] << 2) | (c[:, 2] << 4) | (c[:, 3] << 6)
+        return cls(vals.contiguous(), meta.contiguous(), (rows, cols))
+
+    def positions(self) -> torch.Tensor:
+        """The unpacked 2-bit positions, [rows, cols/4, 2]."""
+        rows, cols = self.shape
+        codes = ((self.meta.reshape(-1, 1) >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8)) & 3).reshape(-1)
+        return codes[: rows * cols // 2].long().reshape(rows, cols // 4, 2)
+
+    def to_dense(self) -> torch.Tensor:
+        rows, cols = self.shape
+        out = torch.zeros(rows, cols // 4, 4, dtype=self.values.dtype)
+        out.scatter_(-1, self.positions(), self.values.reshape(rows, cols // 4, 2))
+        return out.reshape(rows, cols)
+
+    @property
+    def nnz(self) -> int:
+        return int(torch.count_nonzero(self.values))
+
+    @property
+    def nbytes(self) -> int:
+        return _bytes(self.values, self.meta)
+
+    @staticmethod
+    def formula_bytes(shape, nnz=None, value_dtype=torch.float32) -> int:
+        """rows·cols/2 · value_bytes + ceil(rows·cols/2 · 2 bits / 8) (independent of nnz)."""
+        kept = shape[0] * shape[1] // 2
+        return kept * _elsize(value_dtype) + -(-kept // 4)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"values": self.values, "meta": self.meta}
+
+
+FORMAT_CLASSES = {"dense": Dense, "coo": COO, "csr": CSR, "bsr": BSR, "bitmap": Bitmap, "2:4": TwoFour}
+
+
+def to_format(dense: torch.Tensor, fmt: str, index_dtype=torch.int64, blocksize=(4, 4)):
+    """Convert a dense matrix to one of FORMATS ("csr32" = CSR with int32 indices)."""
+    if fmt == "csr32":
+        fmt, index_dtype = "csr", torch.int32
+    if fmt not in FORMAT_CLASSES:
+        raise ValueError(f"unknown format {fmt!r}; choose one of {FORMATS}")
+    cls = FORMAT_CLASSES[fmt]
+    if fmt in ("coo", "csr"):
+        return cls.from_dense(dense, index_dtype=index_dtype)
+    if fmt == "bsr":
+        return cls.from_dense(dense, blocksize=blocksize, index_dtype=index_dtype)
+    return cls.from_dense(dense)
+
+
+def formula_bytes(fmt: str, shape, nnz: int, value_dtype=torch.float32, index_dtype=torch.int64,
+                  blocksize=(4, 4), n_blocks: int | None = None) -> int:
+    """Exact bytes of `fmt` for a matrix of `shape` with `nnz` nonzeros (BSR needs n_blocks)."""
+    if fmt == "csr32":
+        fmt, index_dtype = "csr", torch.int32
+    if fmt in ("dense", "bitmap", "2:4"):
+        return FORMAT_CLASSES[fmt].formula_bytes(shape, nnz, value_dtype=value_dtype)
+    if fmt in ("coo", "csr"):
+        return FORMAT_CLASSES[fmt].formula_bytes(shape, nnz, value_dtype=value_dtype, index_dtype=index_dtype)
+    if fmt == "bsr":
+        if n_blocks is None:
+            raise ValueError("BSR's size depends on the number of stored blocks: pass n_blocks=")
+        return BSR.formula_bytes(shape, n_blocks, blocksize, value_dtype=value_dtype, index_dtype=index_dtype)
+    raise ValueError(f"unknown format {fmt!r}; choose one of {FORMATS}")
+
+
+def bytes_per_nonzero(fmt: str, value_dtype=torch.float32, index_dtype=torch.int64) -> float:
+    """Bytes each nonzero costs (ignoring the per-row pointers): COO 2·i+v, CSR i+v, bitmap v (+1/8 per slot)."""
+    if fmt == "csr32":
+        fmt, index_dtype = "csr", torch.int32
+    v, i = _elsize(value_dtype), _elsize(index_dtype)
+    return {"coo": 2 * i + v, "csr": i + v, "bitmap": v}[fmt]
+
+
+def storage_break_even(fmt: str, shape=(4096, 4096), value_dtype=torch.float32, index_dtype=torch.int64,
+                       blocksize=(4, 4)) -> float:
+    """Largest density at which `fmt` is no bigger than dense, from the exact formulas (BSR: random sparsity
+    is assumed — a block is kept when any of its br·bc values is nonzero)."""
+    rows, cols = shape
+    n = rows * cols
+    dense = Dense.formula_bytes(shape, value_dtype=value_dtype)
+    if fmt == "2:4":
+        return 0.5 if TwoFour.formula_bytes(shape, value_dtype=value_dtype) <= dense else 0.0
+    if fmt == "bsr":
+        br, bc = _check_block(shape, blocksize)
+        nb_total = n // (br * bc)
+        lo, hi = 0.0, 1.0   # bytes grow monotonically with density: bisect
+        for _ in range(60):
+            mid = (lo + hi) / 2
+            nb = nb_total * (1 - (1 - mid) ** (br * bc))
+            b = BSR.formula_bytes(shape, nb, blocksize, value_dtype, index_dtype)
+            lo, hi = (mid, hi) if b <= dense else (lo, mid)
+        return lo
+    # linear in nnz: solve formula(nnz) = dense
+    f0 = formula_bytes(fmt, shape, 0, value_dtype, index_dtype)
+    f1 = formula_bytes(fmt, shape, 1, value_dtype, index_dtype) - f0
+    return max(0.0, min(1.0, (dense - f0) / f1 / n))
+
+
+def bytes_table(dense: torch.Tensor, formats=("dense", "coo", "csr", "csr32", "bsr", "bitmap"),
+                blocksize=(4, 4)) -> dict[str, dict]:
+    """For each format: measured nbytes and the formula's value for this matrix (they must be equal)."""
+    out = {}
+    nnz = int(torch.count_nonzero(dense))
+    vd = dense.dtype
+    for fmt in formats:
+        s = to_format(dense, fmt, blocksize=blocksize)
+        idt = getattr(getattr(s, "col_indices", getattr(s, "indices", None)), "dtype", torch.int64)
+        f = formula_bytes(fmt, dense.shape, nnz, vd, idt, blocksize,
+                          n_blocks=s.n_blocks if fmt == "bsr" else None)
+        out[fmt] = {"measured": s.nbytes, "formula": f, "ratio_to_dense": s.nbytes / Dense.formula_bytes(dense.shape, value_dtype=vd)}
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- random matrices
+def random_sparse(shape, density: float, seed: int = 0, blocksize=None, dtype=torch.float32) -> torch.Tensor:
+    """A random dense matrix with a fraction `density` of nonzeros (whole blocks kept if blocksize is given)."""
+    if not 0.0 <= density <= 1.0:
+        raise ValueError(f"density must be in [0, 1], got {density}")
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(shape, generator=g, dtype=dtype)
+    if blocksize is None:
+        keep = torch.rand(shape, generator=g) < density
+    else:
+        br, bc = _check_block(shape, blocksize)
+        kb = torch.rand(shape[0] // br, shape[1] // bc, generator=g) < density
+        keep = kb.repeat_interleave(br, 0).repeat_interleave(bc, 1)
+    return w * keep
+
+
+def nm_sparse(shape, n: int = 2, m: int = 4, seed: int = 0) -> torch.Tensor:
+    """A random matrix with exactly n nonzeros in every group of m along each row (magnitude top-n)."""
+    if not 0 < n < m:
+        raise ValueError(f"N:M needs 0 < N < M, got {n}:{m}")
+    rows, cols = shape
+    if cols % m:
+        raise ValueError(f"columns ({cols}) must be a multiple of M={m}")
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    g = w.reshape(rows, cols // m, m)
+    keep = torch.zeros_like(g, dtype=torch.bool).scatter_(-1, g.abs().topk(n, dim=-1).indices, True)
+    return (g * keep).reshape(rows, cols)
+
+
+# ----------------------------------------------------------------------------------------------- timing
+def _best_time(fn, repeats: int) -> float:
+    fn()  # warm up
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def matmul_times(density: float, n: int = 4096, k: int = 64, blocksize=(16, 16), repeats: int = 3,
+                 seed: int = 0, threads: int | None = 1) -> dict[str, float]:
+    """Seconds (best of `repeats`) for W @ X with W n×n at `density`, X n×k: dense, torch CSR (random
+    sparsity) and torch BSR (block sparsity with the same density). One thread by default."""
+    from .repro import set_threads
+    old = set_threads(threads) if threads else None
+    try:
+        x = torch.randn(n, k, generator=torch.Generator().manual_seed(seed + 1))
+        w = random_sparse((n, n), density, seed)
+        csr = CSR.from_dense(w, index_dtype=torch.int32).to_torch()
+        t = {"dense": _best_time(lambda: w @ x, repeats), "csr": _best_time(lambda: csr @ x, repeats)}
+        del csr
+        wb = random_sparse((n, n), density, seed, blocksize=blocksize)
+        bsr = BSR.from_dense(wb, blocksize=blocksize, index_dtype=torch.int32).to_torch()
+        t["bsr"] = _best_time(lambda: bsr @ x, repeats)
+        return t
+    finally:
+        if old is not None:
+            set_threads(old)
+
+
+def crossover(densities, ratios) -> float:
+    """Density where a ratio (sparse / dense) crosses 1, interpolated linearly; nan if it never does."""
+    pts = sorted(zip(densities, ratios))
+    for (d0, r0), (d1, r1) in zip(pts, pts[1:]):
+        if r0 <= 1.0 < r1 or r0 >= 1.0 > r1:
+            return d0 + (1.0 - r0) * (d1 - d0) / (r1 - r0)
+    return math.nan
+
+
+def speed_sweep(densities=(0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5), n: int = 4096, k: int = 64,
+                blocksize=(16, 16), repeats: int = 3, seed: int = 0) -> dict:
+    """Time dense vs CSR vs BSR matmul at each density in one run (one thread); ratios and crossovers."""
+    rows = [dict(density=d, **matmul_times(d, n, k, blocksize, repeats, seed)) for d in densities]
+    for r in rows:
+        r["csr_ratio"], r["bsr_ratio"] = r["csr"] / r["dense"], r["bsr"] / r["dense"]
+    ds = [r["density"] for r in rows]
+    return {"n": n, "k": k, "blocksize": list(blocksize), "rows": rows,
+            "csr_crossover": crossover(ds, [r["csr_ratio"] for r in rows]),
+            "bsr_crossover": crossover(ds, [r["bsr_ratio"] for r in rows])}
+
+
+def storage_curves(densities, shape=(4096, 4096), formats=("coo", "csr", "csr32", "bitmap", "bsr", "2:4"),
+                   blocksize=(16, 16)) -> dict[str, list[float]]:
+    """Bytes relative to dense at each density from the exact formulas (BSR assumes block sparsity: n_blocks =
+    density · all blocks; 2:4 only exists at density ≤ 0.5)."""
+    rows, cols = shape
+    dense = Dense.formula_bytes(shape)
+    out = {}
+    for fmt in formats:
+        vals = []
+        for d in densities:
+            nnz = round(d * rows * cols)
+            if fmt == "bsr":
+                br, bc = _check_block(shape, blocksize)
+                nb = round(d * rows * cols / (br * bc))
+                vals.append(BSR.formula_bytes(shape, nb, blocksize) / dense)
+            elif fmt == "2:4":
+                vals.append(TwoFour.formula_bytes(shape) / dense if d <= 0.5 else math.nan)
+            else:
+                vals.append(formula_bytes(fmt, shape, nnz) / dense)
+        out[fmt] = vals
+    return out
+
+
+def density_report(density: float, n: int = 1024, k: int = 64, repeats: int = 3) -> dict:
+    """Bytes of each format for an n×n matrix at `density` (exact formulas) and the matmul times (the widget)."""
+    nnz = round(density * n * n)
+    out = {fmt: formula_bytes(fmt, (n, n), nnz) for fmt in ("dense", "coo", "csr", "csr32", "bitmap")}
+    out["2:4"] = TwoFour.formula_bytes((n, n)) if density <= 0.5 else None
+    return {"density": density, "bytes": out, "seconds": matmul_times(density, n, k, (16, 16), repeats)}
+
+
+# ----------------------------------------------------------------------------------------------- bench
+def bench() -> dict:
+    """Bytes of each format at 1/10/50% density (measured and formula) and the CSR-vs-dense speed crossover."""
+    shape = (1024, 1024)
+    table = {}
+    for d in (0.01, 0.1, 0.5):
+        w = random_sparse(shape, d, seed=0)
+        t = bytes_table(w, formats=("dense", "coo", "csr", "csr32", "bitmap"))
+        t["bsr4x4"] = bytes_table(w, formats=("bsr",), blocksize=(4, 4))["bsr"]
+        table[f"{int(d * 100)}%"] = {k: {"measured": v["measured"], "formula": v["formula"]} for k, v in t.items()}
+    w24 = nm_sparse(shape)
+    table["2:4"] = {"measured": TwoFour.from_dense(w24).nbytes, "formula": TwoFour.formula_bytes(shape)}
+    sweep = speed_sweep(densities=(0.05, 0.1, 0.2, 0.3, 0.5), n=2048, k=64, repeats=2)
+    return {"shape": list(shape), "bytes": table,
+            "matmul_n": 2048,
+            "csr_speed_crossover_density": round(sweep["csr_crossover"], 3),
+            "bsr16_speed_crossover_density": round(sweep["bsr_crossover"], 3),
+            "csr32_storage_break_even_density": round(storage_break_even("csr32", shape), 3)}

@@ -1,0 +1,120 @@
+"""Tests for labkit.compress: entropy, canonical Huffman (heapq), bit-packed encode/decode, weight sharing."""
+import math
+
+import hypothesis.strategies as st
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+
+from labkit import compress as C
+
+
+def test_entropy_hand_computed():
+    assert C.entropy(np.array([0, 0, 1, 1])) == pytest.approx(1.0)
+    assert C.entropy(np.array([0, 0, 0, 0, 1, 1, 2, 3])) == pytest.approx(1.75)
+    assert C.entropy(np.array([7, 7, 7])) == 0.0
+
+
+def test_huffman_lengths_hand_computed():
+    # dyadic probabilities: lengths = −log2 p and the mean equals the entropy
+    freqs = {0: 4, 1: 2, 2: 1, 3: 1}
+    L = C.huffman_lengths(freqs)
+    assert L == {0: 1, 1: 2, 2: 3, 3: 3}
+    assert C.mean_code_length(freqs, L) == pytest.approx(C.entropy(freqs=freqs))
+    codes = C.canonical_codes(L)
+    assert codes == {0: (0b0, 1), 1: (0b10, 2), 2: (0b110, 3), 3: (0b111, 3)}
+    assert C.huffman_lengths({9: 5}) == {9: 1}
+
+
+def test_canonical_code_is_prefix_free():
+    rng = np.random.default_rng(0)
+    freqs = {i: int(c) for i, c in enumerate(rng.integers(1, 1000, size=40))}
+    codes = C.canonical_codes(C.huffman_lengths(freqs))
+    words = [format(c, f"0{L}b") for c, L in codes.values()]
+    for a in words:
+        for b in words:
+            assert a == b or not b.startswith(a)
+    assert sum(2.0 ** -len(w) for w in words) == pytest.approx(1.0)  # Kraft equality: a complete code
+
+
+def test_encode_bits_hand_computed():
+    enc = C.huffman_encode(np.array([0, 1, 2, 3, 0], dtype=np.uint8), )
+    # 0→0, 1→10, 2→110, 3→111 would need frequencies 4,2,1,1; here: 0 twice, others once
+    L = C.huffman_lengths(C.frequencies(np.array([0, 1, 2, 3, 0])))
+    assert enc.n_bits == sum(L[s] for s in [0, 1, 2, 3, 0])
+    assert len(enc.payload) == math.ceil(enc.n_bits / 8)
+    np.testing.assert_array_equal(C.huffman_decode(enc), [0, 1, 2, 3, 0])
+
+
+@pytest.mark.parametrize("dist", ["uniform16", "geometric", "single", "two"])
+def test_round_trip_and_within_one_bit_of_entropy(dist):
+    rng = np.random.default_rng(1)
+    x = {"uniform16": rng.integers(0, 16, 50_000), "geometric": rng.geometric(0.2, 50_000),
+         "single": np.full(100, 3), "two": rng.integers(0, 2, 1000)}[dist]
+    enc = C.huffman_encode(x)
+    np.testing.assert_array_equal(C.huffman_decode(enc), x)
+    H = C.entropy(x)
+    assert H <= enc.bits_per_symbol < H + 1 or (dist == "single" and enc.bits_per_symbol == 1)
+
+
+def test_chunk_boundaries_do_not_matter():
+    x = np.random.default_rng(2).geometric(0.4, 10_001)
+    a, b = C.huffman_encode(x), C.huffman_encode(x, chunk=333)
+    assert a.payload == b.payload and a.n_bits == b.n_bits
+    np.testing.assert_array_equal(C.huffman_decode(b), x)
+
+
+def test_shapes_and_dtypes_preserved():
+    x = np.random.default_rng(3).integers(0, 5, (7, 9)).astype(np.uint8)
+    y = C.huffman_decode(C.huffman_encode(x))
+    assert y.shape == x.shape and y.dtype == x.dtype and (y == x).all()
+    t = torch.tensor([[1, 2], [2, 2]])
+    assert (C.huffman_decode(C.huffman_encode(t)) == t.numpy()).all()
+    empty = C.huffman_encode(np.zeros(0, np.int64))
+    assert C.huffman_decode(empty).size == 0
+
+
+def test_bad_input():
+    with pytest.raises(TypeError, match="integers"):
+        C.huffman_encode(np.array([0.5, 1.5]))
+    with pytest.raises(ValueError, match="non-negative"):
+        C.huffman_encode(np.array([-1, 2]))
+    with pytest.raises(ValueError, match="no symbols"):
+        C.huffman_lengths({})
+    enc = C.huffman_encode(np.arange(100) % 7)
+    enc.payload = enc.payload[: len(enc.payload) // 2]
+    with pytest.raises(ValueError, match="truncated"):
+        C.huffman_decode(enc)
+
+
+def test_share_weights_and_compare():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(256, 256, generator=g)
+    w = w * (w.abs() > w.abs().median())
+    sym, book = C.share_weights(w, bits=4)
+    assert sym.dtype == np.uint8 and sym.max() <= 15 and book[0] == 0
+    assert ((sym == 0) == (w == 0).numpy()).all()                  # pruned zeros keep their own symbol
+    err = (book[torch.from_numpy(sym).long()] - w).abs()
+    assert err.mean() < 0.1 and err[w == 0].max() == 0               # 15 shared values for N(0,1) weights
+    c = C.compare(sym, bits=4)
+    assert c["fixed"] == 4.0
+    assert c["entropy"] <= c["huffman"] < c["entropy"] + 1
+    assert set(c) >= {"zlib", "lzma", "zstd"}
+
+
+def test_pack_nibbles():
+    assert C.pack_nibbles(np.array([1, 2, 15])) == bytes([0x21, 0x0F])
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.integers(0, 300), min_size=0, max_size=400))
+def test_decode_encode_is_identity(xs):
+    x = np.array(xs, dtype=np.int64)
+    enc = C.huffman_encode(x)
+    np.testing.assert_array_equal(C.huffman_decode(enc), x)
+    if x.size:
+        H = C.entropy(x)
+        assert H - 1e-9 <= enc.bits_per_symbol <= H + 1             # = H + 1 only for a single symbol
+        if len(set(xs)) > 1:
+            assert enc.bits_per_symbol < H + 1
