@@ -221,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(fn=cmd_execute)
     c = sub.add_parser("clean", help="strip metadata noise from notebooks")
     c.add_argument("--check", action="store_true", help="change nothing; exit 1 listing noisy notebooks")
-    c.add_argument("notebooks", nargs="+")
+    c.add_argument("notebooks", nargs="*")
     c.set_defaults(fn=cmd_clean)
     s = sub.add_parser("student", help="write or check the student copies")
     s.add_argument("--check", action="store_true", help="exit 1 if a copy is missing, stale or has a solution")
