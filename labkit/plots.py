@@ -70,3 +70,96 @@ def estimate_vs_measured(xs, estimated, measured, xlabel: str, title: str = "", 
     ax.set_title(title)
     ax.legend(fontsize=8)
     return ax
+
+
+# --- memory pools and paged KV cache (notebook 05) ---
+
+def address_space(maps: dict, title: str = "", ax=None):
+    """One strip per allocator: each byte coloured by the buffer that owns it, free bytes white.
+
+    maps: {label: 1-D array of owner ids (−1 = free)}, e.g. VariableAllocator.address_map().
+    """
+    import numpy as np
+    from matplotlib.colors import ListedColormap
+    ax = new_axes(ax, figsize=(7.5, 0.55 * len(maps) + 0.9))
+    cmap = ListedColormap(["white"] + PALETTE)
+    for row, (label, m) in enumerate(maps.items()):
+        m = np.asarray(m)
+        img = np.where(m < 0, 0, 1 + (m % len(PALETTE)))[None, :]
+        ax.imshow(img, cmap=cmap, vmin=0, vmax=len(PALETTE), aspect="auto", interpolation="nearest",
+                  extent=(0, len(m), row + 0.9, row + 0.1))
+    ax.set_ylim(len(maps), 0)
+    ax.set_yticks([r + 0.5 for r in range(len(maps))], list(maps))
+    ax.set_xlabel("address (bytes)")
+    ax.set_title(title)
+    return ax
+
+
+def slot_map(slots, width: int = 128, title: str = "", ax=None):
+    """A KV-cache budget drawn as rows of token slots: free, reserved but empty (waste), holding a real token."""
+    import numpy as np
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+    ax = new_axes(ax, figsize=(5, 3))
+    s = np.asarray(slots)
+    rows = -(-len(s) // width)
+    img = np.full(rows * width, 0, dtype=np.int8)
+    img[: len(s)] = s
+    colors = ["#EEEEEE", PALETTE[3], PALETTE[2]]
+    ax.imshow(img.reshape(rows, width), cmap=ListedColormap(colors), vmin=0, vmax=2, aspect="auto",
+              interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(title, fontsize=9)
+    ax.legend(handles=[Patch(color=c, label=l) for c, l in zip(colors, ["free", "reserved, empty", "token"])],
+              fontsize=7, loc="lower right", framealpha=0.9)
+    return ax
+
+
+def serving_bars(comparison: dict, ax=None):
+    """Contiguous vs paged: utilisation, sequences running at once, tokens per step (one simulation each)."""
+    import numpy as np
+    ax = new_axes(ax, figsize=(5, 3))
+    metrics = [("utilisation", "utilisation ×10"), ("mean_running", "seqs running"), ("throughput", "tokens/step")]
+    x = np.arange(len(metrics))
+    for i, pol in enumerate(("contiguous", "paged")):
+        vals = [comparison[pol][k] * (10 if k == "utilisation" else 1) for k, _ in metrics]
+        ax.bar(x + (i - 0.5) * 0.38, vals, 0.38, label=pol, color=PALETTE[i])
+        for xi, v in zip(x, vals):
+            ax.text(xi + (i - 0.5) * 0.38, v, f"{v:.1f}", ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(x, [m for _, m in metrics])
+    ax.legend(fontsize=8)
+    return ax
+
+
+def serving_dashboard(comparison: dict, width: int = 128):
+    """Bars plus the two slot maps at each policy's busiest step (for the block-size widget)."""
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+    serving_bars(comparison, ax=axes[0])
+    c, p = comparison["contiguous"], comparison["paged"]
+    axes[0].set_title(f"block {p['block_size']}: waste {c['waste']:.0%} → {p['waste']:.0%}", fontsize=9)
+    slot_map(c["slot_map"], width, f"contiguous (max-length reservations), {c['peak_running']} seqs", ax=axes[1])
+    slot_map(p["slot_map"], width, f"paged, {p['peak_running']} seqs", ax=axes[2])
+    fig.tight_layout()
+    return axes
+
+
+def waste_vs_block_size(runs: list, anchors: dict | None = None, ax=None):
+    """Waste of paging against block size, one line per length distribution; contiguous as dashed lines;
+    published ranges (e.g. vLLM's 60–80 % for existing servers, < 4 % paged) as shaded bands."""
+    ax = new_axes(ax)
+    dists = list(dict.fromkeys(r["dist"] for r in runs))
+    for i, d in enumerate(dists):
+        paged = sorted((r["block_size"], r["waste"]) for r in runs if r["dist"] == d and r["policy"] == "paged")
+        ax.plot([b for b, _ in paged], [100 * w for _, w in paged], "o-", color=PALETTE[i], label=f"paged, {d}")
+        cont = [r["waste"] for r in runs if r["dist"] == d and r["policy"] == "contiguous"]
+        if cont:
+            ax.axhline(100 * cont[0], ls="--", color=PALETTE[i], lw=1, label=f"contiguous, {d}")
+    for label, (lo, hi) in (anchors or {}).items():
+        ax.axhspan(100 * lo, 100 * hi, color="grey", alpha=0.15)
+        ax.text(1, 100 * hi, label, fontsize=7, va="bottom")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("block size (tokens)")
+    ax.set_ylabel("waste (% of reserved slots)")
+    ax.legend(fontsize=7, ncol=2)
+    return ax

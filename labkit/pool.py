@@ -283,6 +283,46 @@ def time_alloc(block_bytes: int = 737_280, n: int = 200, repeats: int = 3) -> di
             "ratio": best["plain"] / best["pool"]}
 
 
+def time_alloc_fresh(block_bytes: int = 737_280, n: int = 100) -> dict:
+    """`time_alloc` in a child process where glibc must map fresh pages from the OS for every block
+    (MALLOC_MMAP_THRESHOLD_=65536 turns off its reuse of freed memory) — the cost a pool avoids."""
+    import json
+    import os
+    import subprocess
+    import sys
+    code = ("import json, torch; torch.set_num_threads(1); from labkit.pool import time_alloc; "
+            f"print(json.dumps(time_alloc({_positive_int('block_bytes', block_bytes)}, n={_positive_int('n', n)})))")
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    res = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=300)
+    if res.returncode != 0:
+        raise RuntimeError(f"timing child failed: {res.stderr[-500:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def time_append(tokens: int = 256, token_bytes: int = 1_536, block_size: int = 16) -> dict:
+    """Grow a per-sequence buffer one token at a time: torch.cat (a new, bigger tensor each step, as
+    transformers' DynamicCache does per layer) vs writing into blocks of a preallocated pool. Default: one
+    layer of SmolLM2-135M in fp32 (2 · 3 · 64 · 4 = 1,536 B per token). Bytes copied and seconds."""
+    tokens, numel = _positive_int("tokens", tokens), _positive_int("token_bytes", token_bytes) // 4
+    row = torch.ones(1, numel)
+    t0 = time.perf_counter()
+    buf = torch.empty(0, numel)
+    for _ in range(tokens):
+        buf = torch.cat([buf, row])
+    t_cat = time.perf_counter() - t0
+    pool = BlockPool(-(-tokens // block_size), (block_size, numel))
+    t0 = time.perf_counter()
+    table = []
+    for i in range(tokens):
+        if i % block_size == 0:
+            table.append(pool.allocate())
+        pool.storage[table[-1], i % block_size] = row[0]
+    t_pool = time.perf_counter() - t0
+    return {"tokens": tokens, "cat_bytes_copied": numel * 4 * tokens * (tokens + 1) // 2,
+            "pool_bytes_copied": numel * 4 * tokens, "cat_s": t_cat, "pool_s": t_pool, "ratio": t_cat / t_pool}
+
+
 def cuda_caching_allocator_size(nbytes: int) -> dict:
     """How PyTorch's CUDA caching allocator rounds a request (c10/cuda/CUDACachingAllocator.cpp defaults).
 
@@ -470,3 +510,42 @@ def serving_comparison(block_size: int = 16, dist: str = "uniform", n: int = 200
                   for p in ("contiguous", "paged")}
     out["mean_length"] = float(np.mean(lengths))
     return out
+
+
+# ---------------------------------------------------------------- results file and bench
+def make_results() -> dict:
+    """Sweep of the serving simulation: every distribution × block size, contiguous as the baseline."""
+    out = {"budget_tokens": 8192, "max_len": 1024, "n_requests": 200, "seed": 0, "runs": []}
+    for dist in DISTRIBUTIONS:
+        reqs = make_requests(200, seed=0, dist=dist, max_len=1024)
+        runs = [simulate(reqs, 8192, "contiguous", max_len=1024)]
+        runs += [simulate(reqs, 8192, "paged", block_size=bs, max_len=1024) for bs in (1, 2, 4, 8, 16, 32, 64, 128, 256)]
+        for r in runs:
+            r.pop("slot_map")
+            out["runs"].append({"dist": dist, **{k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}})
+    return out
+
+
+def bench() -> dict:
+    """Headline figures of notebook 05 (≲ 60 s): serving waste, sequences that fit, allocation and decoding speed."""
+    from . import repro
+    from .kvcache import generation_speed
+    from .models import load_model
+    old = repro.set_threads(1)
+    try:
+        out = {}
+        for bs in (16, 64):
+            r = serving_comparison(block_size=bs)
+            out[f"block{bs}"] = {p: {k: round(r[p][k], 3) for k in ("utilisation", "waste", "mean_running", "throughput")}
+                                 for p in ("contiguous", "paged")}
+            out[f"block{bs}"]["fit"] = r["fit"]
+        for size in (4096, 737_280):
+            t = time_alloc(size, n=200)
+            out[f"alloc_{size}B"] = {k: round(v, 2) for k, v in t.items()}
+        model, tok = load_model("smollm2-135m")
+        ids = tok("In the beginning God created the heaven and the earth.", return_tensors="pt")["input_ids"]
+        g = generation_speed(model, ids, max_new_tokens=20)
+        out["generation"] = {k: (round(v, 2) if isinstance(v, float) else v) for k, v in g.items()}
+        return out
+    finally:
+        repro.set_threads(old)
