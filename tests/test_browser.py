@@ -126,23 +126,34 @@ def _wait(predicate, timeout: float, what: str, interval: float = 0.5):
     raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
-def _scroll_to_slider(page, timeout: float = 120):
-    """Scroll the notebook down step by step (cells far away are not rendered) until a slider shows."""
+# Marks the code cell with the "Try it" slider: the first cell with a slider after a "Try it" heading
+# (else the first cell with a slider). Returns whether one was found in the cells attached right now.
+_MARK_TRY_IT = """() => {
+  const cells = [...document.querySelectorAll('.jp-NotebookPanel:not(.lm-mod-hidden) .jp-Cell')];
+  const heading = cells.findIndex(c => c.classList.contains('jp-MarkdownCell') && /Try it/i.test(c.textContent));
+  const hit = cells.slice(Math.max(heading, 0)).find(c => c.querySelector('SLIDER'))
+           || cells.find(c => c.querySelector('SLIDER'));
+  if (hit) hit.setAttribute('data-labkit-try-it', '1');
+  return Boolean(hit);
+}""".replace("SLIDER", SLIDER)
+
+
+def _scroll_to_try_it(page, timeout: float = 120):
+    """Scroll down step by step (cells far from the viewport may not be attached or rendered) until the
+    "Try it" cell with its slider is found; return that cell scrolled into view."""
     scroller = page.locator(".jp-NotebookPanel:not(.lm-mod-hidden) .jp-WindowedPanel-outer").first
+    scroller.evaluate("el => el.scrollTop = 0")
     deadline = time.monotonic() + timeout
-    page.evaluate("el => el.scrollTop = 0", scroller.element_handle()) if scroller.count() else None
     while time.monotonic() < deadline:
-        sliders = page.locator(SLIDER)
-        if sliders.count():
-            slider = sliders.first
-            slider.scroll_into_view_if_needed(timeout=10_000)
-            return slider
-        at_end = scroller.evaluate(
-            "el => { const end = el.scrollTop + el.clientHeight >= el.scrollHeight - 2;"
-            " el.scrollBy(0, el.clientHeight * 0.8); return end; }")
+        if page.evaluate(_MARK_TRY_IT):
+            cell = page.locator("[data-labkit-try-it]").first
+            cell.locator(SLIDER).first.scroll_into_view_if_needed(timeout=10_000)
+            return cell
+        at_end = scroller.evaluate("el => { const end = el.scrollTop + el.clientHeight >= el.scrollHeight - 2;"
+                                   " el.scrollBy(0, el.clientHeight * 0.8); return end; }")
         time.sleep(0.3)
-        if at_end and not page.locator(SLIDER).count():
-            scroller.evaluate("el => el.scrollTop = 0")  # one more pass from the top (late renders)
+        if at_end:
+            scroller.evaluate("el => el.scrollTop = 0")  # once more from the top (late renders)
             time.sleep(1)
     raise AssertionError(f"no ipywidgets slider ({SLIDER}) found in the notebook after Run All")
 
@@ -208,8 +219,8 @@ def _drive(page, lab: Lab, name: str) -> dict:
     assert not page.locator(".jp-OutputArea-output", has_text="Traceback (most recent call last)").count()
 
     # the "Try it" slider: read the chart, press ArrowRight on the handle, wait for a new chart
-    slider = _scroll_to_slider(page)
-    cell = slider.locator("xpath=ancestor::div[contains(@class, 'jp-CodeCell')][1]")
+    cell = _scroll_to_try_it(page)
+    slider = cell.locator(SLIDER).first
     images = cell.locator(".jp-OutputArea-output img")
     _wait(lambda: images.count() > 0, 60, "the chart image of the slider's cell")
     before = images.first.get_attribute("src")
@@ -240,7 +251,8 @@ def _tiny_lab(folder: Path) -> Path:
     """A small notebook shaped like a lesson: many cells, then a "Try it" interact slider over a chart."""
     cells = [new_markdown_cell("# Tiny lab"),
              new_code_cell("import ipywidgets as widgets, matplotlib.pyplot as plt, numpy as np\n"
-                           "from ipywidgets import interact")]
+                           "from ipywidgets import interact"),
+             new_code_cell("widgets.FloatSlider(value=0.5)  # a slider that is not the Try-it one")]
     for i in range(20):  # enough cells that the widget starts far below the viewport
         cells += [new_markdown_cell(f"## Section {i}\n" + "Some words. " * 60), new_code_cell(f"print({i} * 2)")]
     cells += [new_markdown_cell("## Try it"),
