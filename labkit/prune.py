@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -103,14 +104,29 @@ def _n_to_prune(numel: int, sparsity: float) -> int:
 # ---------------------------------------------------------------------------------------------------------
 # Masks (pure functions on tensors)
 # ---------------------------------------------------------------------------------------------------------
+def _kth_smallest(x: torch.Tensor, k: int, dim: int | None = None) -> torch.Tensor:
+    """k-th smallest value (1-based) of x, or of each row along dim (keepdim); numpy's introselect is ~4×
+    faster than torch.kthvalue on CPU."""
+    a = x.detach().to("cpu", torch.float64 if x.dtype == torch.float64 else torch.float32).numpy()
+    if dim is None:
+        return torch.tensor(np.partition(a.reshape(-1), k - 1)[k - 1], dtype=x.dtype, device=x.device)
+    part = np.take(np.partition(a, k - 1, axis=dim), [k - 1], axis=dim)
+    return torch.from_numpy(part).to(x.device, x.dtype)
+
+
 def mask_from_scores(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     """Keep-mask that zeros the round(sparsity·numel) lowest scores of the whole tensor (notebook 01 §1)."""
     sparsity = check_sparsity(sparsity)
     k = _n_to_prune(scores.numel(), sparsity)
-    mask = torch.ones(scores.numel(), dtype=torch.bool, device=scores.device)
-    if k > 0:
-        idx = torch.topk(scores.detach().reshape(-1), k, largest=False).indices
-        mask[idx] = False
+    flat = scores.detach().reshape(-1)
+    if k == 0:
+        return torch.ones_like(scores, dtype=torch.bool)
+    # Fast path: the k-th smallest score is the threshold. With ties at the threshold, fall back to topk,
+    # which picks among equal scores exactly as torch.nn.utils.prune does.
+    mask = flat > _kth_smallest(flat, k)
+    if int((~mask).sum()) != k:
+        mask = torch.ones_like(flat, dtype=torch.bool)
+        mask[torch.topk(flat, k, largest=False).indices] = False
     return mask.view_as(scores)
 
 
@@ -120,10 +136,13 @@ def row_mask_from_scores(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
     if scores.dim() != 2:
         raise ValueError(f"row scope needs a 2-D weight [out, in], got shape {tuple(scores.shape)}")
     k = _n_to_prune(scores.shape[1], sparsity)
-    mask = torch.ones_like(scores, dtype=torch.bool)
-    if k > 0:
-        idx = torch.topk(scores.detach(), k, dim=1, largest=False).indices
-        mask.scatter_(1, idx, False)
+    scores = scores.detach()
+    if k == 0:
+        return torch.ones_like(scores, dtype=torch.bool)
+    mask = scores > _kth_smallest(scores, k, dim=1)
+    if not bool(((~mask).sum(1) == k).all()):  # ties at a row's threshold: exact topk instead
+        mask = torch.ones_like(scores, dtype=torch.bool)
+        mask.scatter_(1, torch.topk(scores, k, dim=1, largest=False).indices, False)
     return mask
 
 
