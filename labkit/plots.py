@@ -163,3 +163,108 @@ def waste_vs_block_size(runs: list, anchors: dict | None = None, ax=None):
     ax.set_ylabel("waste (% of reserved slots)")
     ax.legend(fontsize=7, ncol=2)
     return ax
+
+
+# --- distillation (notebook 03) ---
+
+def distill_softened(dist: dict, ax=None):
+    """Bars of a softened next-token distribution (from lk.distill.softened_next_token), entropy in the title."""
+    ax = new_axes(ax, figsize=(6.4, 3.0))
+    labels = [repr(t) for t in dist["tokens"]]
+    ax.bar(range(len(labels)), dist["probs"], color=PALETTE[0])
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right", fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("probability")
+    ax.set_title(f"T = {dist['temperature']:g}: entropy {dist['entropy']:.2f} nats "
+                 f"(uniform: {dist['max_entropy']:.2f})")
+    return ax
+
+
+def distill_curves(runs: dict, names=None, key: str = "val_ppl_curve", teacher_ppl: float | None = None,
+                   ax=None, title: str = ""):
+    """Validation perplexity against step for stored/live runs ({name: {key: [[step, ppl], ...]}}), log scale."""
+    ax = new_axes(ax)
+    for i, name in enumerate(names or list(runs)):
+        pts = runs[name][key]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=PALETTE[i % len(PALETTE)], label=name,
+                markersize=3)
+    if teacher_ppl is not None:
+        ax.axhline(teacher_ppl, color="black", ls="--", lw=1, label="teacher")
+    ax.set_yscale("log")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("validation perplexity")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    return ax
+
+
+def distill_loss_curves(runs: dict, names=None, series: str = "ce", ax=None, title: str = ""):
+    """Per-step training curves (hard-label cross-entropy by default) of stored/live runs."""
+    ax = new_axes(ax)
+    for i, name in enumerate(names or list(runs)):
+        ys = runs[name][series]
+        ax.plot(range(1, len(ys) + 1), ys, color=PALETTE[i % len(PALETTE)], label=name, lw=1)
+    ax.set_xlabel("training step")
+    ax.set_ylabel({"ce": "training cross-entropy (nats)", "loss": "training loss"}.get(series, series))
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    return ax
+
+
+def distill_final_ppl(names, ppls, teacher_ppl: float, ax=None, title: str = ""):
+    """Bars of final validation perplexity per run, with the teacher's as a dashed line (log scale)."""
+    ax = new_axes(ax)
+    ax.bar(range(len(names)), ppls, color=[PALETTE[i % len(PALETTE)] for i in range(len(names))])
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+    for i, v in enumerate(ppls):
+        ax.text(i, v, f"{v:.0f}", ha="center", va="bottom", fontsize=8)
+    ax.axhline(teacher_ppl, color="black", ls="--", lw=1, label=f"teacher {teacher_ppl:.1f}")
+    ax.set_yscale("log")
+    ax.set_ylabel("validation perplexity")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    return ax
+
+
+# --- pruning (notebook 01) ---
+
+def prune_sweep(results: dict, live: dict | None = None, ax=None, title: str = "SmolLM2-135M: perplexity vs sparsity"):
+    """Perplexity (log scale) against sparsity: one line per unstructured method, 2:4 as markers at 50%, the
+    dense baseline dashed; `live` {label: (sparsity, ppl)} adds points recomputed in the notebook."""
+    ax = new_axes(ax)
+    dense = results["dense"]
+    for i, (method, pts) in enumerate(results["sweep"].items()):
+        xs = [0.0] + [float(s) for s in pts]
+        ax.plot(xs, [dense] + list(pts.values()), "o-", ms=4, color=PALETTE[i], label=method)
+    for j, (score, v) in enumerate(results.get("nm_2_4", {}).items()):
+        ax.plot([0.5], [v], marker="s^"[j % 2], ms=8, ls="none", color=PALETTE[2 + j], label=f"2:4 {score}")
+    for label, (x, y) in (live or {}).items():
+        ax.plot([x], [y], marker="x", ms=10, mew=2, ls="none", color="black", label=label)
+    ax.axhline(dense, ls="--", color="grey", lw=1, label=f"dense {dense:.1f}")
+    ax.set_yscale("log")
+    ax.set_xlabel("sparsity (fraction of decoder Linear weights set to zero)")
+    ax.set_ylabel("perplexity (validation)")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    return ax
+
+
+def prune_widget_chart(result: dict, dense_ppl: float, axes=None):
+    """Two panels for the pruning widget: perplexity dense vs pruned, and bytes of the pruned weights as
+    stored (dense) vs a CSR copy. `result` comes from lk.prune.prune_and_measure."""
+    if axes is None:
+        _, axes = plt.subplots(1, 2, figsize=(8.5, 3.0))
+    ax1, ax2 = axes
+    label = f"{result['method']} {result['sparsity']:.0%}"
+    ax1.bar(["dense", label], [dense_ppl, result["perplexity"]], color=PALETTE[:2])
+    ax1.set_yscale("log")
+    ax1.set_ylabel("perplexity")
+    ax1.set_title("accuracy")
+    vals = [_mb(result["dense_bytes"]), _mb(result["csr_bytes"])]
+    ax2.bar(["as stored\n(dense fp32)", "CSR copy\n(fp32 + int32)"], vals, color=PALETTE[2:4])
+    for i, v in enumerate(vals):
+        ax2.text(i, v, f"{v:.0f}", ha="center", va="bottom", fontsize=8)
+    ax2.set_ylabel("MB of decoder Linear weights")
+    ax2.set_title("memory")
+    ax1.figure.tight_layout()
+    return axes

@@ -31,3 +31,34 @@ def serving_widget():
     return interact_chart(draw, block_size=w.SelectionSlider(options=[1, 2, 4, 8, 16, 32, 64, 128, 256], value=16,
                                                              description="block size"),
                           dist=w.Dropdown(options=list(pool.DISTRIBUTIONS), value="uniform", description="lengths"))
+
+
+# --- distillation (notebook 03) ---
+
+def distill_temperature(model, tokenizer, prompt: str = "And God said, Let there be", top: int = 10):
+    """Temperature slider → the model's softened next-token distribution for a prompt, with its entropy."""
+    import ipywidgets as w
+
+    from . import plots
+    from .distill import softened_next_token
+
+    def draw(temperature):
+        return plots.distill_softened(softened_next_token(model, tokenizer, prompt, temperature, top=top))
+
+    return interact_chart(draw, temperature=w.FloatSlider(value=1.0, min=0.25, max=8.0, step=0.25))
+
+
+def distill_runs(results: dict):
+    """α and temperature sliders → the stored runs' validation curves (nearest stored run against hard labels)."""
+    import ipywidgets as w
+
+    from . import plots
+    from .distill import nearest_run
+
+    def draw(alpha, temperature):
+        name = nearest_run(results, alpha, temperature)
+        return plots.distill_curves(results["runs"], ["hard", name] if name != "hard" else ["hard"],
+                                    teacher_ppl=results["teacher"]["val_ppl"], title=f"stored run: {name}")
+
+    return interact_chart(draw, alpha=w.FloatSlider(value=1.0, min=0.0, max=1.0, step=0.25),
+                          temperature=w.FloatSlider(value=1.0, min=1.0, max=4.0, step=1.0))

@@ -1,0 +1,231 @@
+"""Tests for labkit.distill: the KD loss against a naive loop and torch's kl_div, top-k, checkpoints, resume."""
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import labkit as lk
+from labkit import distill as D
+
+V = 50
+
+
+def naive_kd(s, t, labels, T, alpha):
+    """Per-token Python loop in float64: α·T²·Σ p(log p − log q) + (1−α)·(−log softmax(s)[y])."""
+    total, n = 0.0, 0
+    for i in range(s.shape[0]):
+        if labels[i] == -100:
+            continue
+        zs = [float(x) / T for x in s[i]]
+        zt = [float(x) / T for x in t[i]]
+        ls = math.log(sum(math.exp(z) for z in zs))
+        lt = math.log(sum(math.exp(z) for z in zt))
+        kl = sum(math.exp(b - lt) * ((b - lt) - (a - ls)) for a, b in zip(zs, zt))
+        ce = -(float(s[i][labels[i]]) - math.log(sum(math.exp(float(x)) for x in s[i])))
+        total += alpha * T * T * kl + (1 - alpha) * ce
+        n += 1
+    return total / n
+
+
+def rand(shape, seed, scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g) * scale
+
+
+@pytest.mark.parametrize("T,alpha", [(1.0, 0.5), (2.0, 1.0), (4.0, 0.3), (0.5, 0.0)])
+def test_kd_loss_matches_naive_loop(T, alpha):
+    s, t = rand((2, 3, V), 0), rand((2, 3, V), 1)
+    labels = torch.randint(0, V, (2, 3), generator=torch.Generator().manual_seed(2))
+    labels[1, 2] = -100
+    got = D.kd_loss(s, t, labels, T, alpha)
+    want = naive_kd(s.reshape(-1, V), t.reshape(-1, V), labels.reshape(-1).tolist(), T, alpha)
+    assert got.item() == pytest.approx(want, rel=1e-5, abs=1e-6)
+
+
+def test_kd_loss_matches_torch_kl_div_and_cross_entropy():
+    s, t = rand((8, V), 3), rand((8, V), 4)
+    labels = torch.randint(0, V, (8,))
+    T = 3.0
+    ref = F.kl_div(F.log_softmax(s / T, -1), F.softmax(t / T, -1), reduction="batchmean") * T * T
+    torch.testing.assert_close(D.kd_loss(s, t, None, T, alpha=1.0), ref)
+    torch.testing.assert_close(D.kd_loss(s, t, labels, T, alpha=0.0), F.cross_entropy(s, labels))
+
+
+def test_topk_with_k_equal_vocab_is_the_full_loss_and_parts_are_reported():
+    s, t = rand((2, 4, V), 5), rand((2, 4, V), 6)
+    labels = torch.randint(0, V, (2, 4))
+    v, i = t.topk(V, dim=-1)
+    tk = D.TopKLogits(v, i.to(torch.int32), V)
+    full, parts = D.kd_loss(s, t, labels, 2.0, 0.7, return_parts=True)
+    torch.testing.assert_close(D.kd_loss(s, tk, labels, 2.0, 0.7), full)
+    assert full.item() == pytest.approx(0.7 * parts["kd"] + 0.3 * parts["ce"], rel=1e-5)
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 10_000), k=st.integers(1, V), T=st.floats(0.25, 8.0))
+def test_topk_kl_is_nonnegative_and_zero_for_the_teacher_itself(seed, k, T):
+    s, t = rand((3, V), seed), rand((3, V), seed + 1)
+    v, i = t.topk(k, dim=-1)
+    tk = D.TopKLogits(v, i.to(torch.int32), V)
+    assert D.kd_loss(s, tk, None, T, alpha=1.0).item() >= -1e-6
+    assert D.kd_loss(t, t, None, T, alpha=1.0).item() == pytest.approx(0.0, abs=1e-5)
+
+
+def test_t_squared_keeps_the_soft_gradient_size_at_high_temperature():
+    """Hinton §2: d(T²·KL)/ds → (s − t)/V (zero-mean logits) as T grows, independent of T."""
+    s, t = rand((1, V), 7, 1.0), rand((1, V), 8, 1.0)
+    s, t = s - s.mean(), t - t.mean()
+    grads = []
+    for T in (20.0, 200.0):
+        x = s.clone().requires_grad_(True)
+        D.kd_loss(x, t, None, T, alpha=1.0).backward()
+        grads.append(x.grad)
+    torch.testing.assert_close(grads[1], (s - t) / V, rtol=2e-2, atol=1e-5)
+    torch.testing.assert_close(grads[0], grads[1], rtol=0.1, atol=1e-4)
+
+
+@pytest.mark.parametrize("kw,msg", [({"temperature": 0.0}, "temperature"), ({"temperature": -1}, "temperature"),
+                                    ({"alpha": 1.5}, "alpha"), ({"alpha": -0.1}, "alpha")])
+def test_bad_temperature_and_alpha_raise_value_error(kw, msg):
+    s = rand((2, V), 0)
+    args = {"temperature": 1.0, "alpha": 0.5, **kw}
+    with pytest.raises(ValueError, match=msg):
+        D.kd_loss(s, s, torch.zeros(2, dtype=torch.long), **args)
+    with pytest.raises(ValueError, match=msg):
+        D.TrainConfig(**args)
+
+
+def test_vocab_mismatch_raises_value_error():
+    with pytest.raises(ValueError, match="vocabulary mismatch"):
+        D.kd_loss(rand((2, V), 0), rand((2, V + 1), 1), None, 1.0, 1.0)
+    t = rand((2, V + 3), 1)
+    v, i = t.topk(5, -1)
+    with pytest.raises(ValueError, match="vocabulary mismatch"):
+        D.kd_loss(rand((2, V), 0), D.TopKLogits(v, i, V + 3), None, 1.0, 1.0)
+    a = D.make_student(SimpleNamespace(vocab_size=64), hidden_size=16, intermediate_size=32)
+    b = D.make_student(SimpleNamespace(vocab_size=80), hidden_size=16, intermediate_size=32)
+    with pytest.raises(ValueError, match="vocabulary mismatch"):
+        D.check_vocab(a, b)
+    with pytest.raises(ValueError, match="labels are needed"):
+        D.kd_loss(rand((2, V), 0), rand((2, V), 1), None, 1.0, 0.5)
+
+
+# ---------------------------------------------------------------- a tiny teacher/student pair
+TINY = dict(hidden_size=16, layers=1, heads=2, kv_heads=1, intermediate_size=32, max_position_embeddings=64)
+
+
+@pytest.fixture(scope="module")
+def pair():
+    teacher = lk.models.tiny_llama(seed=1, vocab_size=V, hidden_size=32, layers=2, heads=4, kv_heads=2,
+                                   intermediate_size=64)
+    seqs = torch.randint(0, V, (8, 17), generator=torch.Generator().manual_seed(0))
+    return teacher, seqs
+
+
+def test_student_shares_vocab_and_tying_dedups_the_embedding():
+    tied = D.make_student(SimpleNamespace(vocab_size=1000), hidden_size=16, intermediate_size=32)
+    untied = D.make_student(SimpleNamespace(vocab_size=1000), hidden_size=16, intermediate_size=32,
+                            tie_embeddings=False)
+    assert tied.config.vocab_size == 1000
+    assert lk.count_params(untied) - lk.count_params(tied) == 1000 * 16
+    assert tied.lm_head.weight.data_ptr() == tied.get_input_embeddings().weight.data_ptr()
+    assert 0.5 < D.embedding_share(tied) < 1.0
+
+
+def test_teacher_topk_matches_full_logits_and_is_cached(pair, tmp_path, monkeypatch):
+    monkeypatch.setenv("LABKIT_CACHE", str(tmp_path))
+    teacher, seqs = pair
+    tk = D.cached_teacher_topk(teacher, seqs, k=5, batch_size=3)
+    with torch.no_grad():
+        full = teacher(input_ids=seqs[:, :-1]).logits
+    v, i = full.topk(5, -1)
+    torch.testing.assert_close(tk.values, v, rtol=1e-5, atol=1e-5)
+    assert tk.indices.dtype == torch.int32 and tk.nbytes() == D.logit_cache_bytes(8 * 16, V, k=5)
+    path = D.topk_cache_path(teacher, seqs, 5)
+    assert path.exists() and str(tmp_path) in str(path)
+    again = D.cached_teacher_topk(teacher, seqs, k=5)
+    assert torch.equal(again.values, tk.values)
+    path.write_bytes(b"corrupt")  # a corrupt cache is rebuilt, never used
+    assert torch.equal(D.cached_teacher_topk(teacher, seqs, k=5).indices, tk.indices)
+
+
+def test_batch_order_is_a_seeded_pure_function():
+    a = D.batch_order(10, 7, 3, seed=1)
+    assert a.shape == (7, 3) and torch.equal(a, D.batch_order(10, 7, 3, seed=1))
+    assert sorted(a[:3].reshape(-1).tolist()) == sorted(set(a[:3].reshape(-1).tolist()))  # no repeat in an epoch
+
+
+def _train(pair, tmp_path, alpha, steps=6, **kw):
+    teacher, seqs = pair
+    tk = D.teacher_topk(teacher, seqs, k=8)
+    student = D.make_student(teacher.config, **TINY)
+    cfg = D.TrainConfig(steps=steps, batch_size=2, lr=1e-2, warmup=2, alpha=alpha, temperature=2.0)
+    hist = D.train_student(student, seqs, cfg, tk if alpha > 0 else None, progress=False, **kw)
+    return student, hist
+
+
+def test_training_lowers_the_loss_hard_and_distilled(pair, tmp_path):
+    for alpha in (0.0, 1.0):
+        _, hist = _train(pair, tmp_path, alpha, steps=12)
+        assert len(hist["loss"]) == 12 and hist["loss"][-1] < hist["loss"][0]
+
+
+def test_interrupted_run_resumes_to_the_same_weights(pair, tmp_path):
+    ref, ref_hist = _train(pair, tmp_path, 0.5, steps=8)
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_after_5(step, hist):
+        if step == 5:
+            raise Interrupt
+
+    ck = tmp_path / "run.pt"
+    with pytest.raises(Interrupt):
+        _train(pair, tmp_path, 0.5, steps=8, checkpoint=ck, checkpoint_every=2, callback=stop_after_5)
+    state = torch.load(ck, weights_only=False)
+    assert state["step"] == 4  # the last checkpoint before the interruption
+    resumed, hist = _train(pair, tmp_path, 0.5, steps=8, checkpoint=ck, checkpoint_every=2)
+    assert hist["loss"] == ref_hist["loss"]
+    for (n, a), b in zip(ref.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), n
+    assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temp files
+    with pytest.raises(ValueError, match="another run"):
+        _train(pair, tmp_path, 1.0, steps=8, checkpoint=ck)
+
+
+def test_softened_distribution_entropy_grows_with_temperature(pair):
+    teacher, _ = pair
+    class Tok:
+        def __call__(self, text, return_tensors=None):
+            return {"input_ids": torch.tensor([[1, 2, 3, 4]])}
+
+        def decode(self, ids):
+            return f"<{ids[0]}>"
+
+    ents = [D.softened_next_token(teacher, Tok(), "x", T)["entropy"] for T in (0.5, 1.0, 2.0, 8.0)]
+    assert ents == sorted(ents) and ents[-1] < math.log(V) + 1e-6
+    out = D.softened_next_token(teacher, Tok(), "x", 1.0, top=3)
+    assert len(out["tokens"]) == 3 and out["probs"] == sorted(out["probs"], reverse=True)
+    with pytest.raises(ValueError, match="temperature"):
+        D.softened_next_token(teacher, Tok(), "x", 0)
+
+
+def test_kv_cache_bytes_measured_matches_formula(pair):
+    teacher, _ = pair
+    c = teacher.config
+    head_dim = c.hidden_size // c.num_attention_heads
+    want = 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * 4 * 10
+    assert D.kv_cache_bytes_measured(teacher, 10) == want == lk.estimate_kv_cache_bytes(c, 1, 10)
+
+
+def test_gap_closed():
+    assert D.gap_closed(10.0, 100.0, 10.0) == pytest.approx(1.0)
+    assert D.gap_closed(10.0, 100.0, 100.0) == pytest.approx(0.0)
+    assert D.gap_closed(10.0, 100.0, math.sqrt(1000)) == pytest.approx(0.5)
+    with pytest.raises(ValueError):
+        D.gap_closed(10.0, 9.0, 9.5)
