@@ -16,6 +16,7 @@ import time
 import warnings
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 INDEX_DTYPES = (torch.int32, torch.int64)
@@ -45,7 +46,7 @@ def _check_matrix(dense, what: str = "dense") -> torch.Tensor:
     if dense.dim() != 2:
         raise ValueError(f"{what} must be a 2-D matrix, got shape {tuple(dense.shape)}; "
                          f"reshape it (e.g. w.reshape(w.shape[0], -1)) or store each matrix separately")
-    return dense
+    return dense.detach().cpu()
 
 
 def _check_index_dtype(index_dtype) -> torch.dtype:
@@ -74,18 +75,39 @@ def _check_block(shape, blocksize) -> tuple[int, int]:
 
 def pack_bits(bits: torch.Tensor) -> torch.Tensor:
     """Pack a bool tensor (flattened) into uint8, 8 bits per byte, least significant bit first."""
-    flat = bits.reshape(-1).to(torch.uint8)
-    pad = (-flat.numel()) % 8
-    if pad:
-        flat = torch.cat([flat, flat.new_zeros(pad)])
-    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
-    return (flat.view(-1, 8) * weights).sum(dim=1, dtype=torch.uint8)
+    return torch.from_numpy(np.packbits(bits.reshape(-1).numpy(), bitorder="little"))
 
 
 def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
     """Inverse of pack_bits: the first n bits as a bool tensor."""
-    shifts = torch.arange(8, dtype=torch.uint8)
-    return ((packed.reshape(-1, 1) >> shifts) & 1).reshape(-1)[:n].bool()
+    return torch.from_numpy(np.unpackbits(packed.numpy(), count=n, bitorder="little").view(np.bool_))
+
+
+# The index work below runs in NumPy (single-threaded, fast on a busy 2-core machine). Values are moved as
+# raw bits (float32 viewed as int32, bf16 as int16...), so every dtype round-trips exactly.
+_INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _raw(t: torch.Tensor) -> np.ndarray:
+    """The tensor's bits as a NumPy integer array (no copy)."""
+    return t.contiguous().view(_INT_OF_SIZE[t.element_size()]).numpy()
+
+
+def _flat_nonzero(dense: torch.Tensor) -> np.ndarray:
+    """Row-major flat positions of the nonzeros."""
+    return np.flatnonzero((dense != 0).numpy())
+
+
+def _gather(dense: torch.Tensor, flat: np.ndarray) -> torch.Tensor:
+    """dense.flatten()[flat] as a new tensor of dense's dtype."""
+    return dense.reshape(-1).index_select(0, torch.from_numpy(flat))
+
+
+def _scatter(shape, flat: np.ndarray, values: torch.Tensor) -> torch.Tensor:
+    """A zero matrix of `shape` with values written at the flat positions."""
+    out = np.zeros(shape[0] * shape[1], dtype=_raw(values).dtype)
+    out[flat] = _raw(values)
+    return torch.from_numpy(out).view(values.dtype).reshape(shape)
 
 
 # ----------------------------------------------------------------------------------------------- formats
@@ -133,13 +155,13 @@ class COO:
     def from_dense(cls, dense: torch.Tensor, index_dtype=torch.int64) -> "COO":
         dense = _check_matrix(dense)
         _check_fits(max(dense.shape), _check_index_dtype(index_dtype), "largest dimension")
-        idx = dense.nonzero().t()  # row-major order, like torch's coalesced COO
-        return cls(idx.to(index_dtype).contiguous(), dense[idx[0], idx[1]].contiguous(), tuple(dense.shape))
+        flat = _flat_nonzero(dense)                          # row-major order, like torch's coalesced COO
+        idx = np.stack([flat // dense.shape[1], flat % dense.shape[1]])
+        return cls(torch.from_numpy(idx).to(index_dtype), _gather(dense, flat), tuple(dense.shape))
 
     def to_dense(self) -> torch.Tensor:
-        out = torch.zeros(self.shape, dtype=self.values.dtype)
-        out[self.indices[0].long(), self.indices[1].long()] = self.values
-        return out
+        r, c = self.indices.numpy().astype(np.int64)
+        return _scatter(self.shape, r * self.shape[1] + c, self.values)
 
     def to_torch(self) -> torch.Tensor:
         return torch.sparse_coo_tensor(self.indices.long(), self.values, self.shape).coalesce()
@@ -172,13 +194,13 @@ class CSR:
     @classmethod
     def from_dense(cls, dense: torch.Tensor, index_dtype=torch.int64) -> "CSR":
         dense = _check_matrix(dense)
-        mask = dense != 0
-        _check_fits(int(mask.sum()), _check_index_dtype(index_dtype), "nnz")
-        counts = mask.sum(dim=1)
-        crow = torch.zeros(dense.shape[0] + 1, dtype=torch.int64)
-        torch.cumsum(counts, 0, out=crow[1:])
-        col = mask.nonzero()[:, 1]
-        return cls(crow.to(index_dtype), col.to(index_dtype), dense[mask].contiguous(), tuple(dense.shape))
+        rows, cols = dense.shape
+        flat = _flat_nonzero(dense)
+        _check_fits(flat.size, _check_index_dtype(index_dtype), "nnz")
+        crow = np.zeros(rows + 1, dtype=np.int64)
+        np.cumsum(np.bincount(flat // cols, minlength=rows), out=crow[1:])
+        return cls(torch.from_numpy(crow).to(index_dtype), torch.from_numpy(flat % cols).to(index_dtype),
+                   _gather(dense, flat), (rows, cols))
 
     def to_torch(self) -> torch.Tensor:
         """torch's own CSR tensor over the same index/value tensors (used for matmul)."""
@@ -187,10 +209,8 @@ class CSR:
             return torch.sparse_csr_tensor(self.crow_indices, self.col_indices, self.values, self.shape)
 
     def to_dense(self) -> torch.Tensor:
-        rows = torch.repeat_interleave(torch.arange(self.shape[0]), self.crow_indices.long().diff())
-        out = torch.zeros(self.shape, dtype=self.values.dtype)
-        out[rows, self.col_indices.long()] = self.values
-        return out
+        rows = np.repeat(np.arange(self.shape[0], dtype=np.int64), np.diff(self.crow_indices.numpy()))
+        return _scatter(self.shape, rows * self.shape[1] + self.col_indices.numpy(), self.values)
 
     def __matmul__(self, x: torch.Tensor) -> torch.Tensor:
         return self.to_torch() @ x
@@ -289,13 +309,11 @@ class Bitmap:
     def from_dense(cls, dense: torch.Tensor) -> "Bitmap":
         dense = _check_matrix(dense)
         m = dense != 0
-        return cls(pack_bits(m), dense[m].contiguous(), tuple(dense.shape))
+        return cls(pack_bits(m), _gather(dense, np.flatnonzero(m.numpy())), tuple(dense.shape))
 
     def to_dense(self) -> torch.Tensor:
-        m = unpack_bits(self.mask, self.shape[0] * self.shape[1]).reshape(self.shape)
-        out = torch.zeros(self.shape, dtype=self.values.dtype)
-        out[m] = self.values
-        return out
+        m = unpack_bits(self.mask, self.shape[0] * self.shape[1]).numpy()
+        return _scatter(self.shape, np.flatnonzero(m), self.values)
 
     @property
     def nnz(self) -> int:
@@ -332,23 +350,21 @@ class TwoFour:
         if cols % 4:
             raise ValueError(f"2:4 needs the number of columns to be a multiple of 4, got shape {(rows, cols)}; "
                              f"pad the matrix or use CSR/bitmap")
-        g = dense.reshape(rows, cols // 4, 4)
-        nz = g != 0
-        if nz.numel() and int(nz.sum(dim=-1).max()) > 2:
-            bad = int((nz.sum(dim=-1) > 2).sum())
+        g = _raw(dense).reshape(rows, cols // 4, 4)
+        nz = (dense != 0).numpy().reshape(rows, cols // 4, 4)
+        per_group = nz.sum(axis=-1)
+        if per_group.size and per_group.max() > 2:
+            bad = int((per_group > 2).sum())
             raise ValueError(f"matrix is not 2:4 sparse: {bad} groups of 4 have more than 2 nonzeros; prune it "
                              f"first with an N:M mask (lk.prune, n=2, m=4)")
         # choose 2 positions per group: nonzeros first, then the lowest free positions; keep them in order
-        key = nz.to(torch.int64) * 4 + (3 - torch.arange(4))
-        pos = key.topk(2, dim=-1).indices.sort(dim=-1).values        # [rows, cols/4, 2]
-        vals = g.gather(-1, pos).reshape(rows, cols // 2)
-        codes = pos.reshape(-1).to(torch.uint8)                         # 2-bit codes
-        pad = (-codes.numel()) % 4
-        if pad:
-            codes = torch.cat([codes, codes.new_zeros(pad)])
-        c = codes.view(-1, 4)
-        meta = c[:, 0] | (c[:, 1] << 2) | (c[:, 2] << 4) | (c[:, 3] << 6)
-        return cls(vals.contiguous(), meta.contiguous(), (rows, cols))
+        key = nz * 4 + (3 - np.arange(4))
+        pos = np.sort(np.argsort(-key, axis=-1, kind="stable")[..., :2], axis=-1)   # [rows, cols/4, 2]
+        vals = np.take_along_axis(g, pos, axis=-1).reshape(rows, cols // 2)
+        codes = pos.reshape(-1).astype(np.uint8)                                      # 2-bit codes
+        codes = np.concatenate([codes, np.zeros((-codes.size) % 4, np.uint8)]).reshape(-1, 4)
+        meta = codes[:, 0] | (codes[:, 1] << 2) | (codes[:, 2] << 4) | (codes[:, 3] << 6)
+        return cls(torch.from_numpy(np.ascontiguousarray(vals)).view(dense.dtype), torch.from_numpy(meta), (rows, cols))
 
     def positions(self) -> torch.Tensor:
         """The unpacked 2-bit positions, [rows, cols/4, 2]."""
@@ -358,9 +374,10 @@ class TwoFour:
 
     def to_dense(self) -> torch.Tensor:
         rows, cols = self.shape
-        out = torch.zeros(rows, cols // 4, 4, dtype=self.values.dtype)
-        out.scatter_(-1, self.positions(), self.values.reshape(rows, cols // 4, 2))
-        return out.reshape(rows, cols)
+        v = _raw(self.values).reshape(rows, cols // 4, 2)
+        out = np.zeros((rows, cols // 4, 4), dtype=v.dtype)
+        np.put_along_axis(out, self.positions().numpy(), v, axis=-1)
+        return torch.from_numpy(out).view(self.values.dtype).reshape(rows, cols)
 
     @property
     def nnz(self) -> int:

@@ -1,0 +1,322 @@
+"""Chunked sparse checkpoints: save a pruned model in a sparse format as safetensors chunks with a JSON index
+(sha256 per chunk), then load it whole or lazily, one decoder layer at a time from memory-mapped files.
+
+Defined in notebook 04 (Sparse storage, "Chunked storage and lazy loading").
+
+    >>> index = lk.storage.save_sparse(model, folder, fmt="bitmap")        # chunk-00001.safetensors, …, index.json
+    >>> model2 = lk.storage.load_full(folder)                              # everything in memory
+    >>> model3 = lk.storage.load_lazy(folder)                              # layers materialised during forward
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import sparse as S
+from .repro import REPO_ROOT, atomic_write_json, sha256_file
+
+INDEX = "index.json"
+KIND = "labkit-sparse-checkpoint"
+
+
+class ChecksumError(ValueError):
+    """A chunk's bytes do not match the sha256 recorded in the index."""
+
+
+def _fix_hint(folder: Path) -> str:
+    return (f"re-save the checkpoint with lk.storage.save_sparse(model, '{folder}') "
+            f"(or restore the file from a good copy); do not use a partially written folder")
+
+
+# ----------------------------------------------------------------------------------------------- save
+def default_sparse_names(model: nn.Module) -> set[str]:
+    """The weights stored sparse by default: every Linear weight except lm_head (what lk.prune prunes)."""
+    return {f"{fqn}.weight" for fqn, mod in model.named_modules()
+            if isinstance(mod, nn.Linear) and not fqn.endswith("lm_head")}
+
+
+def _encode(t: torch.Tensor, fmt: str) -> tuple[str, dict[str, torch.Tensor], dict]:
+    """(format, {part: tensor}, extra index fields) for one tensor."""
+    if fmt == "dense" or t.dim() != 2 or not t.is_floating_point():
+        return "dense", {"values": t.contiguous()}, {}
+    s = S.to_format(t, fmt, blocksize=(4, 4))
+    extra = {"blocksize": list(s.blocksize)} if fmt == "bsr" else {}
+    return fmt, s.tensors(), extra
+
+
+def save_sparse(model: nn.Module, folder, fmt: str = "bitmap", chunk_bytes: int = 32_000_000,
+                sparse_names: set[str] | None = None) -> dict:
+    """Save model's weights as safetensors chunks of ≤ chunk_bytes (one tensor is never split) + index.json.
+
+    Weights in `sparse_names` (default: every Linear but lm_head) are stored in `fmt` ("coo", "csr", "csr32",
+    "bsr", "bitmap", "2:4"); the rest dense. Tied weights (lm_head = embedding) are stored once, as aliases.
+    Returns the index (also written to folder/index.json, last, atomically)."""
+    from safetensors.torch import save_file
+    if fmt not in S.FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; choose one of {S.FORMATS}")
+    folder = Path(folder).resolve()
+    if (REPO_ROOT / "data") in folder.parents or folder == REPO_ROOT / "data":
+        raise ValueError(f"{folder} is inside the repository's data/ folder; save under lk.cache_dir() or a tempdir")
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob("chunk-*.safetensors"):
+        old.unlink()
+    (folder / INDEX).unlink(missing_ok=True)
+    sparse_names = default_sparse_names(model) if sparse_names is None else set(sparse_names)
+    state = model.state_dict()
+    seen: dict[tuple, str] = {}
+    aliases, tensors_meta = {}, {}
+    entries: list[tuple[str, dict[str, torch.Tensor]]] = []
+    for name, t in state.items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
+        if key in seen:
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        f, parts, extra = _encode(t.detach(), fmt if name in sparse_names else "dense")
+        tensors_meta[name] = {"format": f, "shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", ""),
+                              "parts": sorted(parts), **extra}
+        entries.append((name, parts))
+    # greedy chunking in state-dict order, so one decoder layer lives in one or two neighbouring chunks
+    chunks: list[list[tuple[str, dict]]] = [[]]
+    size = 0
+    for name, parts in entries:
+        b = S._bytes(*parts.values())
+        if chunks[-1] and size + b > chunk_bytes:
+            chunks.append([])
+            size = 0
+        chunks[-1].append((name, parts))
+        size += b
+    chunk_meta = {}
+    for i, chunk in enumerate(chunks, 1):
+        fname = f"chunk-{i:05d}.safetensors"
+        flat = {f"{name}/{p}": t.contiguous() for name, parts in chunk for p, t in parts.items()}
+        tmp = folder / f".{fname}.tmp"
+        save_file(flat, str(tmp), metadata={"kind": KIND})
+        os.replace(tmp, folder / fname)
+        chunk_meta[fname] = {"sha256": sha256_file(folder / fname), "bytes": (folder / fname).stat().st_size}
+        for name, _ in chunk:
+            tensors_meta[name]["chunk"] = fname
+    cfg = getattr(model, "config", None)
+    index = {"kind": KIND, "version": 1, "format": fmt, "chunks": chunk_meta, "tensors": tensors_meta,
+             "aliases": aliases,
+             "config": json.loads(cfg.to_json_string()) if cfg is not None else None,
+             "attn_implementation": getattr(cfg, "_attn_implementation", None) if cfg is not None else None}
+    index["config"] and index["config"].pop("quantization_config", None)
+    atomic_write_json(folder / INDEX, index)
+    return index
+
+
+def checkpoint_bytes(folder) -> int:
+    """Bytes on disk of all chunks (the index is a few kB more)."""
+    return sum(p.stat().st_size for p in Path(folder).glob("chunk-*.safetensors"))
+
+
+# ----------------------------------------------------------------------------------------------- load
+@dataclass
+class SparseCheckpoint:
+    """Read side of a chunked sparse checkpoint. Chunks are checked against their sha256 on first use and
+    opened memory-mapped with safetensors.safe_open only while tensors are read from them."""
+    folder: Path
+    index: dict
+
+    @classmethod
+    def open(cls, folder) -> "SparseCheckpoint":
+        folder = Path(folder)
+        path = folder / INDEX
+        if not path.exists():
+            raise FileNotFoundError(f"{path} is missing: {folder} is not a complete sparse checkpoint; "
+                                    + _fix_hint(folder))
+        try:
+            index = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON ({e}); " + _fix_hint(folder)) from None
+        if index.get("kind") != KIND:
+            raise ValueError(f"{path} is not a labkit sparse checkpoint index (kind={index.get('kind')!r})")
+        ck = cls(folder, index)
+        ck._verified: set[str] = set()
+        return ck
+
+    def verify(self, chunk: str | None = None) -> None:
+        """Check one chunk (or all) against the index's sha256; raise ChecksumError naming the file."""
+        names = [chunk] if chunk else list(self.index["chunks"])
+        for fname in names:
+            if fname in self._verified:
+                continue
+            p = self.folder / fname
+            meta = self.index["chunks"][fname]
+            if not p.exists():
+                raise FileNotFoundError(f"chunk {p} listed in {self.folder / INDEX} is missing; "
+                                        + _fix_hint(self.folder))
+            digest = sha256_file(p)
+            if digest != meta["sha256"]:
+                raise ChecksumError(f"checksum mismatch in {p}: sha256 {digest[:12]}… but the index expects "
+                                    f"{meta['sha256'][:12]}… ({p.stat().st_size} bytes on disk, {meta['bytes']} "
+                                    f"expected) — the file is corrupted or was changed; " + _fix_hint(self.folder))
+            self._verified.add(fname)
+
+    def names(self) -> list[str]:
+        return list(self.index["tensors"]) + list(self.index["aliases"])
+
+    def _resolve(self, name: str) -> str:
+        name = self.index["aliases"].get(name, name)
+        if name not in self.index["tensors"]:
+            raise KeyError(f"{name!r} is not in the checkpoint {self.folder}")
+        return name
+
+    def get_many(self, names) -> dict[str, torch.Tensor]:
+        """Dense tensors for these names, reading each chunk once (opened, read, closed)."""
+        from safetensors import safe_open
+        by_chunk: dict[str, list[str]] = {}
+        for n in names:
+            by_chunk.setdefault(self.index["tensors"][self._resolve(n)]["chunk"], []).append(n)
+        out = {}
+        for fname, group in by_chunk.items():
+            self.verify(fname)
+            with safe_open(str(self.folder / fname), framework="pt") as f:
+                for n in group:
+                    out[n] = self._decode(self._resolve(n), f)
+        return out
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.get_many([name])[name]
+
+    def _decode(self, name: str, f) -> torch.Tensor:
+        meta = self.index["tensors"][name]
+        parts = {p: f.get_tensor(f"{name}/{p}") for p in meta["parts"]}
+        fmt, shape = meta["format"], tuple(meta["shape"])
+        if fmt == "dense":
+            return parts["values"]
+        if fmt in ("csr", "csr32"):
+            return S.CSR(parts["crow_indices"], parts["col_indices"], parts["values"], shape).to_dense()
+        if fmt == "coo":
+            return S.COO(parts["indices"], parts["values"], shape).to_dense()
+        if fmt == "bsr":
+            return S.BSR(parts["crow_indices"], parts["col_indices"], parts["values"], shape).to_dense()
+        if fmt == "bitmap":
+            return S.Bitmap(parts["mask"], parts["values"], shape).to_dense()
+        if fmt == "2:4":
+            return S.TwoFour(parts["values"], parts["meta"], shape).to_dense()
+        raise ValueError(f"unknown stored format {fmt!r} for {name}")
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Every tensor, dense (aliases share storage with their target)."""
+        self.verify()
+        out = self.get_many(list(self.index["tensors"]))
+        for a, target in self.index["aliases"].items():
+            out[a] = out[target]
+        return out
+
+
+def _config(index: dict):
+    from transformers import AutoConfig
+    cfg = dict(index["config"] or {})
+    if not cfg:
+        raise ValueError("this checkpoint has no model config; load its state_dict() into your own model")
+    return AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+
+
+def _empty_model(index: dict) -> nn.Module:
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+    with init_empty_weights(include_buffers=False):     # parameters on the meta device: no memory yet
+        model = AutoModelForCausalLM.from_config(_config(index),
+                                                 attn_implementation=index.get("attn_implementation"))
+    return model.eval()
+
+
+def _set_param(root: nn.Module, name: str, t: torch.Tensor) -> None:
+    mod_name, _, leaf = name.rpartition(".")
+    mod = root.get_submodule(mod_name) if mod_name else root
+    mod._parameters[leaf] = nn.Parameter(t, requires_grad=False)
+
+
+def load_full(folder) -> nn.Module:
+    """Read every chunk into memory, densify every weight, and return the model (the simple way)."""
+    from safetensors.torch import load_file
+    ck = SparseCheckpoint.open(folder)
+    ck.verify()
+    raw = {}
+    for fname in ck.index["chunks"]:
+        raw.update(load_file(str(ck.folder / fname)))                 # all chunks in memory at once
+    model = _empty_model(ck.index)
+    dense = {}
+    for name, meta in ck.index["tensors"].items():
+        parts = {p: raw[f"{name}/{p}"] for p in meta["parts"]}
+        dense[name] = ck._decode(name, _Dict(parts, name))
+    for a, target in ck.index["aliases"].items():
+        dense[a] = dense[target]
+    model.load_state_dict(dense, assign=True, strict=True)
+    _retie(model)
+    return model
+
+
+class _Dict:
+    """Adapter so _decode can read parts from an in-memory dict like from a safe_open handle."""
+    def __init__(self, parts, name):
+        self.parts, self.name = parts, name
+
+    def get_tensor(self, key):
+        return self.parts[key.rsplit("/", 1)[1]]
+
+
+def _retie(model: nn.Module) -> None:
+    if getattr(model.config, "tie_word_embeddings", False) and hasattr(model, "lm_head"):
+        model.lm_head.weight = model.get_input_embeddings().weight
+
+
+def _layer_list(model: nn.Module, layers_fqn: str) -> nn.ModuleList:
+    try:
+        layers = model.get_submodule(layers_fqn)
+    except AttributeError:
+        raise ValueError(f"model has no submodule {layers_fqn!r}; pass layers_fqn= the ModuleList of blocks") from None
+    if not isinstance(layers, nn.ModuleList):
+        raise ValueError(f"{layers_fqn!r} is a {type(layers).__name__}, not an nn.ModuleList of blocks")
+    return layers
+
+
+def load_lazy(folder, layers_fqn: str = "model.layers") -> nn.Module:
+    """A model whose decoder layers stay on the meta device (no memory) until their forward: a pre-hook reads
+    that layer's weights from its memory-mapped chunk and densifies them, a post-hook frees them again.
+    Everything outside the layers (embedding, final norm) is loaded at once. Peak ≈ embedding + one layer."""
+    ck = SparseCheckpoint.open(folder)
+    model = _empty_model(ck.index)
+    layers = _layer_list(model, layers_fqn)
+    layer_params = {n for n, _ in model.named_parameters() if n.startswith(layers_fqn + ".")}
+    rest = [n for n in ck.index["tensors"] if n not in layer_params]
+    for n, t in ck.get_many(rest).items():
+        _set_param(model, n, t)
+    _retie(model)
+    for i, layer in enumerate(layers):
+        prefix = f"{layers_fqn}.{i}."
+        names = [n for n, _ in layer.named_parameters()]
+
+        def load(mod, args, prefix=prefix, names=names):
+            for n, t in ck.get_many([prefix + n for n in names]).items():
+                _set_param(mod, n[len(prefix):], t)
+
+        def release(mod, args, output, names=names):
+            for n in names:
+                p = mod.get_parameter(n)
+                _set_param(mod, n, torch.empty(p.shape, dtype=p.dtype, device="meta"))
+
+        layer.register_forward_pre_hook(load)
+        layer.register_forward_hook(release)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------- measured in a fresh process
+def logits_after_load(folder, input_ids: torch.Tensor, lazy: bool) -> dict:
+    """Load (full or lazy) and run one forward in this process; the memory above the entry baseline is
+    measured here, after torch/transformers are imported. Use with lk.memory.run_in_subprocess."""
+    from .memory import measure_memory
+    _empty_model(SparseCheckpoint.open(folder).index)   # imports the model's code first: not part of the peak
+    with measure_memory() as m:
+        model = load_lazy(folder) if lazy else load_full(folder)
+        with torch.no_grad():
+            logits = model(input_ids).logits
+    return {"logits": logits, "peak_bytes": m.peak_bytes, "seconds": m.seconds}
