@@ -268,3 +268,59 @@ def prune_widget_chart(result: dict, dense_ppl: float, axes=None):
     ax2.set_title("memory")
     ax1.figure.tight_layout()
     return axes
+
+
+# --- sparse storage and compression (notebook 04) ---
+
+def sparse_break_even(densities, storage: dict, sweep: dict, ax=None,
+                      title: str = "Relative to dense: bytes (lines) and matmul time (markers)"):
+    """Storage ratio per format (lines, from lk.sparse.storage_curves) and measured time ratio of CSR/BSR
+    matmul (markers, from lk.sparse.speed_sweep) against density; below 1 = better than dense."""
+    ax = new_axes(ax, figsize=(7.2, 4.2))
+    for i, (fmt, vals) in enumerate(storage.items()):
+        ax.plot(densities, vals, "-", color=PALETTE[i % len(PALETTE)], label=f"bytes: {fmt}")
+    ds = [r["density"] for r in sweep["rows"]]
+    ax.plot(ds, [r["csr_ratio"] for r in sweep["rows"]], "o--", color="black", label="time: CSR @ X")
+    ax.plot(ds, [r["bsr_ratio"] for r in sweep["rows"]], "s:", color="gray", label="time: BSR 16×16 @ X")
+    ax.axhline(1.0, color="red", lw=0.8)
+    for key, style in (("csr_crossover", "--"), ("bsr_crossover", ":")):
+        x = sweep.get(key)
+        if x == x and x is not None:  # not nan
+            ax.axvline(x, color="black", ls=style, lw=0.8)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("density (fraction of nonzeros)")
+    ax.set_ylabel("÷ dense")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7, ncol=2, loc="lower right")
+    return ax
+
+
+def sparse_density_report(report: dict, axes=None):
+    """Two panels for lk.sparse.density_report: bytes per format, and dense/CSR/BSR matmul milliseconds."""
+    if axes is None:
+        _, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    b = {k: v for k, v in report["bytes"].items() if v is not None}
+    axes[0].bar(list(b), [_mb(v) for v in b.values()], color=PALETTE[: len(b)])
+    axes[0].set_ylabel("MB")
+    axes[0].set_title(f"bytes at density {report['density']:.0%}", fontsize=10)
+    axes[0].tick_params(axis="x", labelsize=8)
+    s = report["seconds"]
+    axes[1].bar(list(s), [v * 1e3 for v in s.values()], color=PALETTE[: len(s)])
+    axes[1].set_ylabel("ms (one thread)")
+    axes[1].set_title("W @ X", fontsize=10)
+    return axes
+
+
+def bits_per_weight(comparison: dict, ax=None, title: str = "Bits per weight"):
+    """Bars of bits per weight (from lk.compress.compare) with the entropy as a line."""
+    ax = new_axes(ax)
+    names = [k for k in comparison if k != "entropy"]
+    ax.bar(names, [comparison[k] for k in names], color=PALETTE[: len(names)])
+    ax.axhline(comparison["entropy"], color="red", ls="--", lw=1, label=f"entropy H = {comparison['entropy']:.2f}")
+    for i, k in enumerate(names):
+        ax.text(i, comparison[k], f"{comparison[k]:.2f}", ha="center", va="bottom", fontsize=8)
+    ax.set_ylabel("bits per weight")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    return ax
