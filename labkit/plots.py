@@ -324,3 +324,166 @@ def bits_per_weight(comparison: dict, ax=None, title: str = "Bits per weight"):
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
     return ax
+
+
+# --- quantization (notebook 02) ---
+
+def weight_formats(abs_values, formats: list[dict], title: str = "", ax=None):
+    """Histogram of log10|w| with each float format's smallest normal and largest value marked."""
+    import numpy as np
+    ax = new_axes(ax)
+    v = np.asarray(abs_values, dtype=np.float64)
+    v = v[v > 0]
+    ax.hist(np.log10(v), bins=80, color=PALETTE[0], alpha=0.8)
+    for i, f in enumerate(formats):
+        c = PALETTE[(i + 1) % len(PALETTE)]
+        ax.axvline(np.log10(f["smallest_normal"]), color=c, ls="--", lw=1, label=f"{f['name']} smallest normal")
+        if f["max"] < 1e6:
+            ax.axvline(np.log10(f["max"]), color=c, ls=":", lw=1, label=f"{f['name']} max")
+    ax.set_xlabel("log10 |weight|")
+    ax.set_ylabel("count")
+    ax.set_title(title or "weights against each format's range")
+    ax.legend(fontsize=7)
+    return ax
+
+
+def error_vs_bits(rows: list[dict], title: str = "", ax=None):
+    """Relative weight error (log) against bits per weight, one line per granularity (from layer_error_table)."""
+    ax = new_axes(ax)
+    for i, g in enumerate(dict.fromkeys(r["granularity"] for r in rows)):
+        rs = sorted((r for r in rows if r["granularity"] == g), key=lambda r: r["bits_per_weight"])
+        ax.plot([r["bits_per_weight"] for r in rs], [r["rel_fro"] for r in rs], "o-", color=PALETTE[i], label=g)
+    ax.set_yscale("log")
+    ax.set_xlabel("bits per weight (scales included)")
+    ax.set_ylabel("relative error ‖Ŵ−W‖/‖W‖")
+    ax.set_title(title or "one layer: error against bits")
+    ax.legend(fontsize=8)
+    return ax
+
+
+def distinct_hist(hist: list[int], title: str = "", ax=None, color=None):
+    """Bars: how many blocks of 32 weights hold k distinct values."""
+    ax = new_axes(ax)
+    ax.bar(range(len(hist)), hist, color=color or PALETTE[0])
+    ax.axvline(16.5, color=PALETTE[3], ls="--", lw=1, label="16 = 2⁴ codes")
+    ax.set_xlabel("distinct values in a block of 32 weights")
+    ax.set_ylabel("blocks")
+    ax.set_title(title or "distinct values per block of 32")
+    ax.legend(fontsize=8)
+    return ax
+
+
+def _gran_label(p):
+    if p.get("granularity") == "channel":
+        return "per-channel"
+    return f"g{p['group_size']}" + ("" if p.get("symmetric", True) else " asym")
+
+
+def ppl_vs_bits(points: list[dict], title: str = "", ax=None):
+    """Perplexity (log) against bits per weight, a line per granularity; fp32/bf16 as horizontal lines."""
+    ax = new_axes(ax)
+    base = {p["name"]: p["ppl"] for p in points if p["name"] in ("fp32", "bf16")}
+    qs = [p for p in points if "bits" in p]
+    for i, g in enumerate(dict.fromkeys(_gran_label(p) for p in qs)):
+        ps = sorted((p for p in qs if _gran_label(p) == g), key=lambda p: p["bits_per_weight"])
+        ax.plot([p["bits_per_weight"] for p in ps], [p["ppl"] for p in ps], "o-", color=PALETTE[i % 8], label=g)
+    for k, ls in (("fp32", "-"), ("bf16", ":")):
+        if k in base:
+            ax.axhline(base[k], color="k", ls=ls, lw=1, label=f"{k} {base[k]:.1f}")
+    ax.set_yscale("log")
+    ax.set_xlabel("bits per weight (scales included)")
+    ax.set_ylabel("perplexity")
+    ax.set_title(title or "SmolLM2-135M: perplexity against bits")
+    ax.legend(fontsize=7, ncol=2)
+    return ax
+
+
+def memory_vs_accuracy(smol: list[dict], minilm: list[dict], minilm_fp32_bytes: float | None = None):
+    """One figure: SmolLM2 model MB vs perplexity (left) and MiniLM Linear MB vs cosine to fp32 (right)."""
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for i, g in enumerate(dict.fromkeys(_gran_label(p) for p in smol if "bits" in p)):
+        ps = [p for p in smol if "bits" in p and _gran_label(p) == g]
+        a.scatter([_mb(p["model_bytes"]) for p in ps], [p["ppl"] for p in ps], color=PALETTE[i % 8], label=g)
+        for p in ps:
+            a.annotate(f"{p['bits']}b", (_mb(p["model_bytes"]), p["ppl"]), fontsize=7, xytext=(3, 2),
+                       textcoords="offset points")
+    for p in smol:
+        if p["name"] in ("fp32", "bf16"):
+            a.scatter([_mb(p["model_bytes"])], [p["ppl"]], color="k", marker="s")
+            a.annotate(p["name"], (_mb(p["model_bytes"]), p["ppl"]), fontsize=8, xytext=(3, 2),
+                       textcoords="offset points")
+    a.set_yscale("log")
+    a.set_xlabel("model bytes (MB; embedding/lm_head stays fp32)")
+    a.set_ylabel("perplexity (lower is better)")
+    a.set_title("SmolLM2-135M")
+    a.legend(fontsize=7)
+    for i, g in enumerate(dict.fromkeys(_gran_label(p) for p in minilm)):
+        ps = [p for p in minilm if _gran_label(p) == g]
+        b.scatter([_mb(p["linear_bytes"]) for p in ps], [p["mean"] for p in ps], color=PALETTE[i % 8], label=g)
+        for p in ps:
+            b.annotate(f"{p['bits']}b", (_mb(p["linear_bytes"]), p["mean"]), fontsize=7, xytext=(3, 2),
+                       textcoords="offset points")
+    if minilm_fp32_bytes:
+        b.scatter([_mb(minilm_fp32_bytes)], [1.0], color="k", marker="s")
+        b.annotate("fp32", (_mb(minilm_fp32_bytes), 1.0), fontsize=8, xytext=(3, -10), textcoords="offset points")
+    b.set_xlabel("Linear weight bytes (MB)")
+    b.set_ylabel("mean cosine to fp32 embeddings (higher is better)")
+    b.set_title("MiniLM (never quantized before)")
+    b.legend(fontsize=7)
+    fig.tight_layout()
+    return a, b
+
+
+def feature_absmax(absmax, threshold: float = 6.0, title: str = "", ax=None):
+    """Max |activation| per input feature of one layer, with the LLM.int8() outlier threshold."""
+    import numpy as np
+    ax = new_axes(ax)
+    v = np.asarray(absmax)
+    ax.bar(np.arange(len(v)), v, width=1.0, color=PALETTE[0])
+    ax.axhline(threshold, color=PALETTE[3], ls="--", lw=1, label=f"threshold {threshold}")
+    ax.axhline(float(np.median(v)), color="k", ls=":", lw=1, label=f"median {np.median(v):.2f}")
+    ax.set_yscale("log")
+    ax.set_xlabel("input feature")
+    ax.set_ylabel("max |x| over tokens")
+    ax.set_title(title or "activation outlier features")
+    ax.legend(fontsize=8)
+    return ax
+
+
+def bandwidth_bars(bw: dict, ax=None):
+    """Achieved GB/s of each weight-bound matrix-vector path against the measured copy bandwidth."""
+    ax = new_axes(ax, figsize=(7.5, 3.6))
+    names = list(bw["paths"])
+    vals = [bw["paths"][k]["gb_per_s"] for k in names]
+    ax.barh(names, vals, color=[PALETTE[i % 8] for i in range(len(names))])
+    ax.axvline(bw["copy_gb_per_s"], color="k", ls="--", lw=1, label=f"copy {bw['copy_gb_per_s']:.1f} GB/s")
+    for i, k in enumerate(names):
+        p = bw["paths"][k]
+        ax.annotate(f"{p['achieved_speedup']:.2f}× (bound {p['bound_speedup']:.0f}×)", (vals[i], i), fontsize=8,
+                    xytext=(3, -3), textcoords="offset points")
+    ax.invert_yaxis()
+    ax.set_xlabel("weight bytes read per second (GB/s)")
+    ax.set_title(f"y = W·x, W = {bw['weight_mb_fp32']:.0f} MB in fp32, {bw['threads']} thread")
+    ax.legend(fontsize=8, loc="lower right")
+    return ax
+
+
+def quant_dashboard(res: dict):
+    """Three panels from lk.quantize.explore: error histogram, perplexity vs fp32, bytes vs fp32."""
+    import numpy as np
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(12, 3.4))
+    e = np.asarray(res["errors"])
+    a.hist(e, bins=60, color=PALETTE[0])
+    a.axvline(-res["scale_max"] / 2, color=PALETTE[3], ls="--", lw=1, label="± max scale/2")
+    a.axvline(res["scale_max"] / 2, color=PALETTE[3], ls="--", lw=1)
+    a.set_title(f"{res['name']}: error of {res['layer'].split('.', 2)[-1]}", fontsize=9)
+    a.set_xlabel("Ŵ − W")
+    a.legend(fontsize=7)
+    b.bar(["fp32", res["name"]], [res["fp32_ppl"], res["ppl"]], color=[PALETTE[7], PALETTE[1]])
+    b.set_title("perplexity (small token budget)", fontsize=9)
+    for i, v in enumerate([res["fp32_ppl"], res["ppl"]]):
+        b.annotate(f"{v:.1f}", (i, v), ha="center", fontsize=8, xytext=(0, 2), textcoords="offset points")
+    c.bar(["fp32", res["name"]], [_mb(res["fp32_bytes"]), _mb(res["linear_bytes"])], color=[PALETTE[7], PALETTE[2]])
+    c.set_title(f"decoder Linear weights (MB): {res['bits_per_weight']:.2f} bits/weight", fontsize=9)
+    fig.tight_layout()
+    return a, b, c
