@@ -77,3 +77,25 @@ def sparse_density_widget(n: int = 1024, k: int = 64):
 
     return interact_chart(draw, density=w.FloatLogSlider(value=0.1, base=10, min=-2.5, max=0, step=0.125,
                                                          description="density", readout_format=".3f"))
+
+
+# --- quantization (notebook 02) ---
+
+def quantize_widget(model, tokens, max_tokens: int = 256, fp32_ppl: float | None = None):
+    """Bits, group size (0 = per channel), symmetric → error histogram, perplexity and bytes (lk.quantize.explore)."""
+    import ipywidgets as w
+
+    from . import plots, quantize
+    from .evaluate import perplexity
+
+    if fp32_ppl is None:
+        fp32_ppl = perplexity(model, tokens, max_tokens=max_tokens)
+
+    def draw(bits, group_size, symmetric):
+        return plots.quant_dashboard(quantize.explore(model, tokens, bits, group_size, symmetric,
+                                                      max_tokens=max_tokens, fp32_ppl=fp32_ppl))
+
+    return interact_chart(draw, bits=w.Dropdown(options=[8, 4, 3, 2], value=4),
+                          group_size=w.Dropdown(options=[("per channel", 0), ("192", 192), ("64", 64), ("32", 32)],
+                                                value=64),
+                          symmetric=w.Checkbox(value=True, description="symmetric"))
