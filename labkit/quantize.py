@@ -479,20 +479,27 @@ def mixed_int8_matmul(x: torch.Tensor, w: torch.Tensor, threshold: float = 6.0) 
 
 
 def int8_matmul_errors(x: torch.Tensor, w: torch.Tensor, threshold: float = 6.0) -> dict:
-    """Relative error of x·wᵀ with int8 activations: per-tensor, per-token, and per-token + outliers in float."""
-    x, w = x.float(), w.float()
+    """What outlier features do to int8 activations (x: [tokens, in], w: [out, in]).
+
+    Output errors ‖ŷ − y‖/‖y‖ with int8 weights (per channel) and int8 activations per tensor, per token,
+    and per token with the outlier columns kept in float (LLM.int8()). Plus the error that the NORMAL
+    features suffer from one per-tensor scale, with and without the outlier columns setting that scale,
+    and the share of normal values that the outlier-set scale rounds to zero.
+    """
+    x, w = x.detach().float(), w.detach().float()
     ref = x @ w.T
     wq = fake_quant_per_token(w)
     rel = lambda y: float((y - ref).norm() / ref.norm())  # noqa: E731
     mixed, n_out = mixed_int8_matmul(x, w, threshold)
-    xo = x.clone()
     outl = (x.abs() > threshold).any(dim=0)
-    xo[:, outl] = 0
-    ref_no = xo @ w.T
+    normal = x[:, ~outl]
+    xq = fake_quant_per_tensor(x)[:, ~outl]
+    nq = fake_quant_per_tensor(normal)
+    nrel = lambda y: float((y - normal).norm() / normal.norm())  # noqa: E731
     return dict(per_tensor=rel(fake_quant_per_tensor(x) @ wq.T), per_token=rel(fake_quant_per_token(x) @ wq.T),
                 mixed=rel(mixed), outlier_columns=n_out, in_features=x.shape[-1],
-                per_tensor_without_outliers=float((fake_quant_per_tensor(xo) @ wq.T - ref_no).norm()
-                                                  / ref_no.norm()))
+                normal_error_scale_with_outliers=nrel(xq), normal_error_scale_without_outliers=nrel(nq),
+                normal_zeroed_with_outliers=float(((xq == 0) & (normal != 0)).float().mean()))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -624,11 +631,20 @@ def bandwidth_limit(weight_mb: float = 256, reps: int = 5, threads: int = 1, see
         t = _time(lambda: torch.mv(w16, x16[0]), reps, warmup=1)
         res["bf16"] = dict(bits=16, bytes=w16.nbytes, ms=1e3 * t)
         del w16
+        lin = nn.Linear(n, n, bias=False)
+        lin.weight.data = w32  # shares storage, no copy
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.ao.quantization is deprecated; its fbgemm kernel is still fast
+            qlin = torch.ao.quantization.quantize_dynamic(nn.Sequential(lin), {nn.Linear}, dtype=torch.qint8)
+        del lin
+        t = _time(lambda: qlin(x), reps, warmup=1)
+        res["int8 (fbgemm, quantize_dynamic)"] = dict(bits=8, bytes=n * n, ms=1e3 * t)
+        del qlin
         w8 = torch.clamp(torch.round(w32 * 127), -127, 127).to(torch.int8)
         del w32
-        scales = torch.full((n,), 1 / 127)
-        t = _time(lambda: torch.ops.aten._weight_int8pack_mm(x, w8, scales), reps, warmup=1)
-        res["int8"] = dict(bits=8, bytes=w8.nbytes, ms=1e3 * t)
+        scales = torch.full((n,), 1 / 127, dtype=torch.bfloat16)
+        t = _time(lambda: torch.ops.aten._weight_int8pack_mm(x16, w8, scales), reps, warmup=1)
+        res["int8 weight-only (torchao's CPU kernel)"] = dict(bits=8, bytes=w8.nbytes, ms=1e3 * t)
         del w8
     finally:
         torch.set_num_threads(old)
@@ -642,3 +658,211 @@ def bandwidth_limit(weight_mb: float = 256, reps: int = 5, threads: int = 1, see
                 copy_gb_per_s=round(copy_gbs, 2),
                 paths={k: {kk: (round(v, 4) if isinstance(v, float) else v) for kk, v in r.items()}
                        for k, r in res.items()})
+
+
+# --------------------------------------------------------------------------------------------------
+# 8. Sweeps on the real models (notebook 02, "Perplexity against bits"); make_results and bench
+# --------------------------------------------------------------------------------------------------
+import contextlib  # noqa: E402
+
+
+@contextlib.contextmanager
+def temporarily_quantized(model: nn.Module, config: QuantConfig,
+                          filter_fn: Callable[[nn.Module, str], bool] | None = None):
+    """Quantize `model` in place for the `with` block, then put the original Linear modules back.
+
+    Cheaper than deep-copying a 538 MB model for every point of a sweep.
+    """
+    filter_fn = filter_fn or skip_tied(model)
+    originals = [(fqn, m) for fqn, m in model.named_modules() if fqn and filter_fn(m, fqn)]
+    quantize_(model, config, filter_fn)
+    try:
+        yield model
+    finally:
+        for fqn, m in originals:
+            parent_name, _, child = fqn.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, m)
+
+
+def kjv_sentences(n: int = 16, split: str = "validation") -> list[str]:
+    """n KJV verses spread evenly over a split's books (MiniLM's test sentences)."""
+    from .data import books, verses
+    wanted = set(books(split))
+    vs = [v["text"] for v in verses() if v["book"] in wanted]
+    step = max(1, len(vs) // n)
+    return vs[::step][:n]
+
+
+def embedding_cosine(model, tokenizer, sentences: list[str], config: QuantConfig | None,
+                     reference: torch.Tensor | None = None) -> dict:
+    """Mean/min cosine between MiniLM sentence embeddings under `config` and fp32 (config=None: fp32)."""
+    from .models import sentence_embeddings
+    ref = sentence_embeddings(model, tokenizer, sentences) if reference is None else reference
+    if config is None:
+        return dict(mean=1.0, min=1.0)
+    with temporarily_quantized(model, config) as m:
+        emb = sentence_embeddings(m, tokenizer, sentences)
+        nbytes = quantized_linear_bytes(m)
+    cos = (emb * ref).sum(-1)
+    return dict(mean=float(cos.mean()), min=float(cos.min()), linear_bytes=nbytes["total_bytes"],
+                bits_per_weight=nbytes["bits_per_weight"])
+
+
+def perplexity_point(model, tokens, config: QuantConfig | None | str, max_tokens: int) -> dict:
+    """Perplexity and bytes of `model` under one config (None → fp32, "bf16" → a bf16 copy)."""
+    from .evaluate import perplexity
+    from .memory import model_bytes
+    if config is None:
+        return dict(name="fp32", ppl=perplexity(model, tokens, max_tokens=max_tokens),
+                    model_bytes=model_bytes(model), bits_per_weight=32.0)
+    if config == "bf16":
+        import copy
+        m = copy.deepcopy(model).to(torch.bfloat16)
+        out = dict(name="bf16", ppl=perplexity(m, tokens, max_tokens=max_tokens), model_bytes=model_bytes(m),
+                   bits_per_weight=16.0)
+        del m
+        return out
+    with temporarily_quantized(model, config) as m:
+        b = quantized_linear_bytes(m)
+        return dict(name=config.name, ppl=perplexity(m, tokens, max_tokens=max_tokens), model_bytes=model_bytes(m),
+                    linear_bytes=b["total_bytes"], bits_per_weight=b["bits_per_weight"], bits=config.bits,
+                    granularity=config.granularity, group_size=config.group_size, symmetric=config.symmetric)
+
+
+SMOL_GROUPS = (None, 192, 64, 32)   # 576 and 1536 are multiples of 192, 64, 32 — but not of 128
+MINILM_GROUPS = (None, 128, 64, 32)  # 384 and 1536 are multiples of 128
+LIVE_CHECK = dict(config=dict(bits=4, group_size=64), max_tokens=256)
+
+
+def _configs(groups, bits_list=(8, 4, 3, 2)):
+    out = []
+    for bits in bits_list:
+        for g in groups:
+            out.append(QuantConfig(bits) if g is None else QuantConfig(bits, group_size=g))
+    return out
+
+
+def q41_origin(model) -> dict:
+    """SmolLM2's GGUF Q4_1 origin: distinct values per block of 32, and how exactly 4-bit g32 asymmetric
+    re-quantization reproduces each decoder Linear weight (relative error)."""
+    filt = skip_tied(model)
+    lin = [(fqn, m) for fqn, m in model.named_modules() if filt(m, fqn)]
+    distinct = torch.cat([distinct_per_block(m.weight, 32) for _, m in lin])
+    rel = {}
+    for fqn, m in lin:
+        w = m.weight.detach()
+        rel[fqn] = float((dequantize(quantize(w, 4, group_size=32, symmetric=False)) - w).norm() / w.norm())
+    emb = distinct_per_block(model.get_input_embeddings().weight, 32)
+    hist = torch.bincount(distinct, minlength=33)[:33]
+    return dict(blocks=int(distinct.numel()), max_distinct=int(distinct.max()),
+                mean_distinct=float(distinct.float().mean()), distinct_hist=hist.tolist(),
+                embedding_mean_distinct=float(emb.float().mean()), embedding_max_distinct=int(emb.max()),
+                requant_rel_error_max=max(rel.values()), requant_rel_error_mean=sum(rel.values()) / len(rel))
+
+
+def make_results() -> dict:
+    """The cached sweeps of notebook 02 (→ data/results/quantize.json via `python -m labkit results quantize`).
+
+    SmolLM2-135M perplexity at fp32/bf16 and bits × granularity (1,024 validation tokens, or 8,192 with
+    LABKIT_FULL=1); MiniLM cosine vs fp32 for the same grid; the live-check point the notebook recomputes;
+    int8 CPU timings incl. torch.compile; the bandwidth limit.
+    """
+    from .evaluate import eval_tokens
+    from .models import load_model
+    from .repro import full_mode, seed_everything
+    seed_everything(0)
+    t0 = time.time()
+    budget = 8192 if full_mode() else 1024
+    model, tok = load_model("smollm2-135m")
+    tokens = eval_tokens(tok)
+    smol = [perplexity_point(model, tokens, None, budget), perplexity_point(model, tokens, "bf16", budget)]
+    configs = _configs(SMOL_GROUPS) + [QuantConfig(4, group_size=32, symmetric=False),
+                                       QuantConfig(3, group_size=32, symmetric=False)]
+    for cfg in configs:
+        smol.append(perplexity_point(model, tokens, cfg, budget))
+        print(f"  {smol[-1]['name']:<16} ppl {smol[-1]['ppl']:.3f}  ({time.time() - t0:.0f} s)", flush=True)
+    live_cfg = QuantConfig(**LIVE_CHECK["config"])
+    live = dict(LIVE_CHECK, ppl=perplexity_point(model, tokens, live_cfg, LIVE_CHECK["max_tokens"])["ppl"],
+                fp32_ppl=perplexity_point(model, tokens, None, LIVE_CHECK["max_tokens"])["ppl"])
+    origin = q41_origin(model)
+    del model
+    enc, etok = load_model("minilm")
+    sents = kjv_sentences(16)
+    from .models import sentence_embeddings
+    ref = sentence_embeddings(enc, etok, sents)
+    mini = []
+    for cfg in _configs(MINILM_GROUPS) + [QuantConfig(4, group_size=32, symmetric=False)]:
+        mini.append(dict(name=cfg.name, bits=cfg.bits, granularity=cfg.granularity, group_size=cfg.group_size,
+                         symmetric=cfg.symmetric, **embedding_cosine(enc, etok, sents, cfg, ref)))
+    mini_origin = distinct_per_block(enc.encoder.layer[0].attention.self.query.weight, 32)
+    speed = time_int8_paths(2048, 2048, batch=1, reps=20, compile=True)
+    speed64 = time_int8_paths(2048, 2048, batch=64, reps=10, compile=True)
+    bw = bandwidth_limit(256)
+    return dict(tokens=budget, smollm2=smol, live_check=live, q41=origin, minilm=mini,
+                minilm_mean_distinct_per_32=float(mini_origin.float().mean()), sentences=len(sents),
+                speed_batch1=speed, speed_batch64=speed64, bandwidth=bw, seconds=round(time.time() - t0, 1))
+
+
+def bench() -> dict:
+    """Headline figures of notebook 02 (≈ 60–90 s): perplexity and bytes per format, MiniLM cosine, int8 CPU
+    speed ratios vs fp32 (one thread), achieved GB/s vs copy bandwidth. 512 validation tokens."""
+    from .evaluate import eval_tokens
+    from .models import load_model, sentence_embeddings
+    model, tok = load_model("smollm2-135m")
+    tokens = eval_tokens(tok)
+    out = {"tokens": 512, "note": "SmolLM2 dims (576) are not multiples of 128: g64 stands in for g128"}
+    points = [(None, "fp32"), ("bf16", "bf16"), (QuantConfig(8), "int8"), (QuantConfig(4, group_size=64), "int4_g64"),
+              (QuantConfig(4), "int4_per_channel"), (QuantConfig(3, group_size=64), "int3_g64")]
+    for cfg, key in points:
+        p = perplexity_point(model, tokens, cfg, 512)
+        out[f"ppl_{key}"] = round(p["ppl"], 2)
+        out[f"mb_{key}"] = round(p["model_bytes"] / 1e6, 1)
+    del model
+    enc, etok = load_model("minilm")
+    sents = kjv_sentences(16)
+    ref = sentence_embeddings(enc, etok, sents)
+    for cfg, key in ((QuantConfig(8), "int8"), (QuantConfig(4, group_size=128), "int4_g128"),
+                     (QuantConfig(4), "int4_per_channel")):
+        out[f"minilm_cosine_{key}"] = round(embedding_cosine(enc, etok, sents, cfg, ref)["mean"], 4)
+    sp = time_int8_paths(2048, 2048, batch=1, reps=10, compile=False)
+    out["speedup_vs_fp32_batch1"] = sp["speedup"]
+    bw = bandwidth_limit(256, reps=3)
+    out["copy_gb_per_s"] = bw["copy_gb_per_s"]
+    out["matvec_gb_per_s"] = {k: round(v["gb_per_s"], 2) for k, v in bw["paths"].items()}
+    out["matvec_speedup_vs_fp32"] = {k: round(v["achieved_speedup"], 2) for k, v in bw["paths"].items()}
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# 9. "Try it" (notebook 02): one config → error histogram, perplexity, bytes
+# --------------------------------------------------------------------------------------------------
+def explore(model, tokens, bits: int = 4, group_size: int = 64, symmetric: bool = True,
+            layer: str = "model.layers.0.self_attn.q_proj", max_tokens: int = 256, fp32_ppl: float | None = None,
+            ) -> dict:
+    """Quantize every decoder Linear with (bits, group_size [0 = per channel], symmetric): the error histogram
+    of one layer's weights, perplexity on `max_tokens` tokens, and bytes of the Linear weights."""
+    from .evaluate import perplexity
+    cfg = QuantConfig(bits) if not group_size else QuantConfig(bits, group_size=int(group_size))
+    cfg.symmetric = bool(symmetric)
+    w = model.get_submodule(layer).weight.detach()
+    q = quantize(w, cfg.bits, cfg.granularity, cfg.group_size, cfg.symmetric)
+    err = (dequantize(q) - w).flatten()
+    if fp32_ppl is None:
+        fp32_ppl = perplexity(model, tokens, max_tokens=max_tokens)
+    with temporarily_quantized(model, cfg) as m:
+        ppl = perplexity(m, tokens, max_tokens=max_tokens)
+        b = quantized_linear_bytes(m)
+    return dict(name=cfg.name, layer=layer, errors=err, scale_max=float(q.scales.float().max()),
+                rel_error=float(err.norm() / w.norm()), ppl=ppl, fp32_ppl=fp32_ppl,
+                linear_bytes=b["total_bytes"], fp32_bytes=b["fp32_bytes"], bits_per_weight=b["bits_per_weight"])
+
+
+def layer_error_table(w: torch.Tensor, bits_list=(8, 4, 3, 2), groups=(None, 192, 64, 32)) -> list[dict]:
+    """Relative error and bytes of one weight matrix for each (bits, granularity), symmetric."""
+    rows = []
+    for bits in bits_list:
+        for g in groups:
+            q = quantize(w, bits) if g is None else quantize(w, bits, group_size=g)
+            rows.append(dict(bits=bits, granularity="per-channel" if g is None else f"g{g}",
+                             bits_per_weight=q.bits_per_value(), bytes=q.nbytes(), **quant_error(w, q)))
+    return rows
