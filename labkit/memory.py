@@ -189,6 +189,26 @@ def _cfg(config, *names, default=None):
     return default
 
 
+def estimate_params(config) -> dict[str, int]:
+    """Parameters of a Llama-style decoder by part, from its config alone (nanoGPT's sizing, for GQA).
+
+    Per layer: attention h·q + 2·h·kv + q·h (q = heads·head_dim, kv = kv_heads·head_dim), MLP 3·h·f
+    (gate, up, down), two RMSNorm weights 2·h. A tied lm_head adds nothing.
+    """
+    h = _cfg(config, "hidden_size")
+    f = _cfg(config, "intermediate_size")
+    heads = _cfg(config, "num_attention_heads")
+    kv_heads = _cfg(config, "num_key_value_heads", default=heads)
+    hd = getattr(config, "head_dim", None) or h // heads
+    layers, vocab = _cfg(config, "num_hidden_layers"), _cfg(config, "vocab_size")
+    q, kv = heads * hd, kv_heads * hd
+    tied = getattr(config, "tie_word_embeddings", False)
+    out = {"embeddings": vocab * h, "attention": layers * (2 * h * q + 2 * h * kv), "mlp": layers * 3 * h * f,
+           "norms": layers * 2 * h + h, "lm_head": 0 if tied else vocab * h}
+    out["total"] = sum(out.values())
+    return out
+
+
 def kv_bytes_per_token(config, dtype=torch.float32) -> int:
     """KV-cache bytes for one token: 2 (K and V) · layers · kv_heads · head_dim · bytes."""
     layers = _cfg(config, "num_hidden_layers", "n_layer")

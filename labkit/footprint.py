@@ -1,0 +1,123 @@
+"""A model's whole memory footprint: the estimate by component, and the measurement of the same thing.
+
+Defined in notebook 00 "Where the memory goes": weights, gradients, optimizer state, activations, KV cache.
+Measurements run in a fresh process each, with glibc told to hand freed memory back, so one variant
+cannot hide inside memory another variant freed.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .memory import (count_params, dtype_bytes, estimate_activation_bytes, estimate_kv_cache_bytes,
+                     estimate_training_bytes, measure_memory, run_in_subprocess, tensor_bytes)
+
+COMPONENTS = ("weights", "gradients", "master_weights", "optimizer_state", "activations", "kv_cache")
+
+
+def estimate_footprint(config, n_params: int, dtype: str = "fp32", batch: int = 1, seq_len: int = 512,
+                       training: bool = False) -> dict[str, int]:
+    """Estimated bytes by component for inference (weights, activations, KV cache) or an Adam training step.
+
+    Training in "bf16"/"fp16" means mixed precision: 16-bit weights and gradients, fp32 master weights
+    and Adam moments (ZeRO's 16 bytes/param). Inference keeps a KV cache of batch·seq_len tokens.
+    """
+    if batch < 1 or seq_len < 1:
+        raise ValueError(f"batch and seq_len must be ≥ 1, got batch={batch}, seq_len={seq_len}")
+    b = dtype_bytes(dtype)
+    act_dtype = torch.float32 if b == 4 else torch.bfloat16
+    out = dict.fromkeys(COMPONENTS, 0)
+    if training:
+        state = estimate_training_bytes(n_params, "fp32" if b == 4 else "mixed", "adam")
+        out.update({k: state[k] for k in ("weights", "gradients", "master_weights", "optimizer_state")})
+        out["activations"] = estimate_activation_bytes(config, batch, seq_len, act_dtype, training=True)["total"]
+    else:
+        out["weights"] = int(n_params * b)
+        out["activations"] = estimate_activation_bytes(config, batch, seq_len, act_dtype, training=False)["total"]
+        out["kv_cache"] = estimate_kv_cache_bytes(config, batch, seq_len, act_dtype)
+    return out
+
+
+def _kv_bytes(cache) -> int:
+    return sum(tensor_bytes([layer.keys, layer.values]) for layer in cache.layers)
+
+
+def _quiet_allocator():
+    # Freed blocks above 64 kB go straight back to the OS, so RSS peaks are per measurement.
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
+
+
+def inference_peaks(name: str, shapes: list[tuple[int, int]], dtype: str = "fp32") -> list[dict]:
+    """For each (batch, seq_len): one forward pass that fills a KV cache; measured peak and KV bytes.
+
+    Runs where it is called; use measure_inference() to run it in a fresh process.
+    """
+    from transformers import DynamicCache
+
+    from .models import load_model
+    torch.manual_seed(0)
+    model, _ = load_model(name, dtype=torch.float32 if dtype_bytes(dtype) == 4 else torch.bfloat16)
+    with torch.inference_mode():  # touch every weight once, so that loading is not counted as activations
+        model(input_ids=torch.zeros(1, 4, dtype=torch.long))
+    rows = []
+    for batch, seq_len in shapes:
+        ids = torch.randint(0, model.config.vocab_size, (batch, seq_len))
+        cache = DynamicCache(config=model.config)
+        with torch.inference_mode(), measure_memory() as m:
+            out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+        rows.append({"batch": batch, "seq_len": seq_len, "peak_bytes": m.peak_bytes,
+                     "kv_bytes": _kv_bytes(cache), "logits_bytes": tensor_bytes(out.logits)})
+        del out, cache
+    return rows
+
+
+def measure_inference(name: str, shapes: list[tuple[int, int]], dtype: str = "fp32") -> list[dict]:
+    """inference_peaks() in a fresh process (returns its rows)."""
+    _quiet_allocator()
+    return run_in_subprocess(inference_peaks, name, shapes, dtype)[0]
+
+
+def load_footprint(name: str, dtype: str = "fp32") -> dict:
+    """Load a model in dtype and touch every weight; the peak while loading and what stays resident after."""
+    from .models import load_model
+    torch_dtype = torch.float32 if dtype_bytes(dtype) == 4 else torch.bfloat16
+    load_model(name, dtype=torch_dtype)  # a first load pays for imports and the tokenizer; then measure
+    with measure_memory() as m:
+        model, _ = load_model(name, dtype=torch_dtype)
+        touched = sum(float(p.detach().float().abs().sum()) > -1 for p in model.parameters())
+    return {"dtype": dtype, "weights": tensor_bytes(model), "peak_bytes": m.peak_bytes,
+            "resident_bytes": m.end_bytes - m.baseline_bytes, "tensors": touched}
+
+
+def measure_load(name: str, dtype: str = "fp32") -> dict:
+    """load_footprint() in a fresh process."""
+    _quiet_allocator()
+    return run_in_subprocess(load_footprint, name, dtype)[0]
+
+
+def training_step(name: str, batch: int, seq_len: int, lr: float = 1e-5) -> dict:
+    """One Adam step from a freshly loaded model; bytes of weights, gradients and optimizer state, and the peak.
+
+    The peak is measured from before the model loads, so it holds everything a training step needs.
+    """
+    from .models import load_model
+    torch.manual_seed(0)
+    with measure_memory() as m:
+        model, _ = load_model(name)
+        model.train()
+        opt = torch.optim.Adam(model.parameters(), lr=lr)
+        ids = torch.randint(0, model.config.vocab_size, (batch, seq_len))
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        grads = tensor_bytes([p.grad for p in model.parameters() if p.grad is not None])
+        opt.step()
+    return {"n_params": count_params(model), "weights": tensor_bytes(model), "gradients": grads,
+            "optimizer_state": tensor_bytes(opt.state_dict()["state"]), "peak_bytes": m.peak_bytes,
+            "loss": loss.item()}
+
+
+def measure_training_step(name: str, batch: int = 1, seq_len: int = 64) -> dict:
+    """training_step() in a fresh process."""
+    _quiet_allocator()
+    return run_in_subprocess(training_step, name, batch, seq_len)[0]
