@@ -357,9 +357,9 @@ class TwoFour:
             bad = int((per_group > 2).sum())
             raise ValueError(f"matrix is not 2:4 sparse: {bad} groups of 4 have more than 2 nonzeros; prune it "
                              f"first with an N:M mask (lk.prune, n=2, m=4)")
-        # choose 2 positions per group: nonzeros first, then the lowest free positions; keep them in order
-        key = nz * 4 + (3 - np.arange(4))
-        pos = np.sort(np.argsort(-key, axis=-1, kind="stable")[..., :2], axis=-1)   # [rows, cols/4, 2]
+        # 2 positions per group: the nonzeros, then the lowest free positions, in order — one lookup per group
+        pattern = nz[..., 0] | (nz[..., 1] << 1) | (nz[..., 2] << 2) | (nz[..., 3] << 3)
+        pos = _TWO_FOUR_LUT[pattern.astype(np.uint8)]                                 # [rows, cols/4, 2]
         vals = np.take_along_axis(g, pos, axis=-1).reshape(rows, cols // 2)
         codes = pos.reshape(-1).astype(np.uint8)                                      # 2-bit codes
         codes = np.concatenate([codes, np.zeros((-codes.size) % 4, np.uint8)]).reshape(-1, 4)
@@ -369,8 +369,8 @@ class TwoFour:
     def positions(self) -> torch.Tensor:
         """The unpacked 2-bit positions, [rows, cols/4, 2]."""
         rows, cols = self.shape
-        codes = ((self.meta.reshape(-1, 1) >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8)) & 3).reshape(-1)
-        return codes[: rows * cols // 2].long().reshape(rows, cols // 4, 2)
+        codes = ((self.meta.numpy()[:, None] >> np.array([0, 2, 4, 6], dtype=np.uint8)) & 3).reshape(-1)
+        return torch.from_numpy(codes[: rows * cols // 2].astype(np.int64).reshape(rows, cols // 4, 2))
 
     def to_dense(self) -> torch.Tensor:
         rows, cols = self.shape
@@ -396,6 +396,18 @@ class TwoFour:
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"values": self.values, "meta": self.meta}
 
+
+def _two_four_lut() -> np.ndarray:
+    """For each 4-bit nonzero pattern with ≤ 2 bits set: the 2 kept positions (nonzeros first, then lowest)."""
+    lut = np.zeros((16, 2), dtype=np.int64)
+    for p in range(16):
+        nzs = [i for i in range(4) if p >> i & 1]
+        if len(nzs) <= 2:
+            lut[p] = sorted((nzs + [i for i in range(4) if i not in nzs])[:2])
+    return lut
+
+
+_TWO_FOUR_LUT = _two_four_lut()
 
 FORMAT_CLASSES = {"dense": Dense, "coo": COO, "csr": CSR, "bsr": BSR, "bitmap": Bitmap, "2:4": TwoFour}
 

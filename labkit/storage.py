@@ -269,6 +269,22 @@ def _retie(model: nn.Module) -> None:
         model.lm_head.weight = model.get_input_embeddings().weight
 
 
+def _malloc_trim() -> None:
+    """Hand freed heap memory back to the OS (glibc keeps it otherwise, and RSS creeps up layer by layer)."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            import ctypes
+            _LIBC = ctypes.CDLL("libc.so.6")
+        except OSError:
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None
+
+
 def _layer_list(model: nn.Module, layers_fqn: str) -> nn.ModuleList:
     try:
         layers = model.get_submodule(layers_fqn)
@@ -303,6 +319,7 @@ def load_lazy(folder, layers_fqn: str = "model.layers") -> nn.Module:
             for n in names:
                 p = mod.get_parameter(n)
                 _set_param(mod, n, torch.empty(p.shape, dtype=p.dtype, device="meta"))
+            _malloc_trim()
 
         layer.register_forward_pre_hook(load)
         layer.register_forward_hook(release)
@@ -310,13 +327,27 @@ def load_lazy(folder, layers_fqn: str = "model.layers") -> nn.Module:
 
 
 # ----------------------------------------------------------------------------------------------- measured in a fresh process
-def logits_after_load(folder, input_ids: torch.Tensor, lazy: bool) -> dict:
+def logits_after_load(folder, input_ids: torch.Tensor, lazy: bool, threads: int = 1) -> dict:
     """Load (full or lazy) and run one forward in this process; the memory above the entry baseline is
-    measured here, after torch/transformers are imported. Use with lk.memory.run_in_subprocess."""
+    measured here, after torch/transformers are imported. Use with lk.memory.run_in_subprocess.
+    One thread by default: two of these may run beside a notebook kernel on a 2-core machine."""
     from .memory import measure_memory
+    torch.set_num_threads(threads)
     _empty_model(SparseCheckpoint.open(folder).index)   # imports the model's code first: not part of the peak
     with measure_memory() as m:
         model = load_lazy(folder) if lazy else load_full(folder)
         with torch.no_grad():
             logits = model(input_ids).logits
     return {"logits": logits, "peak_bytes": m.peak_bytes, "seconds": m.seconds}
+
+
+def compare_loads(folder, input_ids: torch.Tensor) -> dict:
+    """Full and lazy load + one forward, each in its own fresh process, the two running side by side:
+    {"full": {...}, "lazy": {...}} with logits, peak_bytes (above the post-import baseline) and seconds."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from .memory import run_in_subprocess
+    with ThreadPoolExecutor(max_workers=2) as ex:
+        jobs = {k: ex.submit(run_in_subprocess, logits_after_load, str(folder), input_ids, lazy=(k == "lazy"))
+                for k in ("full", "lazy")}
+        return {k: j.result()[0] for k, j in jobs.items()}
