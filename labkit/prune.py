@@ -468,3 +468,142 @@ def time_forward(model: nn.Module, batch: torch.Tensor, repeats: int = 3) -> flo
         model(batch)
         best = min(best, time.perf_counter() - t0)
     return best
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The sweep on SmolLM2-135M (cached by `python -m labkit results prune`), bench, and the widget's function
+# ---------------------------------------------------------------------------------------------------------
+SWEEP_METHODS = ("magnitude", "wanda")          # unstructured: magnitude per layer, Wanda per output row
+SWEEP_SPARSITIES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
+EVAL_TOKENS = 4096                              # validation tokens per perplexity (fixed, not LABKIT_FULL)
+CALIB = {"n_samples": 8, "seq_len": 128}        # 1,024 train tokens for Wanda's ‖X‖
+RECOVERY = {"steps": 10, "lr": 1e-4, "seq_len": 128, "batch_size": 4}
+STRUCTURED_SPARSITIES = (0.25, 0.5)
+
+
+def sweep_config(method: str, sparsity: float = 0.5) -> PruneConfig:
+    """The config the notebook means by a method name: 'magnitude' (per layer, as in SparseGPT's baseline),
+    'wanda' (|W|·‖X‖ per output row, as in the Wanda paper), '2:4' (magnitude) or '2:4 wanda'."""
+    if method == "magnitude":
+        return PruneConfig("magnitude", sparsity, scope="layer")
+    if method == "wanda":
+        return PruneConfig("wanda", sparsity, scope="row")
+    if method in ("2:4", "2:4 magnitude"):
+        return PruneConfig("nm", n=2, m=4, score="magnitude")
+    if method == "2:4 wanda":
+        return PruneConfig("nm", n=2, m=4, score="wanda")
+    raise ValueError(f"unknown method {method!r}; use 'magnitude', 'wanda', '2:4' or '2:4 wanda'")
+
+
+def pruned_perplexity(model, eval_tokens, config: PruneConfig, input_norms=None, max_tokens: int = EVAL_TOKENS,
+                      filter_fn: FilterFn | None = None) -> float:
+    """Perplexity of `model` pruned by `config`; the dense weights are restored afterwards."""
+    from .evaluate import perplexity
+    with pruned(model, config, filter_fn, input_norms=input_norms):
+        return perplexity(model, eval_tokens, max_tokens=max_tokens)
+
+
+def _setup(model_name: str = "smollm2-135m"):
+    from .data import tokens
+    from .evaluate import eval_tokens
+    from .models import load_model
+    model, tok = load_model(model_name)
+    return model, tok, eval_tokens(tok), tokens("train", tok)
+
+
+def make_results() -> dict:
+    """The sweep behind notebook 01, written to data/results/prune.json by `python -m labkit results prune`
+    (several minutes on 2 cores): perplexity vs sparsity for magnitude, Wanda and 2:4; structured MLP
+    pruning; a short recovery fine-tune."""
+    from .evaluate import perplexity
+    from .memory import model_bytes
+    from .repro import seed_everything
+    seed_everything(0)
+    t0 = time.perf_counter()
+    model, tok, ev, train = _setup()
+    norms = collect_input_norms(model, train, **CALIB)
+    ppl = lambda m: round(perplexity(m, ev, max_tokens=EVAL_TOKENS), 4)  # noqa: E731
+    out = {"model": "smollm2-135m", "eval": {"split": "validation", "max_tokens": EVAL_TOKENS, "seq_len": 256},
+           "calibration": {"split": "train", **CALIB}, "pruned_layers": "every Linear in the decoder blocks; "
+           "embeddings and (tied) lm_head dense", "dense": ppl(model), "sweep": {}}
+    for method in SWEEP_METHODS:
+        out["sweep"][method] = {f"{s:.2f}": round(pruned_perplexity(model, ev, sweep_config(method, s), norms), 4)
+                                for s in SWEEP_SPARSITIES}
+    out["nm_2_4"] = {score: round(pruned_perplexity(model, ev, sweep_config(f"2:4 {score}"), norms), 4)
+                     for score in ("magnitude", "wanda")}
+
+    # recovery: magnitude 50%, then a few masked AdamW steps; the dense model gets the same steps for reference
+    rec = {**RECOVERY, "config": "magnitude 50%"}
+    masks = prune_(model, sweep_config("magnitude", 0.5))
+    rec["before"] = ppl(model)
+    rec["losses"] = [round(x, 4) for x in recovery_finetune_(model, train, masks, **RECOVERY)]
+    rec["after"] = ppl(model)
+    rec["sparsity_after"] = round(sparsity_of([model.get_submodule(n) for n in masks]), 6)
+    del model, masks
+    model, *_ = _setup()  # a fresh dense copy (reloading is cheaper in memory than keeping a clone)
+    recovery_finetune_(model, train, None, **RECOVERY)
+    rec["dense_after_same_steps"] = ppl(model)
+    out["recovery"] = rec
+    del model
+
+    # structured: whole MLP neurons removed (activation-aware score), the matrices really shrink
+    out["structured"] = {}
+    for s in STRUCTURED_SPARSITIES:
+        model = None
+        model, *_ = _setup()
+        before = model_bytes(model)
+        prune_mlp_neurons_(model, s, norms)
+        out["structured"][f"{s:.2f}"] = {"perplexity": ppl(model), "intermediate_size": model.config.intermediate_size,
+                                         "bytes_before": before, "bytes_after": model_bytes(model)}
+    out["seconds"] = round(time.perf_counter() - t0, 1)
+    return out
+
+
+def bench() -> dict:
+    """Perplexity at 0/30/50/70% sparsity (magnitude, Wanda) and 2:4, MEASURED on a small budget of
+    512 validation tokens (the notebook's sweep uses 4,096; see data/results/prune.json)."""
+    from .evaluate import perplexity
+    model, tok, ev, train = _setup()
+    norms = collect_input_norms(model, train, n_samples=4, seq_len=128)
+    budget = 512
+    res = {"dense": round(perplexity(model, ev, max_tokens=budget), 2)}
+    for method in SWEEP_METHODS:
+        for s in (0.3, 0.5, 0.7):
+            res[f"{method}_{int(s * 100)}"] = round(pruned_perplexity(model, ev, sweep_config(method, s), norms, budget), 2)
+    for score in ("magnitude", "wanda"):
+        res[f"2:4_{score}"] = round(pruned_perplexity(model, ev, sweep_config(f"2:4 {score}"), norms, budget), 2)
+    return {"ppl_512_val_tokens": res, "eval_tokens": budget}
+
+
+def prune_and_measure(model, tokenizer, eval_tokens, method: str = "magnitude", sparsity: float = 0.5,
+                      input_norms=None, max_tokens: int = 512, prompt: str = "In the beginning",
+                      max_new_tokens: int = 12) -> dict:
+    """What the widget shows: perplexity, bytes and a greedy sample of the pruned model (weights restored after).
+
+    Bytes: what the pruned Linear weights take as they are (dense fp32 — zeros cost as much as any number)
+    and what a CSR copy (fp32 values + int32 indices) would take."""
+    from .evaluate import perplexity
+    from .models import generate
+    config = sweep_config(method, sparsity)
+    with pruned(model, config, input_norms=input_norms) as masks:
+        mods = [model.get_submodule(n) for n in masks]
+        return {"method": method, "sparsity": round(sparsity_of(masks), 4),
+                "perplexity": perplexity(model, eval_tokens, max_tokens=max_tokens),
+                "dense_bytes": sum(m.weight.numel() * m.weight.element_size() for m in mods),
+                "csr_bytes": sum(csr_bytes(m.weight) for m in mods),
+                "sample": generate(model, tokenizer, prompt, max_new_tokens)}
+
+
+def compare_times(fns: dict, repeats: int = 15) -> dict:
+    """Best-of-`repeats` seconds of each zero-argument callable, run round-robin so that a busy machine slows
+    them all alike (compare the ratios, on one thread; never trust one absolute time)."""
+    best = {k: float("inf") for k in fns}
+    with torch.no_grad():
+        for f in fns.values():
+            f()  # warm-up
+        for _ in range(repeats):
+            for k, f in fns.items():
+                t0 = time.perf_counter()
+                f()
+                best[k] = min(best[k], time.perf_counter() - t0)
+    return best

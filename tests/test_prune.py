@@ -268,3 +268,38 @@ def test_recovery_finetune_keeps_sparsity_and_lowers_loss():
     assert losses[-1] < losses[0]
     assert abs(P.sparsity_of([model.get_submodule(n) for n in masks]) - 0.5) < 1e-6
     assert all(p.requires_grad for p in model.parameters())
+
+
+# ------------------------------------------------------------------ helpers behind the notebook
+def test_csr_bytes_formula_equals_torch_csr():
+    w = torch.randn(12, 20)
+    w[w.abs() < 0.8] = 0
+    csr = w.to_sparse_csr()  # int64 indices
+    measured = sum(t.numel() * t.element_size() for t in (csr.values(), csr.col_indices(), csr.crow_indices()))
+    assert P.csr_bytes(w, index_bytes=8) == measured
+
+
+def test_bf16_and_ties_give_exact_counts():
+    w = torch.randn(33, 17).to(torch.bfloat16)  # bf16 has many ties
+    for s in (0.1, 0.5, 0.9):
+        assert int((~P.magnitude_mask(w, s)).sum()) == round(s * w.numel())
+        assert ((~P.row_mask_from_scores(w.abs(), s)).sum(1) == round(s * 17)).all()
+    z = torch.zeros(4, 8)
+    assert int((~P.magnitude_mask(z, 0.5)).sum()) == 16
+
+
+def test_sweep_config_names():
+    assert P.sweep_config("magnitude", 0.3) == P.PruneConfig("magnitude", 0.3, scope="layer")
+    assert P.sweep_config("wanda", 0.3).scope == "row"
+    assert P.sweep_config("2:4").method == "nm" and P.sweep_config("2:4 wanda").needs_calibration
+    with pytest.raises(ValueError, match="unknown method"):
+        P.sweep_config("random")
+
+
+def test_compare_times_and_pruned_perplexity_restore():
+    t = P.compare_times({"a": lambda: torch.ones(10).sum(), "b": lambda: torch.ones(100).sum()}, repeats=3)
+    assert set(t) == {"a", "b"} and all(v > 0 for v in t.values())
+    model = tiny_llama()
+    before = model.model.layers[0].mlp.up_proj.weight.clone()
+    ppl = P.pruned_perplexity(model, tokens(1024), P.PruneConfig("magnitude", 0.5), max_tokens=256)
+    assert ppl > 1 and torch.equal(model.model.layers[0].mlp.up_proj.weight, before)
