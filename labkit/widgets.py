@@ -99,3 +99,28 @@ def quantize_widget(model, tokens, max_tokens: int = 256, fp32_ppl: float | None
                           group_size=w.Dropdown(options=[("per channel", 0), ("192", 192), ("64", 64), ("32", 32)],
                                                 value=64),
                           symmetric=w.Checkbox(value=True, description="symmetric"))
+
+
+# --- pruning (notebook 01) ---
+
+def prune_widget(model, tokenizer, eval_tokens, input_norms, max_tokens: int = 512):
+    """Sparsity slider + method → perplexity and bytes redrawn, and a greedy sample of the pruned model
+    beside the dense one (lk.prune.prune_and_measure; the dense weights are restored after each move)."""
+    import ipywidgets as w
+
+    from . import plots, prune
+    from .evaluate import perplexity
+    from .models import generate
+    dense_ppl = perplexity(model, eval_tokens, max_tokens=max_tokens)
+    dense_sample = generate(model, tokenizer, "In the beginning", 12)
+
+    def draw(method="magnitude", sparsity=0.5):
+        r = prune.prune_and_measure(model, tokenizer, eval_tokens, method, sparsity, input_norms, max_tokens)
+        print(f"dense : ppl {dense_ppl:7.1f} | In the beginning{dense_sample}")
+        print(f"pruned: ppl {r['perplexity']:7.1f} | In the beginning{r['sample']}")
+        return plots.prune_widget_chart(r, dense_ppl)
+
+    return interact_chart(draw, method=w.Dropdown(options=["magnitude", "wanda", "2:4", "2:4 wanda"],
+                                                  value="magnitude"),
+                          sparsity=w.FloatSlider(value=0.5, min=0.0, max=0.9, step=0.1,
+                                                 continuous_update=False))
