@@ -33,6 +33,29 @@ def serving_widget():
                           dist=w.Dropdown(options=list(pool.DISTRIBUTIONS), value="uniform", description="lengths"))
 
 
+# --- where the memory goes (notebook 00) ---
+
+def footprint_widget(config, n_params: int):
+    """Sliders for dtype, batch, context length and mode → the stacked memory estimate, redrawn."""
+    import ipywidgets as w
+
+    from . import footprint, plots
+
+    def draw(dtype="fp32", batch=1, context=512, mode="inference"):
+        chosen = footprint.estimate_footprint(config, n_params, dtype, batch, context, mode == "training step")
+        reference = footprint.estimate_footprint(config, n_params, "fp32", 1, 512, False)
+        return plots.stacked_memory({f"{mode}\n{dtype}, {batch}×{context}": chosen,
+                                     "reference\nfp32 inference 1×512": reference},
+                                    title="Estimated memory by component")
+
+    return interact_chart(
+        draw,
+        dtype=w.Dropdown(options=["fp32", "bf16"], value="fp32", description="dtype"),
+        batch=w.IntSlider(value=1, min=1, max=64, description="batch"),
+        context=w.SelectionSlider(options=[2 ** k for k in range(6, 16)], value=512, description="context"),
+        mode=w.ToggleButtons(options=["inference", "training step"], value="inference", description="mode"))
+
+
 # --- distillation (notebook 03) ---
 
 def distill_temperature(model, tokenizer, prompt: str = "And God said, Let there be", top: int = 10):
@@ -62,6 +85,31 @@ def distill_runs(results: dict):
 
     return interact_chart(draw, alpha=w.FloatSlider(value=1.0, min=0.0, max=1.0, step=0.25),
                           temperature=w.FloatSlider(value=1.0, min=1.0, max=4.0, step=1.0))
+
+
+# --- pruning (notebook 01) ---
+
+def prune_widget(model, tokenizer, eval_tokens, input_norms, max_tokens: int = 512):
+    """Sparsity slider + method → perplexity and bytes redrawn, and a greedy sample of the pruned model
+    beside the dense one (lk.prune.prune_and_measure; the dense weights are restored after each move)."""
+    import ipywidgets as w
+
+    from . import plots, prune
+    from .evaluate import perplexity
+    from .models import generate
+    dense_ppl = perplexity(model, eval_tokens, max_tokens=max_tokens)
+    dense_sample = generate(model, tokenizer, "In the beginning", 12)
+
+    def draw(method="magnitude", sparsity=0.5):
+        r = prune.prune_and_measure(model, tokenizer, eval_tokens, method, sparsity, input_norms, max_tokens)
+        print(f"dense : ppl {dense_ppl:7.1f} | In the beginning{dense_sample}")
+        print(f"pruned: ppl {r['perplexity']:7.1f} | In the beginning{r['sample']}")
+        return plots.prune_widget_chart(r, dense_ppl)
+
+    return interact_chart(draw, method=w.Dropdown(options=["magnitude", "wanda", "2:4", "2:4 wanda"],
+                                                  value="magnitude"),
+                          sparsity=w.FloatSlider(value=0.5, min=0.0, max=0.9, step=0.1,
+                                                 continuous_update=False))
 
 
 # --- sparse storage (notebook 04) ---
@@ -99,28 +147,3 @@ def quantize_widget(model, tokens, max_tokens: int = 256, fp32_ppl: float | None
                           group_size=w.Dropdown(options=[("per channel", 0), ("192", 192), ("64", 64), ("32", 32)],
                                                 value=64),
                           symmetric=w.Checkbox(value=True, description="symmetric"))
-
-
-# --- pruning (notebook 01) ---
-
-def prune_widget(model, tokenizer, eval_tokens, input_norms, max_tokens: int = 512):
-    """Sparsity slider + method → perplexity and bytes redrawn, and a greedy sample of the pruned model
-    beside the dense one (lk.prune.prune_and_measure; the dense weights are restored after each move)."""
-    import ipywidgets as w
-
-    from . import plots, prune
-    from .evaluate import perplexity
-    from .models import generate
-    dense_ppl = perplexity(model, eval_tokens, max_tokens=max_tokens)
-    dense_sample = generate(model, tokenizer, "In the beginning", 12)
-
-    def draw(method="magnitude", sparsity=0.5):
-        r = prune.prune_and_measure(model, tokenizer, eval_tokens, method, sparsity, input_norms, max_tokens)
-        print(f"dense : ppl {dense_ppl:7.1f} | In the beginning{dense_sample}")
-        print(f"pruned: ppl {r['perplexity']:7.1f} | In the beginning{r['sample']}")
-        return plots.prune_widget_chart(r, dense_ppl)
-
-    return interact_chart(draw, method=w.Dropdown(options=["magnitude", "wanda", "2:4", "2:4 wanda"],
-                                                  value="magnitude"),
-                          sparsity=w.FloatSlider(value=0.5, min=0.0, max=0.9, step=0.1,
-                                                 continuous_update=False))
