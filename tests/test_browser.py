@@ -64,9 +64,12 @@ class Lab:
                    JUPYTERLAB_SETTINGS_DIR=str(home / "settings"),
                    JUPYTERLAB_WORKSPACES_DIR=str(home / "workspaces"), IPYTHONDIR=str(home / "ipython"))
         env.pop("JUPYTER_TOKEN", None)
-        news = home / "settings" / "@jupyterlab" / "apputils-extension" / "notification.jupyterlab-settings"
-        news.parent.mkdir(parents=True)
-        news.write_text('{"fetchNews": "false"}')  # no "official Jupyter news?" pop-up, no request out
+        settings = {"apputils-extension/notification": '{"fetchNews": "false"}',  # no news pop-up
+                    "docmanager-extension/plugin": '{"autosave": false}'}  # we save once, when done
+        for name, text in settings.items():
+            file = home / "settings" / "@jupyterlab" / f"{name}.jupyterlab-settings"
+            file.parent.mkdir(parents=True, exist_ok=True)
+            file.write_text(text)
         cmd = [sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1", f"--port={self.port}",
                "--ServerApp.port_retries=0", f"--IdentityProvider.token={self.token}",
                f"--ServerApp.root_dir={self.root}", "--LabApp.news_url=",
@@ -206,9 +209,11 @@ def _drive(page, lab: Lab, name: str) -> dict:
     run_all_s = time.monotonic() - started
 
     # save (into the temporary copy) and read the outputs: every code cell ran, none has an error
-    page.keyboard.press("Control+s")
     path = lab.root / name
-    _wait(lambda: "execution_count" in path.read_text() and _saved_after(path, started), 60, "the save")
+    mtime = path.stat().st_mtime_ns
+    page.keyboard.press("Control+s")
+    dirty = page.locator(".lm-DockPanel-tabBar .lm-TabBar-tab.jp-mod-dirty")
+    _wait(lambda: path.stat().st_mtime_ns != mtime and not dirty.count(), 60, "the notebook to be saved")
     nb = nbformat.read(path, as_version=4)
     code = [c for c in nb.cells if c.cell_type == "code"]
     errors = [(i, o.get("ename"), o.get("evalue")) for i, c in enumerate(nb.cells) if c.cell_type == "code"
@@ -240,11 +245,6 @@ def _drive(page, lab: Lab, name: str) -> dict:
     return {"cells": len(code), "run_all_s": run_all_s, "value_before": value_before,
             "value_after": value(),
             "before": before, "after": after}
-
-
-def _saved_after(path: Path, t0_monotonic: float) -> bool:
-    # mtime is wall-clock: compare against when Run All started, converted to wall time
-    return path.stat().st_mtime >= time.time() - (time.monotonic() - t0_monotonic) - 1
 
 
 def _tiny_lab(folder: Path) -> Path:
