@@ -118,3 +118,13 @@ def test_decode_encode_is_identity(xs):
         assert H - 1e-9 <= enc.bits_per_symbol <= H + 1             # = H + 1 only for a single symbol
         if len(set(xs)) > 1:
             assert enc.bits_per_symbol < H + 1
+
+
+def test_layer_symbols_on_tiny_llama():
+    import labkit as lk
+    model = lk.models.tiny_llama(seed=0)
+    sym, book = C.layer_symbols(model, layer=1, sparsity=0.5, bits=4)
+    assert sym.size == 2 * 128 * 64 and (sym == 0).mean() == 0.5
+    enc = C.huffman_encode(sym)
+    np.testing.assert_array_equal(C.huffman_decode(enc), sym)
+    assert C.entropy(sym) <= enc.bits_per_symbol < C.entropy(sym) + 1
