@@ -487,3 +487,35 @@ def quant_dashboard(res: dict):
     c.set_title(f"decoder Linear weights (MB): {res['bits_per_weight']:.2f} bits/weight", fontsize=9)
     fig.tight_layout()
     return a, b, c
+
+
+# --- distillation (notebook 03), continued ---
+
+def distill_ppl_vs_memory(points: list[dict], ax=None, title: str = "Perplexity vs memory"):
+    """Validation perplexity against fp32 weight bytes, one labelled point per model ({name, bytes, ppl})."""
+    ax = new_axes(ax)
+    for i, p in enumerate(points):
+        ax.scatter(_mb(p["bytes"]), p["ppl"], s=40, color=PALETTE[i % len(PALETTE)], label=p["name"], zorder=3)
+        ax.annotate(f"{p['ppl']:.0f}", (_mb(p["bytes"]), p["ppl"]), xytext=(5, 4), textcoords="offset points",
+                    fontsize=8)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("weights (MB, fp32)")
+    ax.set_ylabel("validation perplexity")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    return ax
+
+
+def distill_cache_bytes(rows: dict, ax=None, title: str = "Teacher targets per training token"):
+    """Horizontal bars of bytes per token for each way of storing the teacher's logits ({label: bytes}), log x."""
+    ax = new_axes(ax, figsize=(6.4, 2.8))
+    labels = list(rows)
+    ax.barh(range(len(labels)), [rows[k] for k in labels], color=[PALETTE[i % len(PALETTE)] for i in range(len(labels))])
+    ax.set_yticks(range(len(labels)), labels, fontsize=8)
+    for i, k in enumerate(labels):
+        ax.text(rows[k], i, f" {rows[k]:,.0f} B", va="center", fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("bytes per token")
+    ax.set_title(title)
+    return ax
