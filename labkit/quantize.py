@@ -535,8 +535,8 @@ def try_int4_weight_only(linear: nn.Linear, group_size: int = 128) -> tuple[bool
         m(torch.randn(1, linear.in_features, device=linear.weight.device))
         return True, f"Int4WeightOnlyConfig ran on {linear.weight.device}"
     except Exception as e:  # noqa: BLE001 — the point is to show the failure, not crash
-        return False, (f"Int4WeightOnlyConfig is CUDA-only in torchao 0.18 ({type(e).__name__}: "
-                       f"{str(e).splitlines()[0][:120]})")
+        return False, (f"Int4WeightOnlyConfig did not run here: its int4 kernels are CUDA-only in torchao 0.18 "
+                       f"({type(e).__name__}: {str(e).splitlines()[0][:120]})")
 
 
 def _time(fn, reps: int, warmup: int = 2) -> float:
