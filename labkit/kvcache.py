@@ -174,3 +174,50 @@ def generation_speed(model, input_ids, max_new_tokens: int = 20, block_size: int
     new = B * max_new_tokens
     return {"default_tok_s": new / best["default"], "paged_tok_s": new / best["paged"],
             "ratio": best["default"] / best["paged"], "same_tokens": bool(torch.equal(outs["default"], outs["paged"]))}
+
+
+@torch.inference_mode()
+def sample_parallel(model, input_ids, n: int = 4, max_new_tokens: int = 16, block_size: int = 16,
+                    temperature: float = 1.0, seed: int = 0, cache=None) -> dict:
+    """Parallel sampling from one prompt (notebook 05, §5): prefill once, `fork` n − 1 sequences that share
+    the prompt's blocks, then decode all n together; a shared block is copied only when a sequence writes into
+    it. Sampling is Gumbel-max with noise drawn up front from `seed`, so any cache gives the same tokens.
+
+    cache=None builds a PagedKVCache; pass a transformers DynamicCache to get the reference (the prompt is then
+    prefilled n times). Returns the tokens [n, prompt + new], and for the paged cache the blocks used with
+    sharing, the blocks n private copies would need, and the copy-on-write count.
+    """
+    from transformers import DynamicCache
+    if input_ids.shape[0] != 1:
+        raise ValueError("sample_parallel takes one prompt (batch 1); it forks the n sequences itself")
+    if n < 1 or max_new_tokens < 1 or temperature <= 0:
+        raise ValueError("n and max_new_tokens must be ≥ 1 and temperature > 0")
+    T = input_ids.shape[1]
+    paged = cache is None
+    if paged:
+        per_seq = -(-(T + max_new_tokens) // block_size)
+        cache = PagedKVCache(model.config, num_blocks=n * per_seq + 1, block_size=block_size)
+    elif not isinstance(cache, DynamicCache):
+        raise TypeError("cache must be None (paged) or a transformers DynamicCache")
+    g = torch.Generator().manual_seed(seed)
+    noise = -torch.log(-torch.log(torch.rand(max_new_tokens, n, model.config.vocab_size, generator=g)))
+    if paged:
+        logits = model(input_ids, past_key_values=cache).logits[:, -1].expand(n, -1)
+        cache.fork(0, n - 1)
+    else:
+        logits = model(input_ids.expand(n, -1), past_key_values=cache).logits[:, -1]
+    out = [input_ids.expand(n, -1)]
+    for step in range(max_new_tokens):
+        nxt = (logits.float() / temperature + noise[step]).argmax(-1, keepdim=True)   # [n, 1]
+        out.append(nxt)
+        if step + 1 < max_new_tokens:
+            logits = model(nxt, past_key_values=cache).logits[:, -1]
+    res = {"tokens": torch.cat(out, dim=1)}
+    if paged:
+        L = cache.length   # the last sampled token is never fed back, so it has no KV entry
+        res.update(blocks_used=cache.pool.num_used, blocks_unshared=n * -(-L // block_size),
+                   copies_on_write=cache.n_cow, shared_blocks=sum(1 for c in cache.pool.refcount if c > 1),
+                   block_bytes=cache.pool.storage[0].numel() * cache.pool.storage.element_size(),
+                   tables=[list(t) for t in cache.tables], cached_tokens=L)
+        cache.release()
+    return res

@@ -283,21 +283,43 @@ def time_alloc(block_bytes: int = 737_280, n: int = 200, repeats: int = 3) -> di
             "ratio": best["plain"] / best["pool"]}
 
 
-def time_alloc_fresh(block_bytes: int = 737_280, n: int = 100) -> dict:
-    """`time_alloc` in a child process where glibc must map fresh pages from the OS for every block
-    (MALLOC_MMAP_THRESHOLD_=65536 turns off its reuse of freed memory) — the cost a pool avoids."""
+def _child_json(code: str, env: dict | None = None) -> dict:
+    """Run `code` in a fresh Python process (repository root as cwd) and parse the JSON of its last line."""
     import json
     import os
     import subprocess
     import sys
-    code = ("import json, torch; torch.set_num_threads(1); from labkit.pool import time_alloc; "
-            f"print(json.dumps(time_alloc({_positive_int('block_bytes', block_bytes)}, n={_positive_int('n', n)})))")
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     res = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=300)
     if res.returncode != 0:
-        raise RuntimeError(f"timing child failed: {res.stderr[-500:]}")
+        raise RuntimeError(f"child process failed: {res.stderr[-500:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def time_alloc_fresh(block_bytes: int = 737_280, n: int = 100) -> dict:
+    """`time_alloc` in a child process where glibc must map fresh pages from the OS for every block
+    (MALLOC_MMAP_THRESHOLD_=65536 turns off its reuse of freed memory) — the cost a pool avoids."""
+    import os
+    code = ("import json, torch; torch.set_num_threads(1); from labkit.pool import time_alloc; "
+            f"print(json.dumps(time_alloc({_positive_int('block_bytes', block_bytes)}, n={_positive_int('n', n)})))")
+    return _child_json(code, {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
+
+
+def heap_pinning(n: int = 200, nbytes: int = 100_000) -> dict:
+    """The CPU's version of "reserved vs allocated", in a fresh child process: allocate n tensors of nbytes
+    (below glibc's mmap threshold, so they come from the heap), free all but the LAST one, then that one too.
+    RSS (resident bytes) stays high while one live tensor sits at the top of the heap: the freed space below
+    it is kept by the allocator — free, but not returned to the OS. glibc behaviour (Linux); other C
+    libraries may return memory differently."""
+    import os
+    n, nbytes = _positive_int("n", n), _positive_int("nbytes", nbytes)
+    code = ("import json, gc, torch\nfrom labkit.memory import current_rss\nr0 = current_rss()\n"
+            f"ts = [torch.ones({nbytes} // 4) for _ in range({n})]\n"
+            "r1 = current_rss(); last = ts[-1]; del ts; gc.collect(); r2 = current_rss(); del last; gc.collect()\n"
+            "print(json.dumps({'rss_all_live': r1 - r0, 'rss_one_live': r2 - r0, 'rss_none_live': current_rss() - r0}))")
+    out = _child_json(code, {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")})  # glibc defaults
+    out.update(allocated_all_live=n * (nbytes // 4) * 4, allocated_one_live=(nbytes // 4) * 4)
+    return out
 
 
 def time_append(tokens: int = 256, token_bytes: int = 1_536, block_size: int = 16) -> dict:

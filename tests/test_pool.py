@@ -1,4 +1,5 @@
 """Tests for labkit.pool (block pool, variable allocator, compaction, serving simulation) and labkit.kvcache."""
+import platform
 import random
 
 import numpy as np
@@ -9,10 +10,10 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from transformers import DynamicCache
 
 import labkit as lk
-from labkit.kvcache import PagedKVCache, kv_cache_table, quantize_kv_int8
+from labkit.kvcache import PagedKVCache, kv_cache_table, quantize_kv_int8, sample_parallel
 from labkit.pool import (BlockPool, PoolError, PoolExhausted, VariableAllocator, cuda_caching_allocator_size,
-                         make_requests, paged_waste_bound, sequences_that_fit, serving_comparison, simulate,
-                         time_alloc)
+                         heap_pinning, make_requests, paged_waste_bound, sequences_that_fit, serving_comparison,
+                         simulate, time_alloc)
 
 
 # ---------------------------------------------------------------- BlockPool
@@ -272,6 +273,18 @@ def test_time_alloc_returns_positive_timings():
     assert r["plain_us"] > 0 and r["pool_us"] > 0 and r["ratio"] > 0
 
 
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
+                    reason="heap trimming is glibc behaviour")
+def test_heap_pinning_one_live_tensor_keeps_the_freed_heap_resident():
+    r = heap_pinning(n=100, nbytes=100_000)  # 10 MB of 100 kB tensors, all from the heap
+    assert r["allocated_all_live"] == 10_000_000 and r["allocated_one_live"] == 100_000
+    assert r["rss_all_live"] >= 0.8 * r["allocated_all_live"]   # pages were touched (torch.ones writes them)
+    assert r["rss_one_live"] >= 0.8 * r["allocated_all_live"]   # 99 % freed, yet still resident: pinned
+    assert r["rss_none_live"] <= 0.5 * r["allocated_all_live"]  # the top freed too → glibc trims the heap
+    with pytest.raises(ValueError, match="positive int"):
+        heap_pinning(n=0)
+
+
 # ---------------------------------------------------------------- serving simulation
 def test_simulation_paged_beats_contiguous_and_waste_is_bounded():
     r = serving_comparison(block_size=16, n=60)
@@ -358,6 +371,23 @@ def test_fork_shares_prefix_blocks_and_copies_on_write(tiny):
     c.release()
     c.pool.check_invariants()
     assert c.pool.num_free == 16
+
+
+@pytest.mark.parametrize("prompt_len", [8, 10])
+def test_sample_parallel_shares_the_prompt_and_matches_dynamic_cache(tiny, prompt_len):
+    ids = torch.randint(3, 256, (1, prompt_len))
+    p = sample_parallel(tiny, ids, n=3, max_new_tokens=9, block_size=4, seed=1)
+    d = sample_parallel(tiny, ids, n=3, max_new_tokens=9, block_size=4, seed=1, cache=DynamicCache(config=tiny.config))
+    assert torch.equal(p["tokens"], d["tokens"]) and p["tokens"].shape == (3, prompt_len + 9)
+    assert len({tuple(t) for t in p["tokens"][:, prompt_len:].tolist()}) == 3  # three different samples
+    full = prompt_len // 4                         # full prompt blocks stay shared
+    per_seq = -(-(prompt_len + 8) // 4)            # the last sampled token is not cached
+    assert p["cached_tokens"] == prompt_len + 8 and p["blocks_unshared"] == 3 * per_seq
+    assert p["blocks_used"] == full + 3 * (per_seq - full) and p["shared_blocks"] == full
+    assert p["copies_on_write"] == (2 if prompt_len % 4 else 0)  # a partial last block is copied by all but one
+    assert all(t[:full] == p["tables"][0][:full] for t in p["tables"])
+    with pytest.raises(ValueError, match="one prompt"):
+        sample_parallel(tiny, ids.repeat(2, 1))
 
 
 def test_paged_cache_exhaustion_raises_and_keeps_data(tiny):
