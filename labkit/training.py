@@ -1,0 +1,505 @@
+"""Training memory: parameter sharing, mixed precision, activation checkpointing, gradient accumulation,
+optimizer state, and the stacked memory estimate (params + grads + optimizer + activations) per rank.
+
+Defined in notebook 06 ("Other memory-saving designs"). In-place transforms end in `_` and take a config,
+torchao style: `share_(model, ShareConfig(group_size=4))`, `checkpoint_(model, every=4)`, `untie_(model)`.
+Estimates come beside measurements: `saved_activation_bytes` counts the tensors autograd keeps for backward,
+`measure_step` measures the peak RSS of a training step (run it in a fresh process per variant).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+PRECISIONS = ("fp32", "bf16")
+CHECKPOINTING = ("none", "sqrt", "every")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A small Llama and byte-level KJV data
+
+@dataclass
+class SmallConfig:
+    """A small Llama for training on a CPU (defaults: 16 layers, 11.7M parameters, byte vocabulary)."""
+    vocab_size: int = 256
+    hidden_size: int = 256
+    layers: int = 16
+    heads: int = 4
+    kv_heads: int = 2
+    intermediate_size: int = 688
+    tie: bool = False
+
+
+def small_llama(cfg: SmallConfig | None = None, seed: int = 0):
+    """A randomly initialised LlamaForCausalLM for `cfg` (train mode, fp32, deterministic for a seed)."""
+    from labkit.models import tiny_llama
+
+    c = cfg or SmallConfig()
+    return tiny_llama(seed, c.vocab_size, c.hidden_size, c.layers, c.heads, c.kv_heads, c.intermediate_size,
+                      tie=c.tie).train()
+
+
+def n_params(model: nn.Module) -> int:
+    """Unique parameters (a tensor shared by several modules counts once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def byte_tokens(split: str = "train") -> torch.Tensor:
+    """KJV text of a split (held-out books, see lk.data) as UTF-8 byte ids 0–255."""
+    from labkit import data
+    text = "\n".join(data.texts(split))
+    return torch.frombuffer(bytearray(text.encode("utf-8")), dtype=torch.uint8).long()
+
+
+def batches(tokens: torch.Tensor, steps: int, batch: int, seq_len: int, seed: int = 0) -> torch.Tensor:
+    """[steps, batch, seq_len] random windows of `tokens` (deterministic for a seed)."""
+    if len(tokens) <= seq_len:
+        raise ValueError(f"need more than seq_len={seq_len} tokens, got {len(tokens)}")
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, len(tokens) - seq_len, (steps, batch), generator=g)
+    return tokens[starts[..., None] + torch.arange(seq_len)]
+
+
+@torch.no_grad()
+def eval_loss(model, tokens: torch.Tensor, seq_len: int = 128, max_windows: int = 32) -> float:
+    """Mean next-token loss over the first `max_windows` consecutive windows of `tokens` (deterministic)."""
+    was = model.training
+    model.eval()
+    n = min(max_windows, (len(tokens) - 1) // seq_len)
+    x = tokens[: n * seq_len].view(n, seq_len)
+    losses = [model(input_ids=x[i:i + 8], labels=x[i:i + 8]).loss.item() for i in range(0, n, 8)]
+    model.train(was)
+    return float(sum(losses) / len(losses))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Parameter sharing
+
+def is_tied(model) -> bool:
+    """True when the output head shares storage with the input embedding (tied embeddings)."""
+    out, inp = model.get_output_embeddings(), model.get_input_embeddings()
+    return out is not None and out.weight.untyped_storage().data_ptr() == inp.weight.untyped_storage().data_ptr()
+
+
+def untie_(model):
+    """Give the output head its own copy of the embedding (costs vocab × hidden × bytes per element)."""
+    out = model.get_output_embeddings()
+    if is_tied(model):
+        out.weight = nn.Parameter(out.weight.detach().clone())
+        model.config.tie_word_embeddings = False
+        if hasattr(model.config, "get_text_config"):
+            model.config.get_text_config().tie_word_embeddings = False
+    return model
+
+
+@dataclass
+class ShareConfig:
+    """ALBERT-style cross-layer sharing: consecutive groups of `group_size` decoder layers use the weights of
+    the group's first layer (group_size = depth shares one layer everywhere, as ALBERT does)."""
+    group_size: int = 2
+
+
+def _default_filter(module: nn.Module, fqn: str) -> bool:
+    return isinstance(module, nn.Linear) or "norm" in type(module).__name__.lower()
+
+
+def share_(model, config: ShareConfig, filter_fn=None):
+    """Tie the weights of decoder layers in groups (in place); `filter_fn(module, fqn)` picks what to share
+    inside a layer (default: every Linear and norm). Returns the model."""
+    layers = model.model.layers
+    n = len(layers)
+    g = config.group_size
+    if not isinstance(g, int) or not 1 <= g <= n:
+        raise ValueError(f"ShareConfig.group_size must be an int in [1, {n}] (the depth), got {g!r}")
+    filter_fn = filter_fn or _default_filter
+    for i, layer in enumerate(layers):
+        src = layers[(i // g) * g]
+        if src is layer:
+            continue
+        for fqn, mod in layer.named_modules():
+            if not fqn or not filter_fn(mod, fqn):
+                continue
+            src_mod = src.get_submodule(fqn)
+            for pname, _ in list(mod.named_parameters(recurse=False)):
+                setattr(mod, pname, getattr(src_mod, pname))
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Activation checkpointing (Chen et al. 2016): keep only each segment's input; recompute the segment
+
+def sqrt_interval(depth: int) -> int:
+    """The segment length that minimises n/k + k: round(√depth)."""
+    return max(1, round(math.sqrt(depth)))
+
+
+def resolve_interval(mode, depth: int) -> int | None:
+    """'none' → None, 'every' → 1, 'sqrt' → round(√depth), an int k → k (1 ≤ k ≤ depth)."""
+    if mode in (None, "none", 0):
+        return None
+    if mode == "every":
+        return 1
+    if mode == "sqrt":
+        return sqrt_interval(depth)
+    if isinstance(mode, bool) or not isinstance(mode, int):
+        raise ValueError(f"checkpointing must be 'none', 'sqrt', 'every' or an int interval, got {mode!r}")
+    if not 1 <= mode <= depth:
+        raise ValueError(f"checkpoint interval {mode} must be between 1 and the depth ({depth} layers)")
+    return mode
+
+
+def checkpoint_(model, every="sqrt"):
+    """Checkpoint the decoder in segments of `every` layers (in place): the forward keeps only each
+    segment's input; the backward recomputes one segment at a time. every='none' undoes it."""
+    from torch.utils.checkpoint import checkpoint
+
+    layers = model.model.layers
+    for layer in layers:  # undo any previous setting
+        layer.__dict__.pop("forward", None)
+    k = resolve_interval(every, len(layers))
+    model._labkit_checkpoint_every = k
+    if k is None:
+        return model
+    for start in range(0, len(layers), k):
+        seg = list(layers[start:start + k])
+
+        def run(hidden, *args, _seg=seg, **kwargs):
+            for lay in _seg:
+                hidden = type(lay).forward(lay, hidden, *args, **kwargs)
+            return hidden
+
+        def seg_forward(hidden, *args, _run=run, _first=seg[0], **kwargs):
+            if _first.training and torch.is_grad_enabled():
+                if kwargs.get("past_key_values") is not None:
+                    raise ValueError("checkpointing is for training: call the model with use_cache=False")
+                # reentrant: the forward runs under no_grad and keeps only `hidden`; the backward reruns the
+                # segment with grad and backpropagates through it. (use_reentrant=False measured higher peaks
+                # here for segments of several layers.) The closure carries the masks and rotary tables.
+                return checkpoint(lambda h: _run(h, *args, **kwargs), hidden, use_reentrant=True)
+            return _run(hidden, *args, **kwargs)
+
+        seg[0].forward = seg_forward
+        for lay in seg[1:]:
+            lay.forward = lambda hidden, *a, **kw: hidden  # already computed by the segment's first layer
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training steps
+
+def autocast(precision: str):
+    """Context for a forward pass: fp32 → nothing; bf16 → torch.autocast (weights stay fp32 masters)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def accumulate_grads(model, x: torch.Tensor, micro_batches: int = 1, precision: str = "fp32") -> float:
+    """Forward + backward over `x` split into `micro_batches` equal parts, each loss divided by their number:
+    the gradients equal those of the whole batch, but only one part's activations are alive at a time."""
+    if x.shape[0] % micro_batches:
+        raise ValueError(f"batch {x.shape[0]} is not divisible into {micro_batches} micro-batches")
+    total = 0.0
+    for part in x.chunk(micro_batches):
+        with autocast(precision):
+            loss = model(input_ids=part, labels=part, use_cache=False).loss / micro_batches
+        loss.backward()
+        total += loss.item()
+    return total
+
+
+def train(model, data: torch.Tensor, lr: float = 3e-3, precision: str = "fp32", micro_batches: int = 1,
+          optimizer=None) -> list[float]:
+    """Train on `data` [steps, batch, seq] with Adam; return the loss of every step."""
+    opt = optimizer or torch.optim.Adam(model.parameters(), lr=lr)
+    model.train()
+    losses = []
+    for x in data:
+        losses.append(accumulate_grads(model, x, micro_batches, precision))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return losses
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Measurements
+
+def saved_activation_bytes(model, x: torch.Tensor, precision: str = "fp32") -> int:
+    """Bytes of the tensors autograd saves for backward in one forward (parameters excluded; each storage
+    once). Counts what stays alive between forward and backward without checkpointing."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in params:
+            seen[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast(precision):
+        loss = model(input_ids=x, labels=x, use_cache=False).loss
+    del loss
+    return sum(seen.values())
+
+
+def optimizer_state_bytes(opt) -> int:
+    """Bytes of an optimizer's state tensors (Adam: exp_avg and exp_avg_sq, plus a scalar step each)."""
+    from labkit.sharding import tensor_bytes_local
+    return tensor_bytes_local([dict(s) for s in opt.state.values()])
+
+
+def measure_step(cfg: dict, variants: dict | None = None) -> dict:
+    """Peak RSS growth of the forward + backward of a training step, per variant, in THIS process.
+
+    Run it in a fresh process (`lk.memory.run_in_subprocess(measure_step, cfg)`), with
+    MALLOC_MMAP_THRESHOLD_=65536 so that freed tensors go back to the OS (see `_measure_fresh`).
+    The model and Adam's state exist before the measurement (they are the same for every variant), so the
+    growth is activations + gradients + temporaries: the part that precision and checkpointing change.
+    cfg keys: every SmallConfig field, batch, seq_len, precision, checkpoint ('none'|'sqrt'|'every'|int),
+    micro_batches; `variants` ({name: overrides of cfg}) measures several, one after the other.
+    """
+    from labkit.memory import measure_memory
+
+    torch.set_num_threads(1)
+    keys = SmallConfig.__dataclass_fields__
+    mc = SmallConfig(**{k: v for k, v in cfg.items() if k in keys})
+    model = small_llama(mc)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for p in model.parameters():  # Adam's state, allocated up front as after any first step
+        opt.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
+                        "exp_avg_sq": torch.zeros_like(p)}
+    x = batches(torch.randint(0, mc.vocab_size, (4096,), generator=torch.Generator().manual_seed(0)),
+                1, cfg.get("batch", 4), cfg.get("seq_len", 128))[0]
+    out = {}
+    for name, v in (variants or {"step": {}}).items():
+        c = {**cfg, **v}
+        checkpoint_(model, c.get("checkpoint", "none"))
+        model.zero_grad(set_to_none=True)
+        with measure_memory() as m:
+            loss = accumulate_grads(model, x, c.get("micro_batches", 1), c.get("precision", "fp32"))
+        opt.step()
+        out[name] = {"peak_bytes": int(m.peak_bytes), "seconds": float(m.seconds), "loss": loss}
+    return {"variants": out, "n_params": n_params(model), "optimizer_state_bytes": optimizer_state_bytes(opt),
+            "param_bytes": sum(p.numel() * p.element_size() for p in model.parameters())}
+
+
+def time_variants(variants: dict, cfg: SmallConfig | None = None, batch: int = 4, seq_len: int = 128,
+                  repeats: int = 3) -> dict:
+    """Seconds per training step (median of `repeats`, variants interleaved in ONE process, one thread).
+    `variants` maps a name to {"precision": ..., "checkpoint": ...}. Compare the results as ratios."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = small_llama(cfg)
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: every variant sees the same weights
+        x = torch.randint(0, model.config.vocab_size, (batch, seq_len),
+                          generator=torch.Generator().manual_seed(0))
+        times = {name: [] for name in variants}
+        for r in range(repeats + 1):
+            for name, v in variants.items():
+                checkpoint_(model, v.get("checkpoint", "none"))
+                t = time.perf_counter()
+                accumulate_grads(model, x, 1, v.get("precision", "fp32"))
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                if r:  # the first round warms up
+                    times[name].append(time.perf_counter() - t)
+        checkpoint_(model, "none")
+        return {name: sorted(ts)[len(ts) // 2] for name, ts in times.items()}
+    finally:
+        torch.set_num_threads(old)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Estimates: the stacked memory of one rank
+
+def layer_activation_bytes(cfg: SmallConfig, batch: int, seq_len: int, precision: str = "fp32") -> int:
+    """Estimated bytes one Llama decoder layer saves for backward (T = batch·seq_len tokens, h hidden,
+    kv = kv_heads·head_dim, f intermediate), counted tensor by tensor with `saved_activation_bytes`:
+    fp32: 8·T·h (2 RMSNorms keep input + output, q/k/v input, q, attention out, o input, MLP input)
+    + 2·T·kv (k, v) + 4·T·f (gate, up, silu(gate), product) floats, + log-sum-exp and norm scales.
+    bf16 autocast: the norms and the residual stream stay fp32 (4·T·h floats); the rest is bf16 (2 bytes)."""
+    T, h, f = batch * seq_len, cfg.hidden_size, cfg.intermediate_size
+    kv = cfg.kv_heads * (h // cfg.heads)
+    small = 4 * T * cfg.heads + 8 * T  # attention log-sum-exp, RMSNorm 1/rms
+    if precision == "bf16":
+        return 4 * 4 * T * h + 2 * (5 * T * h + 2 * T * kv + 4 * T * f) + small
+    if precision != "fp32":
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    return 4 * (8 * T * h + 2 * T * kv + 4 * T * f) + small
+
+
+def activation_bytes(cfg: SmallConfig, batch: int, seq_len: int, precision: str = "fp32",
+                     checkpoint="none") -> int:
+    """Estimated peak activation bytes of a step: n·layer without checkpointing; with segments of k layers
+    (n/k)·(one hidden state) + k·layer (one segment recomputed at a time); plus the logits' loss tensors."""
+    n = cfg.layers
+    k = resolve_interval(checkpoint, n)
+    T = batch * seq_len
+    per_layer = layer_activation_bytes(cfg, batch, seq_len, precision)
+    head = 3 * T * cfg.vocab_size * 4 + T * cfg.hidden_size * 4
+    if k is None:
+        return n * per_layer + head
+    return math.ceil(n / k) * T * cfg.hidden_size * 4 + k * per_layer + head
+
+
+def estimate_stack(n_params: int, cfg: SmallConfig | None = None, batch: int = 4, seq_len: int = 128,
+                   precision: str = "fp32", checkpoint="none", zero_stage: int = 0, ranks: int = 1) -> dict:
+    """Per-rank bytes of a training step with Adam, by part: params, grads, optimizer, activations.
+
+    fp32: 4 + 4 + 8 = 16 bytes/param. bf16 autocast keeps fp32 master weights, grads and Adam state (the
+    same 16 bytes/param) plus a 2-byte bf16 copy of the weights; activations shrink. ZeRO stage 1 splits the
+    optimizer state over `ranks`, stage 2 also the gradients, stage 3 also the parameters. Activations are
+    per rank (each rank has batch / ranks... here: `batch` is the per-rank batch).
+    """
+    cfg = cfg or SmallConfig()
+    if zero_stage not in (0, 1, 2, 3):
+        raise ValueError(f"ZeRO stage must be 0, 1, 2 or 3, got {zero_stage!r}")
+    if isinstance(ranks, bool) or not isinstance(ranks, int) or ranks < 1:
+        raise ValueError(f"ranks must be an int ≥ 1, got {ranks!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    resolve_interval(checkpoint, cfg.layers)  # validates the interval against the depth
+    params, grads, optim = 4 * n_params, 4 * n_params, 8 * n_params
+    if zero_stage >= 1:
+        optim /= ranks
+    if zero_stage >= 2:
+        grads /= ranks
+    if zero_stage >= 3:
+        params /= ranks
+    if precision == "bf16":
+        params += 2 * n_params / (ranks if zero_stage >= 3 else 1)
+    return {"params": int(params), "grads": int(grads), "optimizer": int(optim),
+            "activations": int(activation_bytes(cfg, batch, seq_len, precision, checkpoint))}
+
+
+def optimizer_estimates(model) -> dict:
+    """Optimizer-state bytes: Adam fp32 (8 B/param), 8-bit Adam (2 B/param + one fp32 scale per 2048-value
+    block per moment), Adafactor (factored 2nd moment: rows + columns per matrix, no 1st moment)."""
+    adam = adam8 = factored = 0
+    for p in model.parameters():
+        adam += 8 * p.numel()
+        adam8 += 2 * p.numel() + 2 * 4 * math.ceil(p.numel() / 2048)
+        factored += 4 * (p.shape[0] + p.shape[1]) if p.dim() == 2 else 4 * p.numel()
+    return {"adam_fp32": adam, "adam_8bit": adam8, "adafactor": factored}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Results and bench
+
+def _measure_fresh(cfg: dict, variants: dict | None = None) -> dict:
+    """measure_step in a fresh process with a fixed malloc mmap threshold (freed tensors leave RSS)."""
+    from labkit import memory
+    old = os.environ.get("MALLOC_MMAP_THRESHOLD_")
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    try:
+        result, _ = memory.run_in_subprocess(measure_step, cfg, variants)
+    finally:
+        if old is None:
+            os.environ.pop("MALLOC_MMAP_THRESHOLD_", None)
+        else:
+            os.environ["MALLOC_MMAP_THRESHOLD_"] = old
+    return result
+
+
+STEP_VARIANTS = {
+    "fp32": {"precision": "fp32", "checkpoint": "none"},
+    "bf16": {"precision": "bf16", "checkpoint": "none"},
+    "ckpt_sqrt": {"precision": "fp32", "checkpoint": "sqrt"},
+    "ckpt_every": {"precision": "fp32", "checkpoint": "every"},
+}
+
+
+def step_estimate(cfg: SmallConfig, n: int, batch: int, seq_len: int, precision="fp32", checkpoint="none") -> int:
+    """Estimated peak growth during forward + backward (Adam state and weights already exist).
+
+    Gradients appear while activations are freed, so the peak is not their sum. Without checkpointing it
+    comes at the start of the backward: all activations + one layer of backward temporaries (or all the
+    gradients, if larger). With segments of k layers it comes when the bottom segment is recomputed: the
+    stored segment inputs + k layers + the gradients of the layers above + temporaries.
+    """
+    L = layer_activation_bytes(cfg, batch, seq_len, precision)
+    grads = 4 * n + (2 * n if precision == "bf16" else 0)  # + the bf16 weight copies autocast keeps
+    acts = activation_bytes(cfg, batch, seq_len, precision, checkpoint)
+    k = resolve_interval(checkpoint, cfg.layers)
+    if k is None:
+        return max(acts, grads) + L
+    return acts + int(grads * (cfg.layers - k) / cfg.layers) + L
+
+
+def step_memory(batch: int = 4, seq_len: int = 128, cfg: SmallConfig | None = None, fresh_each: bool = True,
+                variants: dict | None = None) -> dict:
+    """Peak growth of forward + backward per variant beside its estimate. fresh_each=True: one fresh process
+    per variant (cleanest); False: all variants one after the other in one fresh process (faster)."""
+    cfg = cfg or SmallConfig()
+    variants = variants or STEP_VARIANTS
+    base = {**asdict(cfg), "batch": batch, "seq_len": seq_len}
+    if fresh_each:
+        runs = {name: _measure_fresh({**base, **v})["variants"]["step"] for name, v in variants.items()}
+    else:
+        runs = _measure_fresh(base, variants)["variants"]
+    n = _count(cfg)
+    return {name: {**runs[name], "estimate_bytes": step_estimate(cfg, n, batch, seq_len, **variants[name])}
+            for name in variants}
+
+
+def _count(cfg: SmallConfig) -> int:
+    """Parameters of small_llama(cfg), counted from the shapes (no model built)."""
+    h, f, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    kv = cfg.kv_heads * (h // cfg.heads)
+    layer = 2 * h * h + 2 * h * kv + 3 * h * f + 2 * h
+    return cfg.layers * layer + V * h * (1 if cfg.tie else 2) + h
+
+
+def sharing_experiment(group_sizes=(1, 2, 8), steps: int = 60, cfg: SmallConfig | None = None,
+                       batch: int = 8, seq_len: int = 128, lr: float = 3e-3) -> dict:
+    """Train the same small Llama unshared (1) and with layers shared in groups; params, bytes, val loss."""
+    from labkit.memory import model_bytes
+    cfg = cfg or SmallConfig(hidden_size=128, layers=8, intermediate_size=344)
+    train_tok, val_tok = byte_tokens("train"), byte_tokens("validation")
+    data = batches(train_tok, steps, batch, seq_len, seed=1)
+    out = {}
+    for g in group_sizes:
+        torch.manual_seed(0)
+        model = share_(small_llama(cfg), ShareConfig(group_size=g))
+        losses = train(model, data, lr=lr)
+        out[str(g)] = {"n_params": n_params(model), "bytes": model_bytes(model), "train_losses": losses,
+                       "val_loss": eval_loss(model, val_tok, seq_len)}
+    return out
+
+
+def make_results() -> dict:
+    """The cached sweeps of notebook 06 (`python -m labkit results training`, a few minutes)."""
+    torch.set_num_threads(1)
+    depth_sweep = {}
+    for layers in (4, 8, 16, 24):
+        cfg = SmallConfig(layers=layers)
+        depth_sweep[str(layers)] = {k: v["peak_bytes"] for k, v in step_memory(cfg=cfg).items()}
+    return {"depth_sweep": depth_sweep, "sharing": sharing_experiment(steps=150),
+            "config": asdict(SmallConfig()), "batch": 4, "seq_len": 128}
+
+
+def bench() -> dict:
+    """Headline figures of notebook 06: step memory/time by variant, per-rank optimizer bytes, sharing."""
+    from labkit import sharding
+    mem = step_memory()
+    t = time_variants(STEP_VARIANTS, repeats=2)
+    base_m, base_t = mem["fp32"]["peak_bytes"], t["fp32"]
+    steps = {k: {"peak_MB": round(v["peak_bytes"] / 1e6, 1), "mem_ratio": round(v["peak_bytes"] / base_m, 2),
+                 "time_ratio": round(t[k] / base_t, 2)} for k, v in mem.items()}
+    one = sharding.launch(sharding.train_worker, 1, args=("zero1", None))
+    two = sharding.launch(sharding.train_worker, 2, args=("zero1", None))
+    share = sharing_experiment(group_sizes=(1, 8), steps=30)
+    return {"step": steps,
+            "zero1_optimizer_bytes_per_rank": {"1": [r["optimizer_state_bytes"] for r in one],
+                                               "2": [r["optimizer_state_bytes"] for r in two]},
+            "sharing": {g: {"n_params": v["n_params"], "val_loss": round(v["val_loss"], 3)}
+                        for g, v in share.items()}}
