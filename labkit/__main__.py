@@ -6,6 +6,7 @@
   execute NB [NB ...]     execute notebooks in place (cwd = the notebook's folder), then clean them
   clean [--check] NB ...  strip metadata noise (outputs are kept); --check only lists what would change
   student [--check]       write notebooks/student/ copies with solutions stubbed; --check verifies them
+  compress --budget B --out DIR   export SmolLM2 compressed to fit B (0.25 of fp32, bytes, or 64MB), with a report
 """
 from __future__ import annotations
 
@@ -202,6 +203,18 @@ def cmd_student(args) -> int:
     return 0
 
 
+# --- compress (notebook 07) ------------------------------------------------------------------------
+
+def cmd_compress(args) -> int:
+    from labkit import capstone
+    try:
+        capstone.compress_for_budget(args.budget, args.out, results=args.results, max_tokens=args.tokens, log=_err)
+    except (capstone.BudgetError, ValueError, FileNotFoundError) as e:
+        _err(f"compress: {e}")
+        return 2
+    return 0
+
+
 # --- command line --------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -228,6 +241,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--src", default=str(NOTEBOOKS), help=argparse.SUPPRESS)
     s.add_argument("--out", default=str(STUDENT), help=argparse.SUPPRESS)
     s.set_defaults(fn=cmd_student)
+    k = sub.add_parser("compress", help="export SmolLM2 compressed to fit a memory budget (notebook 07)")
+    k.add_argument("--budget", required=True, help="fraction of fp32 bytes (0.25), bytes, or a size such as 64MB")
+    k.add_argument("--out", required=True, help="folder for model.safetensors, tokenizer files and report.json")
+    k.add_argument("--tokens", type=int, default=None, help="validation tokens for perplexity (default: lk's)")
+    k.add_argument("--results", default=None, help=argparse.SUPPRESS)  # another capstone.json (tests)
+    k.set_defaults(fn=cmd_compress)
     return p
 
 

@@ -1,0 +1,194 @@
+"""Tests for labkit.capstone: recipes, stored formats, export / load_compressed on a tiny Llama, checksums,
+the Pareto frontier, budgets and the `compress` command."""
+import json
+import math
+
+import hypothesis.strategies as st
+import pytest
+import torch
+from hypothesis import given, settings
+
+from labkit import capstone as K
+from labkit import quantize as Q
+from labkit.__main__ import main
+from labkit.models import tiny_llama
+from labkit.storage import ChecksumError
+
+IDS = torch.tensor([[5, 17, 42, 99, 3, 200, 7, 64]])
+RECIPES = [K.Recipe(), K.Recipe(0.5), K.Recipe(quant="int", bits=8), K.Recipe(quant="int", bits=4, group_size=32),
+           K.Recipe(0.5, "int", 3, entropy="zstd"), K.Recipe(0.5, "kmeans", 4, entropy="huffman"),
+           K.Recipe(0.3, "kmeans", 2, entropy="zstd"), K.Recipe(quant="kmeans", bits=4)]
+
+
+def _generate(model):
+    with torch.inference_mode():
+        return model.generate(IDS, max_new_tokens=12, do_sample=False, pad_token_id=2)
+
+
+# ----------------------------------------------------------------------------------------------- recipes
+def test_recipe_validation():
+    with pytest.raises(ValueError, match="quant"):
+        K.Recipe(quant="int9")
+    with pytest.raises(ValueError, match="entropy coding applies"):
+        K.Recipe(entropy="zstd")
+    with pytest.raises(ValueError, match="bits"):
+        K.Recipe(quant="int", bits=5)
+    with pytest.raises(ValueError, match="group_size"):
+        K.Recipe(quant="kmeans", bits=4, group_size=64)
+    with pytest.raises(ValueError, match="sparsity"):
+        K.Recipe(sparsity=1.0)
+
+
+def test_recipe_names_and_dict_round_trip():
+    r = K.Recipe(0.5, "kmeans", 4, entropy="huffman")
+    assert r.name == "prune 50% + kmeans4 + huffman"
+    assert r.techniques == ["prune", "share", "entropy"]
+    assert K.Recipe.from_dict(json.loads(json.dumps(r.to_dict()))) == r
+    assert K.Recipe().name == "fp32" and K.Recipe().techniques == []
+    assert K.Recipe(quant="int", bits=4, group_size=64).name == "int4-g64"
+
+
+# ----------------------------------------------------------------------------------------------- one matrix
+@settings(max_examples=30, deadline=None)
+@given(rows=st.integers(1, 6), groups=st.integers(1, 4), quant=st.sampled_from(["int", "kmeans"]),
+       bits=st.sampled_from([2, 3, 4, 8]), entropy=st.sampled_from(K.ENTROPY), grouped=st.booleans(),
+       zeros=st.floats(0.0, 0.9), seed=st.integers(0, 10_000))
+def test_decode_equals_reconstruction(rows, groups, quant, bits, entropy, grouped, zeros, seed):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, 8 * groups, generator=g)
+    w[torch.rand(w.shape, generator=g) < zeros] = 0.0
+    recipe = K.Recipe(0.5 if zeros else 0.0, quant, bits, 8 if (grouped and quant == "int") else None, entropy)
+    entry, rec = K.encode_matrix(w, recipe)
+    assert rec.shape == w.shape and rec.dtype == torch.float32
+    assert torch.equal(K.decode_matrix(entry), rec)
+    if quant == "kmeans":      # zeros stay zeros (symbol 0), at most 2^bits distinct values
+        assert bool((rec[w == 0] == 0).all())
+        assert rec.unique().numel() <= 2 ** bits
+    else:                      # round to nearest: |error| ≤ scale / 2 (scales are fp16)
+        q = Q.quantize(w, bits, "group" if recipe.group_size else "channel", recipe.group_size)
+        assert torch.allclose(rec, Q.dequantize(q))
+
+
+def test_bitmap_and_raw_are_exact():
+    w = torch.randn(4, 16)
+    w[:, ::2] = 0
+    entry, rec = K.encode_matrix(w, K.Recipe(0.5))
+    assert entry["format"] == "bitmap" and torch.equal(rec, w) and torch.equal(K.decode_matrix(entry), w)
+    entry, rec = K.encode_matrix(torch.randn(7), K.Recipe(quant="int", bits=4))
+    assert entry["format"] == "raw"                                 # 1-D tensors (norms) are never quantized
+
+
+# ----------------------------------------------------------------------------------------------- model round trip
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda r: r.name)
+def test_export_load_generates_the_same_tokens(tmp_path, recipe):
+    model = tiny_llama()
+    packed = K.compress_(model, recipe)
+    before = _generate(model)
+    report = K.export(packed, tmp_path)
+    loaded = K.load_compressed(tmp_path)
+    assert torch.equal(_generate(loaded), before)
+    for (n, a), (_, b) in zip(sorted(model.state_dict().items()), sorted(loaded.state_dict().items())):
+        assert torch.equal(a, b), n
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight          # still tied
+    assert report["bytes"]["weights_file"] == (tmp_path / K.WEIGHTS).stat().st_size == packed.nbytes()
+    assert report["recipe"] == recipe.to_dict()
+
+
+def test_stage_bytes_follow_the_formulas():
+    model = tiny_llama()
+    n_params = sum(p.numel() for p in model.parameters())                   # tied weights counted once
+    packed = K.compress_(model, K.Recipe(0.5, "int", 4, 32, "zstd"))
+    st_ = packed.stage_bytes
+    assert st_["fp32"] == 4 * n_params
+    mats = {n: e for n, e in packed.entries.items() if e["format"] == "int"}
+    vectors = sum(4 * math.prod(e["shape"]) for e in packed.entries.values() if e["format"] == "raw")
+    codes = sum(math.ceil(math.prod(e["shape"]) * 4 / 8) + 2 * math.prod(e["shape"]) // 32 for e in mats.values())
+    assert st_["quantized"] == codes + vectors                               # 4-bit codes + one fp16 scale per 32
+    assert st_["fp32"] > st_["pruned"] > st_["quantized"] > st_["entropy"]   # zeros compress
+
+
+def test_corrupted_or_edited_export_is_detected(tmp_path):
+    K.export(K.compress_(tiny_llama(), K.Recipe(quant="int", bits=8)), tmp_path)
+    weights = tmp_path / K.WEIGHTS
+    good = weights.read_bytes()
+    weights.write_bytes(good[:-5] + bytes([good[-5] ^ 1]) + good[-4:])
+    with pytest.raises(ChecksumError, match="checksum mismatch in .*model.safetensors"):
+        K.load_compressed(tmp_path)
+    weights.write_bytes(good)
+    report_path = tmp_path / K.REPORT
+    report = json.loads(report_path.read_text())
+    report["recipe"]["bits"] = 4                                              # a hand edit
+    report_path.write_text(json.dumps(report))
+    with pytest.raises(ChecksumError, match="changed after export"):
+        K.load_compressed(tmp_path)
+    report_path.write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        K.load_compressed(tmp_path)
+    report_path.unlink()
+    with pytest.raises(FileNotFoundError, match="not a complete labkit export"):
+        K.load_compressed(tmp_path)
+
+
+def test_export_refuses_the_data_folder():
+    from labkit.repro import REPO_ROOT
+    with pytest.raises(ValueError, match="data/"):
+        K.export(K.compress_(tiny_llama(), K.Recipe()), REPO_ROOT / "data" / "x")
+
+
+# ----------------------------------------------------------------------------------------------- frontier, budget
+points = st.lists(st.tuples(st.integers(1, 100), st.floats(1, 100)), min_size=1, max_size=30)
+
+
+@settings(max_examples=60, deadline=None)
+@given(points)
+def test_pareto_front(raw):
+    pts = [{"name": str(i), "bytes": b, "ppl": p} for i, (b, p) in enumerate(raw)]
+    front = K.pareto_front(pts)
+    dominates = lambda a, b: a["bytes"] <= b["bytes"] and a["ppl"] <= b["ppl"] and (a["bytes"], a["ppl"]) != (b["bytes"], b["ppl"])  # noqa: E731
+    for f in front:
+        assert not any(dominates(p, f) for p in pts)
+    for p in pts:
+        assert p in front or any(f["bytes"] <= p["bytes"] and f["ppl"] <= p["ppl"] for f in front)
+    assert [f["bytes"] for f in front] == sorted(f["bytes"] for f in front)
+    assert all(a["ppl"] > b["ppl"] for a, b in zip(front, front[1:]))
+
+
+def test_beyond_single():
+    pts = [{"name": "a", "bytes": 10, "ppl": 5.0, "techniques": ["quantize"]},
+           {"name": "b", "bytes": 5, "ppl": 9.0, "techniques": ["prune"]},
+           {"name": "ab", "bytes": 4, "ppl": 6.0, "techniques": ["prune", "quantize"]},
+           {"name": "ab2", "bytes": 20, "ppl": 7.0, "techniques": ["prune", "quantize"]}]
+    assert [p["name"] for p in K.beyond_single(pts)] == ["ab"]
+
+
+def test_parse_budget():
+    assert K.parse_budget("0.25", 1000) == 250
+    assert K.parse_budget(0.125, 800) == 100
+    assert K.parse_budget("67000000", 1) == 67_000_000
+    assert K.parse_budget("64MB", 1) == 64_000_000 and K.parse_budget("1.5 GB", 1) == 1_500_000_000
+    for bad in ("abc", "-1", "0", "nan"):
+        with pytest.raises(ValueError):
+            K.parse_budget(bad, 1000)
+
+
+def test_best_recipe_and_unreachable_budget():
+    pts = [{"name": "big", "bytes": 100, "ppl": 10.0}, {"name": "mid", "bytes": 50, "ppl": 12.0},
+           {"name": "small", "bytes": 20, "ppl": 30.0}]
+    assert K.best_recipe(pts, 100)["name"] == "big"
+    assert K.best_recipe(pts, 99)["name"] == "mid"
+    with pytest.raises(K.BudgetError, match="below anything reachable.*'small' at 20 bytes"):
+        K.best_recipe(pts, 19)
+
+
+def test_cli_budget_below_reachable(tmp_path, capsys):
+    res = {"fp32_bytes": 1000, "eval": {"max_tokens": 8},
+           "grid": [{"name": "int4-g64", "bytes": 140, "ppl": 40.0, "recipe": K.Recipe(quant="int", bits=4,
+                                                                                      group_size=64).to_dict()}]}
+    path = tmp_path / "capstone.json"
+    path.write_text(json.dumps(res))
+    assert main(["compress", "--budget", "0.1", "--out", str(tmp_path / "out"), "--results", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "below anything reachable" in err and "'int4-g64' at 140 bytes" in err
+    assert not (tmp_path / "out").exists()
+    assert main(["compress", "--budget", "lots", "--out", str(tmp_path / "out"), "--results", str(path)]) == 2
+    assert "not a number" in capsys.readouterr().err
