@@ -232,11 +232,13 @@ class VariableAllocator:
         return AllocStats(self.capacity, used, req, free, largest, len(self.holes), used / self.capacity,
                           (used - req) / used if used else 0.0, (1 - largest / free) if free else 0.0)
 
-    def address_map(self) -> np.ndarray:
-        """Owner of every byte: the handle, or −1 where free (for drawing the address space)."""
-        m = np.full(self.capacity, -1, dtype=np.int64)
+    def address_map(self, stride: int = 1) -> np.ndarray:
+        """Owner of every `stride` bytes: the handle, or −1 where free (for drawing the address space).
+        With stride > 1 a cell shows a buffer if any of it lies there."""
+        st = _positive_int("stride", stride)
+        m = np.full(-(-self.capacity // st), -1, dtype=np.int64)
         for h, (off, size, _) in self.live.items():
-            m[off:off + size] = h
+            m[off // st:-(-(off + size) // st)] = h
         return m
 
     def check_invariants(self) -> None:
@@ -248,6 +250,29 @@ class VariableAllocator:
         assert pos == self.capacity, "live buffers and holes do not tile the capacity"
         for (o1, s1), (o2, _) in zip(self.holes, self.holes[1:]):
             assert o1 + s1 < o2, "adjacent holes were not merged"
+
+
+def churn(policy: str = "first", capacity: int = 4096, n_ops: int = 400, seed: int = 0, min_size: int = 16,
+          max_size: int = 128, unit: int = 1) -> tuple[VariableAllocator, dict]:
+    """A seeded stream of allocations (sizes min_size..max_size−1, times `unit` bytes) and frees of random live
+    buffers, the same stream for either policy; a request that finds no hole is counted as failed and dropped.
+    Returns the allocator in its final (fragmented) state and counts of what happened (failed_but_enough_free:
+    refused although the free bytes added up — external fragmentation)."""
+    rng = np.random.default_rng(seed)
+    a = VariableAllocator(capacity * unit, policy)
+    live, failed, fragmented, done = [], 0, 0, 0
+    for _ in range(_positive_int("n_ops", n_ops)):
+        r, size = rng.random(), int(rng.integers(min_size, max_size)) * unit   # both drawn every step
+        if live and r < 0.4:
+            a.free(live.pop(int(r / 0.4 * len(live))))
+        else:
+            try:
+                live.append(a.allocate(size))
+                done += 1
+            except PoolExhausted:
+                failed += 1
+                fragmented += a.stats().free >= size
+    return a, {"allocations": done, "failed": failed, "failed_but_enough_free": fragmented, "live": len(live)}
 
 
 # ---------------------------------------------------------------- allocation cost (notebook 05, §1)
@@ -322,27 +347,38 @@ def heap_pinning(n: int = 200, nbytes: int = 100_000) -> dict:
     return out
 
 
-def time_append(tokens: int = 256, token_bytes: int = 1_536, block_size: int = 16) -> dict:
+def time_append(tokens: int = 256, token_bytes: int = 1_536, block_size: int = 16, repeats: int = 3) -> dict:
     """Grow a per-sequence buffer one token at a time: torch.cat (a new, bigger tensor each step, as
     transformers' DynamicCache does per layer) vs writing into blocks of a preallocated pool. Default: one
-    layer of SmolLM2-135M in fp32 (2 · 3 · 64 · 4 = 1,536 B per token). Bytes copied and seconds."""
+    layer of SmolLM2-135M in fp32 (2 · 3 · 64 · 4 = 1,536 B per token). Bytes copied and seconds (best of
+    `repeats`)."""
     tokens, numel = _positive_int("tokens", tokens), _positive_int("token_bytes", token_bytes) // 4
     row = torch.ones(1, numel)
-    t0 = time.perf_counter()
-    buf = torch.empty(0, numel)
-    for _ in range(tokens):
-        buf = torch.cat([buf, row])
-    t_cat = time.perf_counter() - t0
-    pool = BlockPool(-(-tokens // block_size), (block_size, numel))
-    t0 = time.perf_counter()
-    table = []
-    for i in range(tokens):
-        if i % block_size == 0:
-            table.append(pool.allocate())
-        pool.storage[table[-1], i % block_size] = row[0]
-    t_pool = time.perf_counter() - t0
+
+    def cat():
+        buf = torch.empty(0, numel)
+        for _ in range(tokens):
+            buf = torch.cat([buf, row])
+
+    def pooled():
+        pool = BlockPool(-(-tokens // block_size), (block_size, numel))
+        table = []
+        for i in range(tokens):
+            if i % block_size == 0:
+                table.append(pool.allocate())
+            pool.storage[table[-1], i % block_size] = row[0]
+
+    best = {}
+    for name, fn in (("cat", cat), ("pool", pooled)):
+        ts = []
+        for _ in range(_positive_int("repeats", repeats)):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+        best[name] = min(ts)
     return {"tokens": tokens, "cat_bytes_copied": numel * 4 * tokens * (tokens + 1) // 2,
-            "pool_bytes_copied": numel * 4 * tokens, "cat_s": t_cat, "pool_s": t_pool, "ratio": t_cat / t_pool}
+            "pool_bytes_copied": numel * 4 * tokens, "cat_s": best["cat"], "pool_s": best["pool"],
+            "ratio": best["cat"] / best["pool"]}
 
 
 def cuda_caching_allocator_size(nbytes: int) -> dict:

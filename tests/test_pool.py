@@ -11,9 +11,9 @@ from transformers import DynamicCache
 
 import labkit as lk
 from labkit.kvcache import PagedKVCache, kv_cache_table, quantize_kv_int8, sample_parallel
-from labkit.pool import (BlockPool, PoolError, PoolExhausted, VariableAllocator, cuda_caching_allocator_size,
+from labkit.pool import (BlockPool, PoolError, PoolExhausted, VariableAllocator, churn, cuda_caching_allocator_size,
                          heap_pinning, make_requests, paged_waste_bound, sequences_that_fit, serving_comparison,
-                         simulate, time_alloc)
+                         simulate, time_alloc, time_append)
 
 
 # ---------------------------------------------------------------- BlockPool
@@ -260,6 +260,20 @@ def test_allocator_random_ops_never_overlap_and_compaction_preserves_data(ops, p
         assert a.view(h).eq(h % 251).all()
 
 
+@pytest.mark.parametrize("policy", ["first", "best"])
+def test_churn_is_seeded_fragments_and_scales_with_unit(policy):
+    a, c = churn(policy, seed=3)
+    b, c2 = churn(policy, seed=3)
+    assert c == c2 and a.live == b.live and a.holes == b.holes
+    a.check_invariants()
+    st = a.stats()
+    assert c["failed"] > 0 and c["failed_but_enough_free"] <= c["failed"] and st.holes > 1
+    big, c3 = churn(policy, seed=3, unit=8)
+    assert c3 == c and big.stats().used == 8 * st.used  # the same stream, every size × 8
+    m1, m8 = a.address_map(), big.address_map(stride=8)
+    assert m8.shape == m1.shape and np.array_equal(m8 >= 0, m1 >= 0)
+
+
 def test_cuda_caching_allocator_rounding_rules():
     assert cuda_caching_allocator_size(1)["block"] == 512
     assert cuda_caching_allocator_size(513)["block"] == 1024
@@ -271,6 +285,14 @@ def test_cuda_caching_allocator_rounding_rules():
 def test_time_alloc_returns_positive_timings():
     r = time_alloc(4096, n=20, repeats=1)
     assert r["plain_us"] > 0 and r["pool_us"] > 0 and r["ratio"] > 0
+
+
+def test_time_append_counts_quadratic_vs_linear_copies():
+    r = time_append(tokens=40, token_bytes=64, block_size=8, repeats=2)
+    assert r["cat_bytes_copied"] == 64 * 40 * 41 // 2 and r["pool_bytes_copied"] == 64 * 40
+    assert r["cat_s"] > 0 and r["pool_s"] > 0
+    with pytest.raises(ValueError, match="repeats"):
+        time_append(repeats=0)
 
 
 @pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
