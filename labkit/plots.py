@@ -519,3 +519,47 @@ def distill_cache_bytes(rows: dict, ax=None, title: str = "Teacher targets per t
     ax.set_xlabel("bytes per token")
     ax.set_title(title)
     return ax
+
+
+# --- capstone (notebook 07) ---
+
+def _technique_label(p) -> str:
+    t = [x for x in p.get("techniques", []) if x != "entropy"]
+    return " + ".join(t) or "fp32"
+
+
+def capstone_frontier(points: list[dict], frontier: list[dict], others: list[dict] | None = None,
+                      fp32_bytes: float | None = None, budget: float | None = None, chosen: dict | None = None,
+                      beyond: list[dict] | None = None, ax=None, title: str = ""):
+    """Stored MB against perplexity (log-log) for every recipe, coloured by technique (triangles: codes entropy
+    coded), the Pareto frontier as a staircase, combinations no single technique reaches circled, other models
+    (the distilled student) as stars, and an optional budget line and chosen point."""
+    ax = new_axes(ax, figsize=(9, 5.2))
+    for i, g in enumerate(dict.fromkeys(_technique_label(p) for p in points)):
+        for coded, marker in ((False, "o"), (True, "^")):
+            ps = [p for p in points if _technique_label(p) == g and ("entropy" in p.get("techniques", [])) == coded]
+            if ps:
+                ax.scatter([_mb(p["bytes"]) for p in ps], [p["ppl"] for p in ps], marker=marker, s=36,
+                           color=PALETTE[i % 8], label=g if not coded else None, alpha=0.85, zorder=3)
+    fx, fy = [_mb(p["bytes"]) for p in frontier], [p["ppl"] for p in frontier]
+    ax.step(fx, fy, where="post", color="k", lw=1.2, label="Pareto frontier", zorder=2)
+    for p in beyond or []:
+        ax.scatter([_mb(p["bytes"])], [p["ppl"]], s=160, facecolors="none", edgecolors="k", lw=1.2, zorder=4)
+    if beyond:
+        ax.scatter([], [], s=160, facecolors="none", edgecolors="k", label="beyond any single technique")
+    for p in frontier:
+        ax.annotate(p["name"], (_mb(p["bytes"]), p["ppl"]), fontsize=6.5, xytext=(4, 3), textcoords="offset points")
+    for p in others or []:
+        ax.scatter([_mb(p["bytes"])], [p["ppl"]], marker="*", s=140, color=PALETTE[6], zorder=4, label=p["name"])
+    if budget:
+        ax.axvline(_mb(budget), color=PALETTE[3], ls="--", lw=1, label=f"budget {_mb(budget):.0f} MB")
+    if chosen:
+        ax.scatter([_mb(chosen["bytes"])], [chosen["ppl"]], marker="*", s=260, color=PALETTE[3], zorder=5,
+                   label=f"best in budget: {chosen['name']}")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("stored bytes (MB, safetensors file)" + (f"; fp32 = {_mb(fp32_bytes):.0f} MB" if fp32_bytes else ""))
+    ax.set_ylabel("perplexity (validation, lower is better)")
+    ax.set_title(title or "SmolLM2-135M: memory against perplexity")
+    ax.legend(fontsize=7, loc="upper right", ncol=2)
+    return ax

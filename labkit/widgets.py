@@ -147,3 +147,31 @@ def quantize_widget(model, tokens, max_tokens: int = 256, fp32_ppl: float | None
                           group_size=w.Dropdown(options=[("per channel", 0), ("192", 192), ("64", 64), ("32", 32)],
                                                 value=64),
                           symmetric=w.Checkbox(value=True, description="symmetric"))
+
+
+# --- capstone (notebook 07) ---
+
+def capstone_budget_widget(results: dict):
+    """Budget slider (fraction of fp32 bytes) → the best cached recipe that fits, on the memory-vs-perplexity
+    chart (lk.capstone.best_recipe; a budget below every point prints the smallest reachable one)."""
+    import ipywidgets as w
+
+    from . import capstone, plots
+
+    points = capstone.search_points(results)
+    front = capstone.pareto_front(points)
+
+    def draw(fraction=0.125):
+        budget = int(fraction * results["fp32_bytes"])
+        try:
+            chosen = capstone.best_recipe(points, budget)
+            print(f"budget {budget / 1e6:.1f} MB → {chosen['name']}: {chosen['bytes'] / 1e6:.1f} MB, "
+                  f"perplexity {chosen['ppl']:.2f}")
+        except capstone.BudgetError as e:
+            chosen = None
+            print(e)
+        return plots.capstone_frontier(points, front, results.get("others"), results["fp32_bytes"], budget, chosen)
+
+    return interact_chart(draw, fraction=w.FloatLogSlider(value=0.125, base=2, min=-6, max=0, step=0.25,
+                                                          description="budget ×fp32", readout_format=".3f",
+                                                          continuous_update=False))
