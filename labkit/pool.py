@@ -600,6 +600,7 @@ def bench() -> dict:
         for size in (4096, 737_280):
             t = time_alloc(size, n=200)
             out[f"alloc_{size}B"] = {k: round(v, 2) for k, v in t.items()}
+        out["alloc_737280B_fresh_pages"] = {k: round(v, 2) for k, v in time_alloc_fresh(737_280).items()}
         model, tok = load_model("smollm2-135m")
         ids = tok("In the beginning God created the heaven and the earth.", return_tensors="pt")["input_ids"]
         g = generation_speed(model, ids, max_new_tokens=20)
