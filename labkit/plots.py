@@ -521,6 +521,32 @@ def distill_cache_bytes(rows: dict, ax=None, title: str = "Teacher targets per t
     return ax
 
 
+# --- other memory-saving designs (notebook 06) ---
+
+TRAINING_VARIANT_LABELS = {"fp32": "fp32", "bf16": "bf16 autocast", "ckpt_sqrt": "checkpoint every √n layers",
+                           "ckpt_every": "checkpoint every layer"}
+
+
+def training_depth_sweep(sweep: dict, ax=None, title: str = "Training-step peak vs depth"):
+    """Peak growth of a training step against the number of layers: measured (markers, solid) and estimated
+    (dashed) per variant; `sweep` is {layers: {variant: {"peak_bytes", "estimate_bytes"}}}."""
+    ax = new_axes(ax)
+    depths = sorted(sweep, key=int)
+    xs = [int(d) for d in depths]
+    for i, v in enumerate(sweep[depths[0]]):
+        c = PALETTE[i % len(PALETTE)]
+        ax.plot(xs, [_mb(sweep[d][v]["peak_bytes"]) for d in depths], "o-", color=c,
+                label=TRAINING_VARIANT_LABELS.get(v, v))
+        ax.plot(xs, [_mb(sweep[d][v]["estimate_bytes"]) for d in depths], "--", color=c, lw=1)
+    ax.plot([], [], "k--", lw=1, label="estimate")
+    ax.set_xlabel("decoder layers")
+    ax.set_ylabel("peak above model + Adam (MB)")
+    ax.set_xticks(xs)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    return ax
+
+
 # --- capstone (notebook 07) ---
 
 def _technique_label(p) -> str:

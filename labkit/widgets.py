@@ -149,6 +149,38 @@ def quantize_widget(model, tokens, max_tokens: int = 256, fp32_ppl: float | None
                           symmetric=w.Checkbox(value=True, description="symmetric"))
 
 
+# --- other memory-saving designs (notebook 06) ---
+
+def training_memory_widget(reference: dict | None = None):
+    """Model, batch, sequence length, precision, checkpointing, ZeRO stage and ranks → the stacked per-rank
+    estimate (lk.training.estimate_stack); `reference` = {"estimate": parts, "measured": bytes} adds the
+    measured setting beside it."""
+    import ipywidgets as w
+
+    from . import plots, training
+
+    def draw(model, batch, seq_len, precision, checkpoint, zero_stage, ranks):
+        cfg = training.MODEL_CONFIGS[model]
+        parts = training.estimate_stack(training._count(cfg), cfg, batch, seq_len, precision, checkpoint,
+                                        zero_stage, ranks)
+        columns = {f"{model}\n{precision}, {batch}×{seq_len}, ZeRO-{zero_stage} × {ranks}": parts}
+        measured = None
+        if reference:
+            columns["measured step\nsmall Llama fp32 4×128"] = reference["estimate"]
+            measured = {"measured step\nsmall Llama fp32 4×128": reference["measured"]}
+        return plots.stacked_memory(columns, measured, title="Estimated bytes per rank")
+
+    return interact_chart(
+        draw,
+        model=w.Dropdown(options=list(training.MODEL_CONFIGS), value="small Llama (measured)", description="model"),
+        batch=w.IntSlider(value=4, min=1, max=32, description="batch"),
+        seq_len=w.SelectionSlider(options=[64, 128, 256, 512, 1024, 2048], value=128, description="seq len"),
+        precision=w.ToggleButtons(options=list(training.PRECISIONS), value="fp32", description="precision"),
+        checkpoint=w.ToggleButtons(options=list(training.CHECKPOINTING), value="none", description="checkpoint"),
+        zero_stage=w.IntSlider(value=0, min=0, max=3, description="ZeRO stage"),
+        ranks=w.SelectionSlider(options=[1, 2, 4, 8], value=1, description="ranks"))
+
+
 # --- capstone (notebook 07) ---
 
 def capstone_budget_widget(results: dict):
