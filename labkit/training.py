@@ -36,6 +36,22 @@ class SmallConfig:
     tie: bool = False
 
 
+def config_from_hf(config) -> SmallConfig:
+    """The SmallConfig of a transformers Llama config (e.g. SmolLM2-135M's), for the estimates below."""
+    return SmallConfig(vocab_size=config.vocab_size, hidden_size=config.hidden_size,
+                       layers=config.num_hidden_layers, heads=config.num_attention_heads,
+                       kv_heads=config.num_key_value_heads, intermediate_size=config.intermediate_size,
+                       tie=bool(getattr(config, "tie_word_embeddings", False)))
+
+
+#: The models of the notebook-06 widget: the small Llama we measure and SmolLM2-135M's shapes.
+MODEL_CONFIGS = {
+    "small Llama (measured)": SmallConfig(),
+    "SmolLM2-135M": SmallConfig(vocab_size=49152, hidden_size=576, layers=30, heads=9, kv_heads=3,
+                                intermediate_size=1536, tie=True),
+}
+
+
 def small_llama(cfg: SmallConfig | None = None, seed: int = 0):
     """A randomly initialised LlamaForCausalLM for `cfg` (train mode, fp32, deterministic for a seed)."""
     from labkit.models import tiny_llama
@@ -278,6 +294,8 @@ def measure_step(cfg: dict, variants: dict | None = None) -> dict:
                         "exp_avg_sq": torch.zeros_like(p)}
     x = batches(torch.randint(0, mc.vocab_size, (4096,), generator=torch.Generator().manual_seed(0)),
                 1, cfg.get("batch", 4), cfg.get("seq_len", 128))[0]
+    accumulate_grads(model, x[:1], 1, "bf16")  # warm-up: one-time allocations (thread pools, autocast,
+    accumulate_grads(model, x[:1], 1, "fp32")  # kernels' workspaces) stay out of the first variant's peak
     out = {}
     for name, v in (variants or {"step": {}}).items():
         c = {**cfg, **v}
@@ -421,18 +439,25 @@ STEP_VARIANTS = {
 def step_estimate(cfg: SmallConfig, n: int, batch: int, seq_len: int, precision="fp32", checkpoint="none") -> int:
     """Estimated peak growth during forward + backward (Adam state and weights already exist).
 
-    Gradients appear while activations are freed, so the peak is not their sum. Without checkpointing it
-    comes at the start of the backward: all activations + one layer of backward temporaries (or all the
-    gradients, if larger). With segments of k layers it comes when the bottom segment is recomputed: the
-    stored segment inputs + k layers + the gradients of the layers above + temporaries.
+    Gradients (G = 4 bytes/param) appear while activations are freed, so the peak is not their sum.
+    Without checkpointing it comes at the start of the backward: every layer's saved tensors (L each) + the
+    loss's + one layer's backward temporaries (≈ two MLP-wide tensors). With segments of k layers it comes while
+    segment j (from the bottom) is recomputed: the inputs still stored below it (j · T·h floats) + k·L + the
+    gradients of the layers above it; the estimate takes the largest j. bf16 autocast adds the 2-byte weight
+    copies that autocast saves for backward (all layers', or one segment's when checkpointing).
     """
-    L = layer_activation_bytes(cfg, batch, seq_len, precision)
-    grads = 4 * n + (2 * n if precision == "bf16" else 0)  # + the bf16 weight copies autocast keeps
-    acts = activation_bytes(cfg, batch, seq_len, precision, checkpoint)
     k = resolve_interval(checkpoint, cfg.layers)
+    n_layers, T = cfg.layers, batch * seq_len
+    L = layer_activation_bytes(cfg, batch, seq_len, precision)
+    temps = 2 * T * cfg.intermediate_size * 4
+    G = 4 * n
+    copies = 2 * n if precision == "bf16" else 0
     if k is None:
-        return max(acts, grads) + L
-    return acts + int(grads * (cfg.layers - k) / cfg.layers) + L
+        return max(activation_bytes(cfg, batch, seq_len, precision), G) + copies + temps
+    h_in = T * cfg.hidden_size * 4
+    segments = math.ceil(n_layers / k)
+    peak = max(j * h_in + k * L + G * max(0, n_layers - j * k) / n_layers for j in range(1, segments + 1))
+    return int(peak + copies * k / n_layers + temps)
 
 
 def step_memory(batch: int = 4, seq_len: int = 128, cfg: SmallConfig | None = None, fresh_each: bool = True,
@@ -459,32 +484,49 @@ def _count(cfg: SmallConfig) -> int:
     return cfg.layers * layer + V * h * (1 if cfg.tie else 2) + h
 
 
-def sharing_experiment(group_sizes=(1, 2, 8), steps: int = 60, cfg: SmallConfig | None = None,
-                       batch: int = 8, seq_len: int = 128, lr: float = 3e-3) -> dict:
-    """Train the same small Llama unshared (1) and with layers shared in groups; params, bytes, val loss."""
+def compare_training(variants: dict, steps: int = 60, cfg: SmallConfig | None = None, batch: int = 8,
+                     seq_len: int = 128, lr: float = 3e-3) -> dict:
+    """Train the same small Llama (same init, same KJV byte batches) once per variant, e.g.
+    {"shared 8": {"share": 8}, "bf16": {"precision": "bf16"}}; params, bytes, losses, validation loss."""
     from labkit.memory import model_bytes
     cfg = cfg or SmallConfig(hidden_size=128, layers=8, intermediate_size=344)
     train_tok, val_tok = byte_tokens("train"), byte_tokens("validation")
     data = batches(train_tok, steps, batch, seq_len, seed=1)
     out = {}
-    for g in group_sizes:
-        torch.manual_seed(0)
-        model = share_(small_llama(cfg), ShareConfig(group_size=g))
-        losses = train(model, data, lr=lr)
-        out[str(g)] = {"n_params": n_params(model), "bytes": model_bytes(model), "train_losses": losses,
-                       "val_loss": eval_loss(model, val_tok, seq_len)}
+    for name, v in variants.items():
+        model = small_llama(cfg)
+        if v.get("share", 1) > 1:
+            share_(model, ShareConfig(group_size=v["share"]))
+        losses = train(model, data, lr=lr, precision=v.get("precision", "fp32"))
+        out[name] = {"n_params": n_params(model), "bytes": model_bytes(model), "train_losses": losses,
+                     "val_loss": eval_loss(model, val_tok, seq_len)}
+    return out
+
+
+def sharing_experiment(group_sizes=(1, 2, 8), steps: int = 60, **kw) -> dict:
+    """compare_training of unshared (group 1) and ALBERT-style shared groups of layers, keyed by group size."""
+    return compare_training({str(g): {"share": g} for g in group_sizes}, steps, **kw)
+
+
+def depth_sweep(depths=(4, 8, 16, 24), batch: int = 4, seq_len: int = 128) -> dict:
+    """Measured step peaks (one fresh process per depth) and estimates for every variant of STEP_VARIANTS."""
+    out = {}
+    for layers in depths:
+        rows = step_memory(batch, seq_len, SmallConfig(layers=layers), fresh_each=False)
+        out[str(layers)] = {k: {"peak_bytes": v["peak_bytes"], "estimate_bytes": v["estimate_bytes"]}
+                            for k, v in rows.items()}
     return out
 
 
 def make_results() -> dict:
-    """The cached sweeps of notebook 06 (`python -m labkit results training`, a few minutes)."""
+    """The cached runs of notebook 06 (`python -m labkit results training`, a few minutes on 2 cores):
+    peak memory vs depth, ALBERT-style sharing and fp32 vs bf16 after the same 150 training steps."""
     torch.set_num_threads(1)
-    depth_sweep = {}
-    for layers in (4, 8, 16, 24):
-        cfg = SmallConfig(layers=layers)
-        depth_sweep[str(layers)] = {k: v["peak_bytes"] for k, v in step_memory(cfg=cfg).items()}
-    return {"depth_sweep": depth_sweep, "sharing": sharing_experiment(steps=150),
-            "config": asdict(SmallConfig()), "batch": 4, "seq_len": 128}
+    return {"depth_sweep": depth_sweep(), "config": asdict(SmallConfig()), "batch": 4, "seq_len": 128,
+            "sharing": sharing_experiment(steps=150),
+            "precision": compare_training({"fp32": {}, "bf16": {"precision": "bf16"}}, steps=150),
+            "train_config": asdict(SmallConfig(hidden_size=128, layers=8, intermediate_size=344)),
+            "train": {"steps": 150, "batch": 8, "seq_len": 128, "lr": 3e-3}}
 
 
 def bench() -> dict:
@@ -493,7 +535,8 @@ def bench() -> dict:
     mem = step_memory()
     t = time_variants(STEP_VARIANTS, repeats=2)
     base_m, base_t = mem["fp32"]["peak_bytes"], t["fp32"]
-    steps = {k: {"peak_MB": round(v["peak_bytes"] / 1e6, 1), "mem_ratio": round(v["peak_bytes"] / base_m, 2),
+    steps = {k: {"peak_MB": round(v["peak_bytes"] / 1e6, 1), "estimate_MB": round(v["estimate_bytes"] / 1e6, 1),
+                 "mem_ratio": round(v["peak_bytes"] / base_m, 2), "seconds": round(t[k], 3),
                  "time_ratio": round(t[k] / base_t, 2)} for k, v in mem.items()}
     one = sharding.launch(sharding.train_worker, 1, args=("zero1", None))
     two = sharding.launch(sharding.train_worker, 2, args=("zero1", None))

@@ -50,6 +50,8 @@ def test_launch_rejects_unimportable_and_bad_world_size():
         sharding.launch(local, 2)
     with pytest.raises(ValueError, match="world_size"):
         sharding.launch(sharding.sleeping_worker, 0)
+    with pytest.raises(ValueError, match="cannot be split evenly over 3 ranks"):
+        sharding.compare_sharded(3)  # the default batch is 4
 
 
 def test_zero1_and_fsdp_match_one_process_and_shard_state():

@@ -261,3 +261,12 @@ def test_batches_are_windows_of_the_tokens():
     assert torch.equal(b[..., 1:] - b[..., :-1], torch.ones(3, 2, 9, dtype=torch.long))
     with pytest.raises(ValueError):
         T.batches(torch.arange(5), 1, 1, 10)
+
+
+def test_step_estimate_orders_the_variants_and_config_from_hf(tiny):
+    cfg, n = T.SmallConfig(), T._count(T.SmallConfig())
+    est = {k: T.step_estimate(cfg, n, 4, 128, **v) for k, v in T.STEP_VARIANTS.items()}
+    assert est["ckpt_every"] < est["ckpt_sqrt"] < est["bf16"] < est["fp32"]
+    c = T.config_from_hf(tiny.config)
+    assert (c.layers, c.hidden_size, c.tie) == (2, 64, True) and T._count(c) == T.n_params(tiny)
+    assert T._count(T.MODEL_CONFIGS["SmolLM2-135M"]) == 134_515_008
