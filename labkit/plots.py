@@ -584,6 +584,9 @@ def capstone_frontier(points: list[dict], frontier: list[dict], others: list[dic
                    label=f"best in budget: {chosen['name']}")
     ax.set_xscale("log")
     ax.set_yscale("log")
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("stored bytes (MB, safetensors file)" + (f"; fp32 = {_mb(fp32_bytes):.0f} MB" if fp32_bytes else ""))
     ax.set_ylabel("perplexity (validation, lower is better)")
     ax.set_title(title or "SmolLM2-135M: memory against perplexity")
