@@ -4,7 +4,8 @@ Defined in notebook 03 (Distillation). The pieces, in the order the notebook tea
 - `make_student`: a small LlamaForCausalLM that shares the teacher's tokenizer (so logits align);
 - `kd_loss`: α·T²·KL(softmax(t/T) ‖ softmax(s/T)) + (1−α)·CE(s, labels) (Hinton et al. 2015);
 - `teacher_topk` / `cached_teacher_topk`: the teacher runs once per batch of text; its top-k logits are
-  kept (k·8 bytes per token instead of vocab·4) and cached under `lk.cache_dir()`;
+  kept (k·8 bytes per token instead of vocab·4), plus the log-mass of the other tokens at a few temperatures
+  (4 bytes each), and cached under `lk.cache_dir()`;
 - `train_student`: AdamW, a progress bar, atomic checkpoints and resume after an interruption;
 - `make_results()` (the stored experiment, `python -m labkit results distill`) and `bench()`.
 """
@@ -110,26 +111,50 @@ def embedding_share(model) -> float:
 # The loss
 
 
+# Temperatures at which the teacher-logit cache also keeps the log-mass of the tokens outside its top k.
+TAIL_TEMPERATURES = (1.0, 2.0, 4.0)
+
+
 @dataclass
 class TopKLogits:
-    """The teacher's k largest logits per position (values float32, indices int32), shape [..., k]."""
+    """The teacher's k largest logits per position (values float32, indices int32), shape [..., k].
+
+    `tail[..., j]` (optional, float32) is log Σ_{i ∉ top-k} exp(logit_i / tail_temps[j]): the softened mass of
+    the other V − k tokens, so the KD loss can keep it as one extra bucket instead of pretending it is zero.
+    """
     values: torch.Tensor
     indices: torch.Tensor
     vocab_size: int
+    tail: torch.Tensor | None = None
+    tail_temps: tuple = ()
 
     def __post_init__(self):
         if self.values.shape != self.indices.shape:
             raise ValueError(f"values {tuple(self.values.shape)} and indices {tuple(self.indices.shape)} differ")
+        self.tail_temps = tuple(float(t) for t in self.tail_temps)
+        if self.tail is not None and tuple(self.tail.shape) != (*self.values.shape[:-1], len(self.tail_temps)):
+            raise ValueError(f"tail {tuple(self.tail.shape)} must be [..., {len(self.tail_temps)}] "
+                             f"(one log-mass per temperature in tail_temps)")
 
     def __getitem__(self, idx) -> "TopKLogits":
-        return TopKLogits(self.values[idx], self.indices[idx], self.vocab_size)
+        tail = self.tail[idx] if self.tail is not None else None
+        return TopKLogits(self.values[idx], self.indices[idx], self.vocab_size, tail, self.tail_temps)
 
     @property
     def k(self) -> int:
         return int(self.values.shape[-1])
 
+    def tail_at(self, temperature: float) -> torch.Tensor | None:
+        """The stored tail log-mass at this temperature ([...]), or None when it was not cached."""
+        for j, t in enumerate(self.tail_temps):
+            if self.tail is not None and math.isclose(t, float(temperature)):
+                return self.tail[..., j]
+        return None
+
     def nbytes(self) -> int:
-        return self.values.numel() * self.values.element_size() + self.indices.numel() * self.indices.element_size()
+        tail = 0 if self.tail is None else self.tail.numel() * self.tail.element_size()
+        return (self.values.numel() * self.values.element_size()
+                + self.indices.numel() * self.indices.element_size() + tail)
 
 
 def kd_loss(student_logits, teacher_logits, labels=None, temperature: float = 1.0, alpha: float = 0.5,
@@ -137,9 +162,12 @@ def kd_loss(student_logits, teacher_logits, labels=None, temperature: float = 1.
     """α·T²·KL(softmax(t/T) ‖ softmax(s/T)) + (1−α)·CE(s, labels), averaged over tokens.
 
     `student_logits[..., i, :]` predicts `labels[..., i]` (shift before calling). `teacher_logits` is either a
-    full tensor of the same shape or a `TopKLogits`; with top-k the teacher is renormalised over its k tokens
-    and the student's log-probabilities (over the full vocabulary) are read at those k tokens — a KL that is
-    still ≥ 0 and equals the full one when k = vocab. Positions whose label is `ignore_index` are skipped.
+    full tensor of the same shape or a `TopKLogits`. With top-k logits that carry the tail log-mass at this
+    temperature, the KL is taken over k + 1 buckets (the k tokens, then "everything else" for both models):
+    exact for the teacher's probabilities, a lower bound of the full KL, equal to it when k = vocab. Without
+    a stored tail, the teacher is renormalised over its k tokens — fine at T = 1 where the top 32 hold most of
+    the mass, badly wrong at T = 4 where they hold a few percent and the student is pushed to put everything
+    on them. Positions whose label is `ignore_index` are skipped.
     The T² factor keeps the soft-target gradients the same size whatever T (Hinton et al. 2015, §2).
     """
     t = _check_temperature(temperature)
@@ -172,11 +200,20 @@ def kd_loss(student_logits, teacher_logits, labels=None, temperature: float = 1.
     log_q = F.log_softmax(s / t, dim=-1)
     if topk:
         k = teacher_logits.k
-        log_p = F.log_softmax(teacher_logits.values.reshape(-1, k).float() / t, dim=-1)
-        log_q = log_q.gather(-1, teacher_logits.indices.reshape(-1, k).long())
+        idx = teacher_logits.indices.reshape(-1, k).long()
+        z_p = teacher_logits.values.reshape(-1, k).float() / t
+        tail = teacher_logits.tail_at(t)
+        if tail is not None and k < V:  # k + 1 buckets: the top k, then the rest of the vocabulary for both models
+            rest_q = log_q.scatter(-1, idx, float("-inf")).logsumexp(-1, keepdim=True)
+            z_p = torch.cat([z_p, tail.reshape(-1, 1).float()], dim=-1)
+            log_q = torch.cat([log_q.gather(-1, idx), rest_q], dim=-1)
+        else:
+            log_q = log_q.gather(-1, idx)
+        log_p = F.log_softmax(z_p, dim=-1)
     else:
         log_p = F.log_softmax(teacher_logits.reshape(-1, V).float() / t, dim=-1)
-    kl_tok = (log_p.exp() * (log_p - log_q)).sum(-1)
+    p = log_p.exp()  # a bucket the teacher gives no mass (empty tail when k = V) adds nothing
+    kl_tok = torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p)).sum(-1)
     kd = (kl_tok * mask).sum() / n * (t * t)
 
     if labels is not None:
@@ -203,14 +240,21 @@ def make_sequences(tokens: torch.Tensor, seq_len: int, n_seqs: int, offset: int 
     return tokens[offset:need].reshape(n_seqs, seq_len + 1).clone()
 
 
+def tail_logmass(logits: torch.Tensor, indices: torch.Tensor, temps=TAIL_TEMPERATURES) -> torch.Tensor:
+    """[..., len(temps)]: log Σ exp(logits/T) over the tokens *not* in `indices`, one column per T."""
+    rest = logits.float().scatter(-1, indices.long(), float("-inf"))
+    return torch.stack([(rest / _check_temperature(t)).logsumexp(-1) for t in temps], dim=-1)
+
+
 @torch.no_grad()
-def teacher_topk(teacher, seqs: torch.Tensor, k: int = 32, batch_size: int = 4, progress: bool = False) -> TopKLogits:
-    """Run the teacher once over `seqs[:, :-1]` and keep its k largest logits per position."""
+def teacher_topk(teacher, seqs: torch.Tensor, k: int = 32, batch_size: int = 4, progress: bool = False,
+                 tail_temps=TAIL_TEMPERATURES) -> TopKLogits:
+    """Run the teacher once over `seqs[:, :-1]`; keep its k largest logits and the tail log-mass per position."""
     from tqdm.auto import tqdm
 
     if not (1 <= int(k) <= _vocab_size(teacher)):
         raise ValueError(f"k must be in [1, vocab size {_vocab_size(teacher)}], got {k}")
-    vals, idxs = [], []
+    vals, idxs, tails = [], [], []
     was_training = teacher.training
     teacher.eval()
     for i in tqdm(range(0, seqs.shape[0], batch_size), desc="teacher top-k", disable=not progress):
@@ -218,9 +262,12 @@ def teacher_topk(teacher, seqs: torch.Tensor, k: int = 32, batch_size: int = 4, 
         v, ix = logits.topk(int(k), dim=-1)
         vals.append(v)
         idxs.append(ix.to(torch.int32))
+        if tail_temps:
+            tails.append(tail_logmass(logits, ix, tail_temps))
         del logits
     teacher.train(was_training)
-    return TopKLogits(torch.cat(vals), torch.cat(idxs), _vocab_size(teacher))
+    return TopKLogits(torch.cat(vals), torch.cat(idxs), _vocab_size(teacher),
+                      torch.cat(tails) if tail_temps else None, tuple(tail_temps))
 
 
 def _fingerprint(teacher) -> str:
@@ -239,7 +286,7 @@ def topk_cache_path(teacher, seqs: torch.Tensor, k: int) -> Path:
     from .repro import cache_dir
 
     h = hashlib.sha256(seqs.to(torch.int64).numpy().tobytes()).hexdigest()[:16]
-    return cache_dir() / "distill" / f"topk-{_fingerprint(teacher)}-{h}-k{int(k)}.pt"
+    return cache_dir() / "distill" / f"topk-{_fingerprint(teacher)}-{h}-k{int(k)}-tail.pt"
 
 
 def cached_teacher_topk(teacher, seqs: torch.Tensor, k: int = 32, batch_size: int = 4,
@@ -251,21 +298,33 @@ def cached_teacher_topk(teacher, seqs: torch.Tensor, k: int = 32, batch_size: in
     if path.exists():
         try:
             d = torch.load(path, weights_only=True)
-            out = TopKLogits(d["values"], d["indices"], int(d["vocab_size"]))
-            if out.values.shape[:2] == (seqs.shape[0], seqs.shape[1] - 1) and out.k == int(k):
+            out = TopKLogits(d["values"], d["indices"], int(d["vocab_size"]), d["tail"],
+                             tuple(float(t) for t in d["tail_temps"]))
+            if (out.values.shape[:2] == (seqs.shape[0], seqs.shape[1] - 1) and out.k == int(k)
+                    and out.tail_temps == TAIL_TEMPERATURES):
                 return out
         except Exception:  # a corrupt cache file is rebuilt, never used
             pass
     out = teacher_topk(teacher, seqs, k=k, batch_size=batch_size, progress=progress)
     buf = io.BytesIO()
-    torch.save({"values": out.values, "indices": out.indices, "vocab_size": out.vocab_size}, buf)
+    torch.save({"values": out.values, "indices": out.indices, "vocab_size": out.vocab_size, "tail": out.tail,
+                "tail_temps": torch.tensor(out.tail_temps)}, buf)
     atomic_write_bytes(path, buf.getvalue())
     return out
 
 
-def logit_cache_bytes(n_tokens: int, vocab_size: int, k: int | None = None) -> int:
-    """Estimate: full fp32 logits = n·V·4 bytes; top-k = n·k·(4 B float32 value + 4 B int32 index)."""
-    return int(n_tokens) * (int(vocab_size) * 4 if k is None else int(k) * 8)
+def topk_mass(tl: TopKLogits, temperature: float = 1.0) -> float:
+    """Mean share of the teacher's softened probability (at T) that falls on its top k tokens (needs the tail)."""
+    tail = tl.tail_at(_check_temperature(temperature))
+    if tail is None:
+        raise ValueError(f"no tail log-mass stored at T = {temperature:g} (stored: {tl.tail_temps})")
+    top = (tl.values.float() / float(temperature)).logsumexp(-1)
+    return float((top - torch.logaddexp(top, tail.float())).exp().mean())
+
+
+def logit_cache_bytes(n_tokens: int, vocab_size: int, k: int | None = None, n_tail: int = 0) -> int:
+    """Estimate: full fp32 logits = n·V·4 bytes; top-k = n·(k·(4 B value + 4 B int32 index) + 4 B per tail T)."""
+    return int(n_tokens) * (int(vocab_size) * 4 if k is None else int(k) * 8 + 4 * int(n_tail))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -319,6 +378,20 @@ def _save_checkpoint(path: Path, state: dict) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+def _targets_id(teacher_logits) -> str:
+    """A checksum of the soft targets, so a checkpoint never resumes against different teacher logits."""
+    h = hashlib.sha256()
+    if isinstance(teacher_logits, TopKLogits):
+        h.update(f"top{teacher_logits.k}:{teacher_logits.tail_temps}".encode())
+        parts = [teacher_logits.values, teacher_logits.indices] + (
+            [teacher_logits.tail] if teacher_logits.tail is not None else [])
+    else:
+        parts = [teacher_logits]
+    for t in parts:
+        h.update(t.detach().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def train_student(student, seqs: torch.Tensor, cfg: TrainConfig, teacher_logits: TopKLogits | torch.Tensor | None = None,
                   checkpoint: str | Path | None = None, checkpoint_every: int = 50, progress: bool = True,
                   callback=None, eval_fn=None, eval_every: int = 0) -> dict:
@@ -350,7 +423,8 @@ def train_student(student, seqs: torch.Tensor, cfg: TrainConfig, teacher_logits:
     hist = {"loss": [], "kd": [], "ce": [], "lr": [], "eval": []}
     start = 0
     ident = {"config": asdict(cfg), "n_seqs": int(seqs.shape[0]), "seq_len": int(seqs.shape[1] - 1),
-             "data": hashlib.sha256(seqs.to(torch.int64).numpy().tobytes()).hexdigest()[:16]}
+             "data": hashlib.sha256(seqs.to(torch.int64).numpy().tobytes()).hexdigest()[:16],
+             "teacher": _targets_id(teacher_logits) if cfg.alpha > 0 else None}
     path = Path(checkpoint) if checkpoint is not None else None
     if path is not None and path.exists():
         state = torch.load(path, weights_only=False)
@@ -493,12 +567,21 @@ class Experiment:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=100, batch_size=4, lr=3e-3, warmup=10))
     eval_tokens: int = 4096
     eval_every: int = 25
-    runs: tuple = ((0.0, 1.0), (1.0, 1.0), (1.0, 2.0), (1.0, 4.0), (0.5, 1.0))
+    runs: tuple = ((0.0, 1.0), (1.0, 1.0), (1.0, 2.0), (1.0, 4.0), (0.5, 1.0), (0.5, 2.0))
 
 
 # The live demonstration in notebook 03: the first 16 of the same training sequences, 30 short steps.
 DEMO = Experiment(n_train_seqs=16, seq_len=128, train=TrainConfig(steps=30, batch_size=2, lr=3e-3, warmup=5),
                   eval_tokens=2048, eval_every=15, runs=((0.0, 1.0), (1.0, 1.0)))
+
+
+def weights_sha256(model) -> str:
+    """sha256 of a model's state_dict tensors in name order: the fingerprint of a trained student."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def run_name(alpha: float, temperature: float) -> str:
@@ -535,9 +618,10 @@ def run_experiment(teacher, tokenizer, exp: Experiment, progress: bool = True, l
         ppl = hist["eval"][-1][1]
         out[name] = {"alpha": alpha, "temperature": temp, "loss": hist["loss"], "ce": hist["ce"],
                      "kd": hist["kd"], "val_ppl_curve": [[s, round(p, 3)] for s, p in hist["eval"]],
-                     "val_ppl": round(ppl, 3)}
+                     "val_ppl": round(ppl, 3), "weights_sha256": weights_sha256(student)}
         log(f"{name}: val ppl {ppl:.2f} after {cfg.steps} steps ({time.perf_counter() - t0:.1f} s)")
     return {"runs": out, "n_train_tokens": int(seqs[:, :-1].numel()),
+            "topk_mass": {f"{t:g}": round(topk_mass(tl, t), 4) for t in tl.tail_temps},
             "topk_bytes": tl.nbytes(), "full_logits_bytes_estimate": logit_cache_bytes(
                 seqs[:, :-1].numel(), _vocab_size(teacher))}
 
@@ -575,6 +659,7 @@ def make_results() -> dict:
         "teacher": {"name": "smollm2-135m", "val_ppl": round(teacher_ppl, 3), "params": count_params(teacher)},
         "runs": main["runs"], "demo_runs": demo["runs"],
         "n_train_tokens": main["n_train_tokens"], "topk_bytes": main["topk_bytes"],
+        "tail_temperatures": list(TAIL_TEMPERATURES), "topk_mass": main["topk_mass"],
         "full_logits_bytes_estimate": main["full_logits_bytes_estimate"],
         "headline": {"hard_ppl": hard, "kd_ppl": best["val_ppl"],
                      "kd_run": run_name(best["alpha"], best["temperature"]),

@@ -75,6 +75,44 @@ def test_topk_kl_is_nonnegative_and_zero_for_the_teacher_itself(seed, k, T):
     assert D.kd_loss(t, t, None, T, alpha=1.0).item() == pytest.approx(0.0, abs=1e-5)
 
 
+def _collapsed_kl(s, t, idx, T):
+    """KL over k + 1 buckets (the k tokens, then the rest) from full logits, in float64."""
+    lp, lq = F.log_softmax(t.double() / T, -1), F.log_softmax(s.double() / T, -1)
+    mask = torch.zeros_like(lp, dtype=torch.bool).scatter(-1, idx.long(), True)
+    p_b = torch.cat([lp.gather(-1, idx.long()), lp.masked_fill(mask, float("-inf")).logsumexp(-1, True)], -1)
+    q_b = torch.cat([lq.gather(-1, idx.long()), lq.masked_fill(mask, float("-inf")).logsumexp(-1, True)], -1)
+    return (p_b.exp() * (p_b - q_b)).sum(-1).mean() * T * T
+
+
+@pytest.mark.parametrize("k,T", [(1, 1.0), (5, 2.0), (20, 4.0), (V - 1, 1.0)])
+def test_topk_with_tail_is_the_collapsed_kl_and_a_lower_bound_of_the_full_one(k, T):
+    s, t = rand((6, V), 11), rand((6, V), 12)
+    v, i = t.topk(k, dim=-1)
+    tail = D.tail_logmass(t, i, D.TAIL_TEMPERATURES)
+    tk = D.TopKLogits(v, i.to(torch.int32), V, tail, D.TAIL_TEMPERATURES)
+    got = D.kd_loss(s, tk, None, T, alpha=1.0)
+    assert got.item() == pytest.approx(_collapsed_kl(s, t, i, T).item(), rel=1e-4, abs=1e-6)
+    assert got.item() <= D.kd_loss(s, t, None, T, alpha=1.0).item() + 1e-5
+    # without the tail at this T the teacher is renormalised over its k tokens (the old, biased target)
+    no_tail = D.kd_loss(s, D.TopKLogits(v, i.to(torch.int32), V), None, T, alpha=1.0)
+    assert tk.tail_at(3.0) is None and D.kd_loss(s, tk, None, 3.0, 1.0).item() == pytest.approx(
+        D.kd_loss(s, D.TopKLogits(v, i.to(torch.int32), V), None, 3.0, 1.0).item(), rel=1e-6)
+    x = s.clone().requires_grad_(True)
+    D.kd_loss(x, tk, None, T, alpha=1.0).backward()
+    assert torch.isfinite(x.grad).all() and torch.isfinite(no_tail)
+
+
+def test_full_vocab_topk_with_tail_has_finite_gradients():
+    s, t = rand((3, V), 13), rand((3, V), 14)
+    v, i = t.topk(V, dim=-1)
+    tk = D.TopKLogits(v, i.to(torch.int32), V, D.tail_logmass(t, i), D.TAIL_TEMPERATURES)
+    x = s.clone().requires_grad_(True)
+    loss = D.kd_loss(x, tk, None, 2.0, alpha=1.0)
+    loss.backward()
+    torch.testing.assert_close(loss, D.kd_loss(s, t, None, 2.0, alpha=1.0))
+    assert torch.isfinite(x.grad).all()
+
+
 def test_t_squared_keeps_the_soft_gradient_size_at_high_temperature():
     """Hinton §2: d(T²·KL)/ds → (s − t)/V (zero-mean logits) as T grows, independent of T."""
     s, t = rand((1, V), 7, 1.0), rand((1, V), 8, 1.0)
@@ -144,7 +182,13 @@ def test_teacher_topk_matches_full_logits_and_is_cached(pair, tmp_path, monkeypa
         full = teacher(input_ids=seqs[:, :-1]).logits
     v, i = full.topk(5, -1)
     torch.testing.assert_close(tk.values, v, rtol=1e-5, atol=1e-5)
-    assert tk.indices.dtype == torch.int32 and tk.nbytes() == D.logit_cache_bytes(8 * 16, V, k=5)
+    assert tk.indices.dtype == torch.int32
+    assert tk.nbytes() == D.logit_cache_bytes(8 * 16, V, k=5, n_tail=len(D.TAIL_TEMPERATURES))
+    rest = full.scatter(-1, i, float("-inf"))
+    for j, T in enumerate(D.TAIL_TEMPERATURES):  # the tail is the exact log-mass of the other V − k tokens
+        torch.testing.assert_close(tk.tail[..., j], (rest / T).logsumexp(-1), rtol=1e-5, atol=1e-5)
+        share = torch.softmax(full / T, -1).topk(5, -1).values.sum(-1).mean().item()
+        assert D.topk_mass(tk, T) == pytest.approx(share, rel=1e-4)
     path = D.topk_cache_path(teacher, seqs, 5)
     assert path.exists() and str(tmp_path) in str(path)
     again = D.cached_teacher_topk(teacher, seqs, k=5)
@@ -196,6 +240,12 @@ def test_interrupted_run_resumes_to_the_same_weights(pair, tmp_path):
     assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temp files
     with pytest.raises(ValueError, match="another run"):
         _train(pair, tmp_path, 1.0, steps=8, checkpoint=ck)
+    teacher, seqs = pair  # same config and data but other soft targets: never resumed against them
+    other = D.teacher_topk(teacher, seqs, k=4)
+    with pytest.raises(ValueError, match="another run"):
+        D.train_student(D.make_student(teacher.config, **TINY), seqs,
+                        D.TrainConfig(steps=8, batch_size=2, lr=1e-2, warmup=2, alpha=0.5, temperature=2.0),
+                        other, checkpoint=ck, progress=False)
 
 
 def test_softened_distribution_entropy_grows_with_temperature(pair):
