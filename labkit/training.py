@@ -538,8 +538,8 @@ def bench() -> dict:
     steps = {k: {"peak_MB": round(v["peak_bytes"] / 1e6, 1), "estimate_MB": round(v["estimate_bytes"] / 1e6, 1),
                  "mem_ratio": round(v["peak_bytes"] / base_m, 2), "seconds": round(t[k], 3),
                  "time_ratio": round(t[k] / base_t, 2)} for k, v in mem.items()}
-    one = sharding.launch(sharding.train_worker, 1, args=("zero1", None))
-    two = sharding.launch(sharding.train_worker, 2, args=("zero1", None))
+    one = [r["zero1"] for r in sharding.launch(sharding.train_worker, 1, args=(("zero1",), None))]
+    two = [r["zero1"] for r in sharding.launch(sharding.train_worker, 2, args=(("zero1",), None))]
     share = sharing_experiment(group_sizes=(1, 8), steps=30)
     return {"step": steps,
             "zero1_optimizer_bytes_per_rank": {"1": [r["optimizer_state_bytes"] for r in one],
