@@ -303,3 +303,15 @@ def test_compare_times_and_pruned_perplexity_restore():
     before = model.model.layers[0].mlp.up_proj.weight.clone()
     ppl = P.pruned_perplexity(model, tokens(1024), P.PruneConfig("magnitude", 0.5), max_tokens=256)
     assert ppl > 1 and torch.equal(model.model.layers[0].mlp.up_proj.weight, before)
+
+
+def test_recovery_train_filter_only_changes_selected_layers():
+    model = tiny_llama()
+    masks = P.prune_(model, P.PruneConfig("magnitude", 0.5))
+    other = model.model.layers[0].mlp.up_proj.weight.clone()
+    chosen = model.model.layers[1].mlp.up_proj.weight.clone()
+    P.recovery_finetune_(model, tokens(), masks, steps=2, lr=1e-3, seq_len=16, batch_size=2,
+                         train_filter=lambda m, fqn: fqn.startswith("model.layers.1."))
+    assert torch.equal(model.model.layers[0].mlp.up_proj.weight, other)
+    assert not torch.equal(model.model.layers[1].mlp.up_proj.weight, chosen)
+    assert P.sparsity_of(model.model.layers[1].mlp.up_proj.weight) >= 0.5
