@@ -427,7 +427,7 @@ def train_student(student, seqs: torch.Tensor, cfg: TrainConfig, teacher_logits:
              "teacher": _targets_id(teacher_logits) if cfg.alpha > 0 else None}
     path = Path(checkpoint) if checkpoint is not None else None
     if path is not None and path.exists():
-        state = torch.load(path, weights_only=False)
+        state = torch.load(path, weights_only=True)  # tensors, numbers, lists and dicts only
         if state.get("ident") != ident:
             raise ValueError(f"checkpoint {path} belongs to another run ({state.get('ident')}); "
                              f"delete it or choose another checkpoint path")

@@ -87,6 +87,9 @@ def launch(worker, world_size: int = 2, args: tuple = (), timeout: float = 300.0
            gloo_timeout: float = 60.0) -> list:
     """Run `worker(rank, world_size, *args)` in `world_size` local gloo processes; return [result per rank].
 
+    A result travels back through a file read with `torch.load(weights_only=True)`, so it must be built from
+    tensors, numbers, strings, lists, tuples and dicts (no arbitrary objects).
+
     Raises RankFailedError (with `.rank`) when a rank raises or dies, TimeoutError after `timeout` seconds;
     in every case all processes are ended before it returns.
     """
@@ -124,7 +127,7 @@ def launch(worker, world_size: int = 2, args: tuple = (), timeout: float = 300.0
             path = Path(outdir) / f"rank{rank}.pt"
             if not path.exists():
                 raise RankFailedError(rank, "exited without writing a result")
-            results.append(torch.load(path, weights_only=False))
+            results.append(torch.load(path, weights_only=True))
         return results
     finally:
         if ctx is not None:
