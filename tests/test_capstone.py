@@ -192,3 +192,29 @@ def test_cli_budget_below_reachable(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
     assert main(["compress", "--budget", "lots", "--out", str(tmp_path / "out"), "--results", str(path)]) == 2
     assert "not a number" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_compress_for_budget_exports_a_model_that_generates_the_same_tokens(tmp_path):
+    """The success path of `python -m labkit compress`, on a tiny Llama saved with SmolLM2's tokenizer."""
+    from labkit import models
+    from labkit.memory import model_bytes
+    tok_src = models.prepare("smollm2-135m")
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(str(tok_src))
+    tiny = tiny_llama(vocab_size=len(tok))
+    folder = tmp_path / "tiny"
+    tiny.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    recipe = K.Recipe(0.5, "int", 4, group_size=32, entropy="zstd")
+    res = {"fp32_bytes": model_bytes(tiny), "eval": {"max_tokens": 64},
+           "grid": [{"name": recipe.name, "bytes": model_bytes(tiny) // 5, "ppl": 1e3, "recipe": recipe.to_dict()},
+                    {"name": "fp32", "bytes": model_bytes(tiny), "ppl": 9e2, "recipe": K.Recipe().to_dict()}]}
+    logs = []
+    report = K.compress_for_budget(0.5, tmp_path / "out", results=res, max_tokens=64, model_name=str(folder),
+                                   log=logs.append)
+    assert report["recipe"] == recipe.to_dict() and report["recipe_name"] == recipe.name  # the best that fits 0.5
+    assert any("generates the same" in line for line in logs)
+    assert (tmp_path / "out" / "report.json").exists()
+    assert report["perplexity"]["max_tokens"] == 64 and math.isfinite(report["perplexity"]["compressed"])
+    assert K.load_compressed(tmp_path / "out").config.vocab_size == len(tok)
