@@ -28,6 +28,9 @@ def test_atomic_write_and_results(tmp_path, monkeypatch):
     p = R.atomic_write_json(tmp_path / "a" / "r.json", {"b": 1})
     assert json.loads(p.read_text()) == {"b": 1}
     assert not [f for f in p.parent.iterdir() if f.name.endswith(".tmp")]
+    plain = tmp_path / "plain.json"
+    plain.write_text("{}")
+    assert p.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777, "same permissions as a file written with open()"
     monkeypatch.setattr(R, "RESULTS_DIR", tmp_path)
     with pytest.raises(FileNotFoundError, match="python -m labkit results nothing"):
         R.load_results("nothing")
