@@ -12,7 +12,8 @@ format from `lk.sparse`, the empty-model loader and ChecksumError from `lk.stora
     >>> model2 = lk.capstone.load_compressed(folder)        # same weights, same generated tokens
 
 Stored formats of one weight: "raw" (fp32), "bitmap" (pruned fp32: 1 bit per position + the nonzeros),
-"int" (integer codes + fp16 scales per row or group) and "kmeans" (codes into a per-matrix codebook, 0 = pruned).
+"int" (integer codes + fp16 scales per row or group) and "kmeans" (codes into a codebook, 0 = pruned: one fp32
+codebook per matrix as in Deep Compression, or one fp16 codebook per row).
 Codes are stored bit-packed ("none"), or entropy coded with zstd or lk.compress's canonical Huffman.
 """
 from __future__ import annotations
@@ -34,6 +35,7 @@ from . import sparse as S
 from .storage import ChecksumError, default_sparse_names
 
 QUANTS = ("none", "int", "kmeans")
+CODEBOOKS = ("matrix", "row")
 ENTROPY = ("none", "zstd", "huffman")
 KIND = "labkit-compressed-model"
 REPORT = "report.json"
@@ -56,6 +58,8 @@ class Recipe:
     quant: "none" (fp32 values), "int" (round-to-nearest, lk.quantize) or "kmeans" (weight sharing, Han et al.).
     bits / group_size: bits per code; group_size for "int" only (None = one scale per output row).
     entropy: how the codes are stored: "none" (bit-packed), "zstd" or "huffman" (lk.compress).
+    codebook: for "kmeans": "matrix" (one fp32 codebook per weight matrix, as Han et al.) or "row" (one fp16
+    codebook per output row, fitted on that row: 2^bits · 16 bits more per row, and each row keeps its outliers).
     Quantization applies to every weight matrix, the tied embedding / lm_head included.
     """
     sparsity: float = 0.0
@@ -63,6 +67,7 @@ class Recipe:
     bits: int = 8
     group_size: int | None = None
     entropy: str = "none"
+    codebook: str = "matrix"
 
     def __post_init__(self):
         from .prune import check_sparsity
@@ -79,6 +84,11 @@ class Recipe:
             raise ValueError(f"k-means sharing needs bits in 1..8, got {self.bits!r}")
         if self.group_size is not None and (self.quant != "int" or int(self.group_size) < 1):
             raise ValueError("group_size applies to quant='int' only, and must be positive")
+        if self.codebook not in CODEBOOKS:
+            raise ValueError(f"Recipe.codebook={self.codebook!r}; use one of {CODEBOOKS}")
+        if self.codebook != "matrix" and self.quant != "kmeans":
+            raise ValueError("codebook='row' applies to quant='kmeans' only (integer codes already have a scale "
+                             "per row or group)")
 
     @property
     def name(self) -> str:
@@ -87,7 +97,7 @@ class Recipe:
         if self.quant == "int":
             parts.append(f"int{self.bits}-" + (f"g{self.group_size}" if self.group_size else "pc"))
         elif self.quant == "kmeans":
-            parts.append(f"kmeans{self.bits}")
+            parts.append(f"kmeans{self.bits}" + ("-row" if self.codebook == "row" else ""))
         if self.entropy != "none":
             parts.append(self.entropy)
         return " + ".join(parts) or "fp32"
@@ -104,25 +114,41 @@ class Recipe:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Recipe":
-        return cls(**{k: d[k] for k in ("sparsity", "quant", "bits", "group_size", "entropy") if k in d})
+        return cls(**{k: d[k] for k in ("sparsity", "quant", "bits", "group_size", "entropy", "codebook")
+                      if k in d})
 
 
 # ----------------------------------------------------------------------------------------------- one matrix
 def share(w: torch.Tensor, bits: int, sample: int = KMEANS_SAMPLE) -> tuple[np.ndarray, torch.Tensor]:
     """Weight sharing as lk.compress.share_weights (symbol 0 = zero, 2^bits − 1 k-means centroids for the
-    nonzeros), with the centroids fitted on an evenly strided sample: the same codebook to a few decimals, and
-    fast enough for 134M weights. Returns (uint8 symbols, flat; codebook [2^bits])."""
+    nonzeros), with the centroids fitted on an evenly strided sample plus the matrix's smallest and largest
+    weight (so the linear initialisation spans the whole range, as Han et al.'s, and a lone outlier keeps a
+    centroid): fast enough for 134M weights. Returns (uint8 symbols, flat; codebook [2^bits])."""
     w = w.detach().float().reshape(-1)
     nz = w != 0
     vals = w[nz]
     k = 2 ** bits - 1
     if vals.numel() == 0:
         return np.zeros(w.numel(), np.uint8), torch.zeros(k + 1)
-    sub = vals[:: max(1, vals.numel() // sample)].contiguous()
+    sub = torch.cat([vals[:: max(1, vals.numel() // sample)], vals.min()[None], vals.max()[None]])
     cent = C.kmeans_1d(sub, k)
     sym = torch.zeros(w.numel(), dtype=torch.uint8)
     sym[nz] = (torch.bucketize(vals, (cent[1:] + cent[:-1]) / 2) + 1).to(torch.uint8)
     return sym.numpy(), torch.cat([torch.zeros(1), cent])
+
+
+def share_rows(w: torch.Tensor, bits: int) -> tuple[np.ndarray, torch.Tensor]:
+    """Weight sharing with one codebook per output row (lk.compress.kmeans_rows on all of the row's nonzeros):
+    symbol 0 = zero, 1..2^bits − 1 the row's centroids, stored in fp16 (codes are chosen against the fp16
+    centroids, so the stored codebook is exactly what is decoded). Returns (uint8 symbols, flat, row-major;
+    codebook [rows, 2^bits] fp16)."""
+    if w.dim() != 2:
+        raise ValueError(f"per-row codebooks need a 2-D weight, got shape {tuple(w.shape)}")
+    w = w.detach().float().contiguous()
+    cent = C.kmeans_rows(w, 2 ** bits - 1).half().float()
+    sym = torch.searchsorted(((cent[:, 1:] + cent[:, :-1]) / 2).contiguous(), w) + 1
+    sym = torch.where(w != 0, sym, 0).to(torch.uint8)
+    return sym.reshape(-1).numpy(), torch.cat([torch.zeros(len(w), 1), cent], 1).half()
 
 
 def _encode_codes(codes: np.ndarray, bits: int, entropy: str) -> tuple[dict[str, torch.Tensor], dict]:
@@ -165,7 +191,10 @@ def _reconstruct(fmt: str, codes: np.ndarray | None, side: dict[str, torch.Tenso
     if fmt == "kmeans":
         if codes is None:
             codes = Q.unpack_bits(packed, meta["bits"], math.prod(shape)).numpy()
-        return side["codebook"][torch.from_numpy(codes).long()].reshape(shape)
+        book, idx = side["codebook"].float(), torch.from_numpy(codes).long()
+        if book.dim() == 2:                                   # one codebook per row
+            return book.gather(1, idx.reshape(book.shape[0], -1)).reshape(shape)
+        return book[idx].reshape(shape)
     if packed is None:
         packed = Q.pack_bits(torch.from_numpy(codes), meta["bits"])
     return Q.dequantize(Q.QTensor(packed, side["scales"], None, meta["bits"], meta["group_size"], shape, True,
@@ -183,7 +212,7 @@ def encode_matrix(w: torch.Tensor, recipe: Recipe) -> tuple[dict, torch.Tensor]:
         side = S.Bitmap.from_dense(w).tensors() if fmt == "bitmap" else {"values": w.reshape(-1)}
     elif recipe.quant == "kmeans":
         fmt = "kmeans"
-        codes, codebook = share(w, recipe.bits)
+        codes, codebook = (share_rows if recipe.codebook == "row" else share)(w, recipe.bits)
         side = {"codebook": codebook}
         meta["bits"] = recipe.bits
     else:
@@ -272,8 +301,7 @@ def _stage_bytes(entries: dict[str, dict], recipe: Recipe) -> dict[str, int]:
 
 def recode(packed: "Compressed", entropy: str) -> "Compressed":
     """The same stored weights with the codes stored another way (bit-packed, zstd or Huffman): lossless."""
-    recipe = Recipe(packed.recipe.sparsity, packed.recipe.quant, packed.recipe.bits, packed.recipe.group_size,
-                    entropy)
+    recipe = replace(packed.recipe, entropy=entropy)
     entries = {}
     for name, e in packed.entries.items():
         if e["format"] not in ("int", "kmeans"):
@@ -497,11 +525,13 @@ def _point(packed: "Compressed", ppl: float) -> dict:
 
 
 DC_RECIPE = dict(sparsity=0.5, quant="kmeans", bits=4)     # the Deep Compression pipeline, as in notebook 04
+DC_ROW_RECIPE = dict(DC_RECIPE, codebook="row")            # the same with one codebook per row
 GRID = [dict(sparsity=0.3), dict(sparsity=0.5),
         dict(quant="int", bits=8), dict(quant="int", bits=4), dict(quant="int", bits=4, group_size=64),
         dict(quant="int", bits=3, group_size=64), dict(quant="kmeans", bits=4), dict(quant="kmeans", bits=3),
+        dict(quant="kmeans", bits=4, codebook="row"),
         dict(sparsity=0.5, quant="int", bits=4, group_size=64), dict(sparsity=0.3, quant="kmeans", bits=4),
-        DC_RECIPE, dict(sparsity=0.5, quant="kmeans", bits=3)]
+        DC_RECIPE, DC_ROW_RECIPE, dict(sparsity=0.5, quant="kmeans", bits=3)]
 
 
 def grid_recipes() -> list[Recipe]:
@@ -512,7 +542,8 @@ def grid_recipes() -> list[Recipe]:
 
 def deep_compression_stages(grid: list[dict], huffman: "Compressed", folder) -> list[dict]:
     """Han et al.'s stages from grid points: fp32 → pruned (bitmap) → k-means shared (packed codes) → Huffman
-    (and zstd in its place). The Huffman stage is written to `folder` and its weights file measured on disk."""
+    (and zstd in its place), then the shared stage again with one codebook per row. The Huffman stage is written
+    to `folder` and its weights file measured on disk."""
     r = Recipe(**DC_RECIPE)
     by_name = {p["name"]: p for p in grid}
     rows = [dict(stage=s, **{k: by_name[n][k] for k in ("name", "bytes", "ppl")}) for s, n in
@@ -523,6 +554,10 @@ def deep_compression_stages(grid: list[dict], huffman: "Compressed", folder) -> 
                      / sum(math.prod(e["shape"]) for e in huffman.entries.values() if "n_bits" in e)))
     z = replace(r, entropy="zstd").name
     rows.append(dict(stage="zstd (instead of Huffman)", name=z, bytes=by_name[z]["bytes"], ppl=by_name[z]["ppl"]))
+    row = Recipe(**DC_ROW_RECIPE).name
+    if row in by_name:
+        rows.append(dict(stage="shared, a codebook per row", name=row, bytes=by_name[row]["bytes"],
+                         ppl=by_name[row]["ppl"]))
     return rows
 
 
@@ -569,7 +604,6 @@ def make_results() -> dict:
     log = [f"fp32 ppl {grid[0]['ppl']:.2f}, masks ready ({time.perf_counter() - t0:.0f} s)"]
     print(log[-1], flush=True)
     restorer = _Restorer(model)
-    stages = None
     for recipe in grid_recipes():
         packed = compress_(model, recipe, masks.get(recipe.sparsity))
         pts = [_point(packed, perplexity(model, tokens, max_tokens=EVAL_TOKENS))]
@@ -580,15 +614,15 @@ def make_results() -> dict:
             huff = recode(packed, "huffman")
             names = [n for n in huff.entries if n.endswith("mlp.gate_proj.weight")]
             name = names[len(names) // 2]
-            lossless = bool(torch.equal(decode_matrix(huff.entries[name]), model.state_dict()[name]))
-            with tempfile.TemporaryDirectory() as tmp:
-                stages = deep_compression_stages(grid, huff, tmp)
-            stages[-2]["lossless_checked_on"] = name if lossless else None
-            del huff
+            lossless = name if torch.equal(decode_matrix(huff.entries[name]), model.state_dict()[name]) else None
         restorer.restore()
         log.append(" · ".join(f"{p['name']} {p['bytes'] / 1e6:.1f} MB" for p in pts)
                    + f" · ppl {pts[0]['ppl']:.2f} ({time.perf_counter() - t0:.0f} s)")
         print(log[-1], flush=True)
+    with tempfile.TemporaryDirectory() as tmp:          # after the grid: the per-row stage is a later recipe
+        stages = deep_compression_stages(grid, huff, tmp)
+    next(r for r in stages if r["stage"] == "huffman")["lossless_checked_on"] = lossless
+    del huff
     student = distilled_point(model.config)
     return {"model": "smollm2-135m", "eval": {"split": "validation", "max_tokens": EVAL_TOKENS, "seq_len": 256},
             "fp32_bytes": grid[0]["bytes"], "fp32_model_bytes": model_bytes(model), "stages": stages, "grid": grid,

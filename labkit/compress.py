@@ -232,6 +232,31 @@ def kmeans_1d(values: torch.Tensor, k: int, iters: int = 15) -> torch.Tensor:
     return c
 
 
+def kmeans_rows(w: torch.Tensor, k: int, iters: int = 15) -> torch.Tensor:
+    """k-means of every row of a 2-D tensor at once, over its nonzeros (zeros are pruned weights and take no
+    part): the same algorithm as kmeans_1d (linear initialisation from the row's min to its max, so the row's
+    largest weights keep a centroid), vectorised over rows. Returns sorted centroids [rows, k]; a row with no
+    nonzeros gets k zeros."""
+    if w.dim() != 2:
+        raise ValueError(f"kmeans_rows needs a 2-D weight, got shape {tuple(w.shape)}")
+    if k < 1:
+        raise ValueError(f"k must be ≥ 1, got {k}")
+    w = w.detach().float().contiguous()
+    nz = w != 0
+    lo = torch.where(nz, w, torch.inf).amin(1)
+    hi = torch.where(nz, w, -torch.inf).amax(1)
+    empty = ~nz.any(1)
+    lo[empty], hi[empty] = 0.0, 0.0
+    c = lo[:, None] + (hi - lo)[:, None] * torch.linspace(0, 1, k)[None]
+    nzf = nz.float()
+    for _ in range(iters):
+        assign = torch.searchsorted(((c[:, 1:] + c[:, :-1]) / 2).contiguous(), w)
+        sums = torch.zeros_like(c).scatter_add_(1, assign, w)            # zeros add nothing to a sum …
+        cnt = torch.zeros_like(c).scatter_add_(1, assign, nzf)           # … and are not counted
+        c = torch.where(cnt > 0, sums / cnt.clamp(min=1), c).sort(1).values
+    return c
+
+
 def share_weights(w: torch.Tensor, bits: int = 4, iters: int = 15) -> tuple[np.ndarray, torch.Tensor]:
     """Weight sharing: zeros (pruned) get symbol 0; nonzeros get 1..2^bits−1 from a k-means codebook.
 

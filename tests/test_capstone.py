@@ -17,7 +17,8 @@ from labkit.storage import ChecksumError
 IDS = torch.tensor([[5, 17, 42, 99, 3, 200, 7, 64]])
 RECIPES = [K.Recipe(), K.Recipe(0.5), K.Recipe(quant="int", bits=8), K.Recipe(quant="int", bits=4, group_size=32),
            K.Recipe(0.5, "int", 3, entropy="zstd"), K.Recipe(0.5, "kmeans", 4, entropy="huffman"),
-           K.Recipe(0.3, "kmeans", 2, entropy="zstd"), K.Recipe(quant="kmeans", bits=4)]
+           K.Recipe(0.3, "kmeans", 2, entropy="zstd"), K.Recipe(quant="kmeans", bits=4),
+           K.Recipe(0.5, "kmeans", 4, entropy="zstd", codebook="row"), K.Recipe(quant="kmeans", bits=3, codebook="row")]
 
 
 def _generate(model):
@@ -37,6 +38,10 @@ def test_recipe_validation():
         K.Recipe(quant="kmeans", bits=4, group_size=64)
     with pytest.raises(ValueError, match="sparsity"):
         K.Recipe(sparsity=1.0)
+    with pytest.raises(ValueError, match="codebook"):
+        K.Recipe(quant="kmeans", bits=4, codebook="column")
+    with pytest.raises(ValueError, match="kmeans' only"):
+        K.Recipe(quant="int", bits=4, codebook="row")
 
 
 def test_recipe_names_and_dict_round_trip():
@@ -46,27 +51,54 @@ def test_recipe_names_and_dict_round_trip():
     assert K.Recipe.from_dict(json.loads(json.dumps(r.to_dict()))) == r
     assert K.Recipe().name == "fp32" and K.Recipe().techniques == []
     assert K.Recipe(quant="int", bits=4, group_size=64).name == "int4-g64"
+    row = K.Recipe(0.5, "kmeans", 4, entropy="zstd", codebook="row")
+    assert row.name == "prune 50% + kmeans4-row + zstd"
+    assert K.Recipe.from_dict(json.loads(json.dumps(row.to_dict()))) == row
+    old = {k: v for k, v in r.to_dict().items() if k != "codebook"}        # results written before codebooks
+    assert K.Recipe.from_dict(old) == r
 
 
 # ----------------------------------------------------------------------------------------------- one matrix
 @settings(max_examples=30, deadline=None)
-@given(rows=st.integers(1, 6), groups=st.integers(1, 4), quant=st.sampled_from(["int", "kmeans"]),
+@given(rows=st.integers(1, 6), groups=st.integers(1, 4), quant=st.sampled_from(["int", "kmeans", "kmeans-row"]),
        bits=st.sampled_from([2, 3, 4, 8]), entropy=st.sampled_from(K.ENTROPY), grouped=st.booleans(),
        zeros=st.floats(0.0, 0.9), seed=st.integers(0, 10_000))
 def test_decode_equals_reconstruction(rows, groups, quant, bits, entropy, grouped, zeros, seed):
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(rows, 8 * groups, generator=g)
     w[torch.rand(w.shape, generator=g) < zeros] = 0.0
-    recipe = K.Recipe(0.5 if zeros else 0.0, quant, bits, 8 if (grouped and quant == "int") else None, entropy)
+    per_row = quant == "kmeans-row"
+    quant = "kmeans" if per_row else quant
+    recipe = K.Recipe(0.5 if zeros else 0.0, quant, bits, 8 if (grouped and quant == "int") else None, entropy,
+                      "row" if per_row else "matrix")
     entry, rec = K.encode_matrix(w, recipe)
     assert rec.shape == w.shape and rec.dtype == torch.float32
     assert torch.equal(K.decode_matrix(entry), rec)
-    if quant == "kmeans":      # zeros stay zeros (symbol 0), at most 2^bits distinct values
+    if per_row:                # every row: zeros stay zero, nonzeros go to their row's nearest stored centroid
+        book = entry["parts"]["codebook"].float()
+        assert book.shape == (rows, 2 ** bits) and bool((book[:, 0] == 0).all())
+        for r in range(rows):
+            nz = w[r] != 0
+            assert bool((rec[r][~nz] == 0).all())
+            if nz.any():
+                dist = (w[r][nz, None] - book[r, 1:][None]).abs()
+                assert torch.allclose((rec[r][nz] - w[r][nz]).abs(), dist.min(1).values, atol=1e-6)
+    elif quant == "kmeans":    # zeros stay zeros (symbol 0), at most 2^bits distinct values
         assert bool((rec[w == 0] == 0).all())
         assert rec.unique().numel() <= 2 ** bits
     else:                      # round to nearest: |error| ≤ scale / 2 (scales are fp16)
         q = Q.quantize(w, bits, "group" if recipe.group_size else "channel", recipe.group_size)
         assert torch.allclose(rec, Q.dequantize(q))
+
+
+def test_matrix_codebook_keeps_the_outliers():
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(512, 512, generator=g) * 0.02
+    w[100, 7], w[300, 9] = 2.5, -1.75          # two outliers that an evenly strided sample would miss
+    sym, book = K.share(w, 4)
+    assert float(book.max()) == 2.5 and float(book.min()) == -1.75
+    rec = book[torch.from_numpy(sym).long()].reshape(w.shape)
+    assert rec[100, 7] == 2.5 and rec[300, 9] == -1.75
 
 
 def test_bitmap_and_raw_are_exact():

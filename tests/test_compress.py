@@ -103,6 +103,23 @@ def test_share_weights_and_compare():
     assert set(c) >= {"zlib", "lzma", "zstd"}
 
 
+def test_kmeans_rows_equals_kmeans_1d_row_by_row():
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(12, 200, generator=g) * torch.linspace(0.1, 3.0, 12)[:, None]   # rows of different scales
+    w[w.abs() < 0.3] = 0.0                                                           # pruned positions
+    w[5] = 0.0                                                                       # a fully pruned row
+    w[7, 3] = 25.0                                                                   # an outlier
+    got = C.kmeans_rows(w, 7)
+    assert got.shape == (12, 7) and bool((got[:, 1:] >= got[:, :-1]).all())
+    for r in range(12):
+        vals = w[r][w[r] != 0]
+        ref = C.kmeans_1d(vals, 7) if vals.numel() else torch.zeros(7)
+        assert torch.allclose(got[r], ref, atol=1e-5), r
+    assert got[7].max() == 25.0                       # linear initialisation: the outlier keeps its own centroid
+    with pytest.raises(ValueError, match="2-D"):
+        C.kmeans_rows(torch.randn(5), 3)
+
+
 def test_pack_nibbles():
     assert C.pack_nibbles(np.array([1, 2, 15])) == bytes([0x21, 0x0F])
 
