@@ -55,6 +55,11 @@ def _tensors(obj):
             yield from _tensors(v)
 
 
+def _is_wrapper_subclass(t: torch.Tensor) -> bool:
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+    return is_traceable_wrapper_subclass(t)
+
+
 def _storages(t: torch.Tensor):
     """(key, bytes) of the memory blocks behind a tensor; sparse tensors have several."""
     if t.layout == torch.sparse_coo:
@@ -68,6 +73,9 @@ def _storages(t: torch.Tensor):
             yield from _storages(part)
     elif t.device.type == "meta":
         yield ("meta", id(t)), t.numel() * t.element_size()
+    elif _is_wrapper_subclass(t):      # torchao's quantized weights and 8-/4-bit optimizer states: their parts
+        for name in t.__tensor_flatten__()[0]:
+            yield from _storages(getattr(t, name))
     else:
         s = t.untyped_storage()
         yield (t.device.type, s.data_ptr()), s.nbytes()

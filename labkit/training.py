@@ -399,15 +399,63 @@ def estimate_stack(n_params: int, cfg: SmallConfig | None = None, batch: int = 4
             "activations": int(activation_bytes(cfg, batch, seq_len, precision, checkpoint))}
 
 
+LOWBIT_ADAM = {8: dict(block=256, qmap=256, min_numel=4096), 4: dict(block=128, qmap=16, min_numel=4096)}
+
+
+def _lowbit_moment_bytes(numel: int, bits: int) -> int:
+    """Bytes of one Adam moment as torchao.optim.AdamW8bit / AdamW4bit store it: bit-packed codes, one fp32 scale
+    per block and a fp32 code map (its quantization levels); tensors under 4,096 values, or not a whole number of
+    blocks, stay fp32 (torchao follows bitsandbytes there)."""
+    spec = LOWBIT_ADAM[bits]
+    if numel < spec["min_numel"] or numel % spec["block"]:
+        return 4 * numel
+    return math.ceil(numel * bits / 8) + 4 * (numel // spec["block"]) + 4 * spec["qmap"]
+
+
 def optimizer_estimates(model) -> dict:
-    """Optimizer-state bytes: Adam fp32 (8 B/param), 8-bit Adam (2 B/param + one fp32 scale per 2048-value
-    block per moment), Adafactor (factored 2nd moment: rows + columns per matrix, no 1st moment)."""
-    adam = adam8 = factored = 0
+    """Optimizer-state bytes (without Adam's 4-byte step counters): Adam fp32 (two fp32 moments, 8 B/param);
+    8-bit and 4-bit Adam as torchao.optim stores them (Dettmers et al.'s block-wise scheme: codes + a scale per
+    block of 256 / 128 values + a code map; bitsandbytes uses blocks of 2048); Adafactor (factored second moment:
+    rows + columns per matrix, no first moment)."""
+    adam = adam8 = adam4 = factored = 0
     for p in model.parameters():
         adam += 8 * p.numel()
-        adam8 += 2 * p.numel() + 2 * 4 * math.ceil(p.numel() / 2048)
+        adam8 += 2 * _lowbit_moment_bytes(p.numel(), 8)
+        adam4 += 2 * _lowbit_moment_bytes(p.numel(), 4)
         factored += 4 * (p.shape[0] + p.shape[1]) if p.dim() == 2 else 4 * p.numel()
-    return {"adam_fp32": adam, "adam_8bit": adam8, "adafactor": factored}
+    return {"adam_fp32": adam, "adam_8bit": adam8, "adam_4bit": adam4, "adafactor": factored}
+
+
+def lowbit_adam(params, bits: int = 8, **kwargs):
+    """torchao's AdamW8bit or AdamW4bit (pure PyTorch + torch.compile: it runs on a CPU; the first step compiles,
+    ~10–20 s on 2 cores). Measure its state with lk.tensor_bytes(opt.state) after a step."""
+    import logging
+    import warnings
+
+    from labkit.quantize import _quiet_torchao
+    if bits not in LOWBIT_ADAM:
+        raise ValueError(f"low-bit Adam comes in {sorted(LOWBIT_ADAM)} bits (torchao.optim), got {bits!r}")
+    _quiet_torchao()
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)     # a deprecation notice at import
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from torchao.optim import AdamW4bit, AdamW8bit
+    return (AdamW8bit if bits == 8 else AdamW4bit)(params, **kwargs)
+
+
+def state_after_step(model: nn.Module, opt, x: torch.Tensor) -> int:
+    """One training step of `model` on tokens x with optimizer `opt` (its state appears on the first step);
+    returns the bytes of the optimizer's state (lk.tensor_bytes: a torchao low-bit state counts its codes,
+    scales and code map)."""
+    import warnings
+
+    from labkit.memory import tensor_bytes
+    accumulate_grads(model, x)
+    with warnings.catch_warnings():            # torch.compile's notices about torchao's tensor subclasses
+        warnings.simplefilter("ignore")
+        opt.step()
+    model.zero_grad(set_to_none=True)
+    return tensor_bytes(list(opt.state.values()))
 
 
 # ----------------------------------------------------------------------------------------------------------

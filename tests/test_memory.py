@@ -34,6 +34,16 @@ def test_sparse_tensor_bytes_are_indices_plus_values():
     assert lk.tensor_bytes(csr) >= lk.tensor_bytes(compact)
 
 
+def test_tensor_subclass_bytes_are_its_parts():
+    """torchao's int8 weight is a tensor subclass: its bytes are its parts — int8 codes, an fp32 scale and an int8
+    zero point per row — not numel × 4."""
+    from labkit.quantize import torchao_int8_weight
+    out = torchao_int8_weight(torch.nn.Linear(64, 32))
+    w = out["module"].weight
+    assert M.tensor_bytes(w) == 64 * 32 * 1 + 32 * 4 + 32 * 1
+    assert M.tensor_bytes(out["module"]) == M.tensor_bytes(w) + 32 * 4       # + the fp32 bias
+
+
 def test_model_bytes_dedupes_tied_embeddings(tiny):
     assert tiny.lm_head.weight.data_ptr() == tiny.model.embed_tokens.weight.data_ptr()
     naive = sum(p.numel() * p.element_size() for p in tiny.parameters())  # parameters() dedupes too

@@ -183,8 +183,12 @@ def test_optimizer_state_bytes_and_estimates():
     assert T.optimizer_state_bytes(opt) == 8 * n + 4 * n_tensors  # two fp32 moments + a scalar step each
     est = T.optimizer_estimates(model)
     assert est["adam_fp32"] == 8 * n
-    assert est["adam_8bit"] < 0.3 * est["adam_fp32"]
+    assert est["adam_4bit"] < est["adam_8bit"] < 0.5 * est["adam_fp32"]   # small tensors stay fp32 in low-bit Adam
     assert est["adafactor"] < 0.2 * est["adam_fp32"]
+    big = T.optimizer_estimates(torch.nn.Linear(512, 512))
+    # weight: 8-bit codes + an fp32 scale per 256 values + a 256-entry fp32 code map; bias (512 < 4,096) fp32
+    assert big["adam_8bit"] == 2 * (512 * 512 + 4 * 1024 + 4 * 256) + 2 * 4 * 512
+    assert big["adam_4bit"] == 2 * (512 * 512 // 2 + 4 * 2048 + 4 * 16) + 2 * 4 * 512
 
 
 def test_adafactor_state_matches_factored_estimate():
@@ -270,3 +274,28 @@ def test_step_estimate_orders_the_variants_and_config_from_hf(tiny):
     c = T.config_from_hf(tiny.config)
     assert (c.layers, c.hidden_size, c.tie) == (2, 64, True) and T._count(c) == T.n_params(tiny)
     assert T._count(T.MODEL_CONFIGS["SmolLM2-135M"]) == 134_515_008
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bits", [8, 4])
+def test_torchao_lowbit_adam_state_matches_estimate_and_tracks_adamw(bits):
+    """torchao's AdamW8bit / AdamW4bit on a CPU: state bytes (codes + block scales + code map, small tensors in
+    fp32) equal optimizer_estimates, and three steps land close to torch.optim.AdamW's weights."""
+    torch.manual_seed(0)
+    model = T.small_llama(SMALL)
+    ref = T.small_llama(SMALL)
+    ref.load_state_dict(model.state_dict())
+    opt = T.lowbit_adam(model.parameters(), bits, lr=1e-3)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-3)
+    x = _x()
+    for _ in range(3):
+        state = T.state_after_step(model, opt, x)
+        T.state_after_step(ref, ref_opt, x)
+    n_tensors = len(list(model.parameters()))
+    est = T.optimizer_estimates(model)
+    assert state == est[f"adam_{bits}bit"] + 4 * n_tensors          # + a 4-byte step counter per tensor
+    assert est["adam_4bit"] < est["adam_8bit"] < 0.5 * est["adam_fp32"]   # tiny model: many tensors stay fp32
+    moved = max(float((a - b).abs().max()) for a, b in zip(model.parameters(), ref.parameters()))
+    assert moved < 1e-3 * 3                                          # within the three steps' lr
+    with pytest.raises(ValueError, match="bits"):
+        T.lowbit_adam(model.parameters(), 3)
