@@ -183,7 +183,9 @@ def sleeping_worker(rank: int, world_size: int, seconds: float = 60.0):
 
 
 def tensor_bytes_local(obj) -> int:
-    """Bytes of the tensors in obj (nested dict/list), counting only this rank's local shard of a DTensor."""
+    """Bytes of the tensors in obj (nested dict/list), counting only this rank's local shard of a DTensor, and a
+    tensor subclass (torchao's low-bit optimizer state) by its inner tensors."""
+    from labkit.memory import _is_wrapper_subclass
     seen, total = set(), 0
 
     def visit(x):
@@ -191,6 +193,10 @@ def tensor_bytes_local(obj) -> int:
         if isinstance(x, torch.Tensor):
             if hasattr(x, "to_local"):
                 x = x.to_local()
+            if _is_wrapper_subclass(x):        # torchao's low-bit optimizer states: codes, scales, code map
+                for name in x.__tensor_flatten__()[0]:
+                    visit(getattr(x, name))
+                return
             key = (x.untyped_storage().data_ptr(), x.dtype)
             if key not in seen:
                 seen.add(key)

@@ -61,11 +61,6 @@ def small_llama(cfg: SmallConfig | None = None, seed: int = 0):
                       tie=c.tie).train()
 
 
-def n_params(model: nn.Module) -> int:
-    """Unique parameters (a tensor shared by several modules counts once)."""
-    return sum(p.numel() for p in model.parameters())
-
-
 def byte_tokens(split: str = "train") -> torch.Tensor:
     """KJV text of a split (held-out books, see lk.data) as UTF-8 byte ids 0–255."""
     from labkit import data
@@ -267,7 +262,8 @@ def saved_activation_bytes(model, x: torch.Tensor, precision: str = "fp32") -> i
 
 
 def optimizer_state_bytes(opt) -> int:
-    """Bytes of an optimizer's state tensors (Adam: exp_avg and exp_avg_sq, plus a scalar step each)."""
+    """Bytes of an optimizer's state tensors (Adam: exp_avg and exp_avg_sq, plus a scalar step each; a DTensor
+    counts its local shard, a torchao low-bit state its codes, scales and code map)."""
     from labkit.sharding import tensor_bytes_local
     return tensor_bytes_local([dict(s) for s in opt.state.values()])
 
@@ -282,7 +278,7 @@ def measure_step(cfg: dict, variants: dict | None = None) -> dict:
     cfg keys: every SmallConfig field, batch, seq_len, precision, checkpoint ('none'|'sqrt'|'every'|int),
     micro_batches; `variants` ({name: overrides of cfg}) measures several, one after the other.
     """
-    from labkit.memory import measure_memory
+    from labkit.memory import count_params, measure_memory
 
     torch.set_num_threads(1)
     keys = SmallConfig.__dataclass_fields__
@@ -305,7 +301,7 @@ def measure_step(cfg: dict, variants: dict | None = None) -> dict:
             loss = accumulate_grads(model, x, c.get("micro_batches", 1), c.get("precision", "fp32"))
         opt.step()
         out[name] = {"peak_bytes": int(m.peak_bytes), "seconds": float(m.seconds), "loss": loss}
-    return {"variants": out, "n_params": n_params(model), "optimizer_state_bytes": optimizer_state_bytes(opt),
+    return {"variants": out, "n_params": count_params(model), "optimizer_state_bytes": optimizer_state_bytes(opt),
             "param_bytes": sum(p.numel() * p.element_size() for p in model.parameters())}
 
 
@@ -428,7 +424,7 @@ def optimizer_estimates(model) -> dict:
 
 def lowbit_adam(params, bits: int = 8, **kwargs):
     """torchao's AdamW8bit or AdamW4bit (pure PyTorch + torch.compile: it runs on a CPU; the first step compiles,
-    ~10–20 s on 2 cores). Measure its state with lk.tensor_bytes(opt.state) after a step."""
+    ~10–20 s on 2 cores). Measure its state with state_after_step."""
     import logging
     import warnings
 
@@ -445,17 +441,16 @@ def lowbit_adam(params, bits: int = 8, **kwargs):
 
 def state_after_step(model: nn.Module, opt, x: torch.Tensor) -> int:
     """One training step of `model` on tokens x with optimizer `opt` (its state appears on the first step);
-    returns the bytes of the optimizer's state (lk.tensor_bytes: a torchao low-bit state counts its codes,
+    returns the bytes of the optimizer's state (optimizer_state_bytes: a torchao low-bit state counts its codes,
     scales and code map)."""
     import warnings
 
-    from labkit.memory import tensor_bytes
     accumulate_grads(model, x)
     with warnings.catch_warnings():            # torch.compile's notices about torchao's tensor subclasses
         warnings.simplefilter("ignore")
         opt.step()
     model.zero_grad(set_to_none=True)
-    return tensor_bytes(list(opt.state.values()))
+    return optimizer_state_bytes(opt)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -536,7 +531,7 @@ def compare_training(variants: dict, steps: int = 60, cfg: SmallConfig | None = 
                      seq_len: int = 128, lr: float = 3e-3) -> dict:
     """Train the same small Llama (same init, same KJV byte batches) once per variant, e.g.
     {"shared 8": {"share": 8}, "bf16": {"precision": "bf16"}}; params, bytes, losses, validation loss."""
-    from labkit.memory import model_bytes
+    from labkit.memory import count_params, model_bytes
     cfg = cfg or SmallConfig(hidden_size=128, layers=8, intermediate_size=344)
     train_tok, val_tok = byte_tokens("train"), byte_tokens("validation")
     data = batches(train_tok, steps, batch, seq_len, seed=1)
@@ -546,7 +541,7 @@ def compare_training(variants: dict, steps: int = 60, cfg: SmallConfig | None = 
         if v.get("share", 1) > 1:
             share_(model, ShareConfig(group_size=v["share"]))
         losses = train(model, data, lr=lr, precision=v.get("precision", "fp32"))
-        out[name] = {"n_params": n_params(model), "bytes": model_bytes(model), "train_losses": losses,
+        out[name] = {"n_params": count_params(model), "bytes": model_bytes(model), "train_losses": losses,
                      "val_loss": eval_loss(model, val_tok, seq_len)}
     return out
 

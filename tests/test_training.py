@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from labkit import training as T
+from labkit.memory import count_params
 
 SMALL = T.SmallConfig(hidden_size=64, layers=4, heads=4, kv_heads=2, intermediate_size=128)
 
@@ -21,21 +22,21 @@ def _x(batch=4, seq=16, seed=0):
 
 def test_count_matches_model():
     for cfg in (SMALL, T.SmallConfig(), T.SmallConfig(tie=True, layers=2)):
-        assert T._count(cfg) == T.n_params(T.small_llama(cfg))
+        assert T._count(cfg) == count_params(T.small_llama(cfg))
 
 
 def test_share_ties_storage_and_counts_params():
     model = T.small_llama(SMALL)
     per_layer = sum(p.numel() for p in model.model.layers[0].parameters())
-    before = T.n_params(model)
+    before = count_params(model)
     T.share_(model, T.ShareConfig(group_size=2))
     layers = model.model.layers
     assert layers[1].mlp.up_proj.weight is layers[0].mlp.up_proj.weight
     assert layers[2].mlp.up_proj.weight is not layers[0].mlp.up_proj.weight
     assert layers[3].self_attn.q_proj.weight.data_ptr() == layers[2].self_attn.q_proj.weight.data_ptr()
-    assert T.n_params(model) == before - 2 * per_layer
+    assert count_params(model) == before - 2 * per_layer
     from labkit.memory import model_bytes, tensor_bytes
-    assert model_bytes(model) == 4 * T.n_params(model) + tensor_bytes(list(model.buffers()))  # + RoPE table
+    assert model_bytes(model) == 4 * count_params(model) + tensor_bytes(list(model.buffers()))  # + RoPE table
 
 
 def test_shared_layers_get_the_sum_of_their_gradients():
@@ -176,11 +177,10 @@ def test_bf16_training_tracks_fp32_and_keeps_fp32_masters():
 def test_optimizer_state_bytes_and_estimates():
     model = T.small_llama(SMALL)
     opt = torch.optim.Adam(model.parameters())
-    T.accumulate_grads(model, _x())
-    opt.step()
-    n = T.n_params(model)
+    state = T.state_after_step(model, opt, _x())
+    n = count_params(model)
     n_tensors = len(list(model.parameters()))
-    assert T.optimizer_state_bytes(opt) == 8 * n + 4 * n_tensors  # two fp32 moments + a scalar step each
+    assert state == T.optimizer_state_bytes(opt) == 8 * n + 4 * n_tensors  # two fp32 moments + a step each
     est = T.optimizer_estimates(model)
     assert est["adam_fp32"] == 8 * n
     assert est["adam_4bit"] < est["adam_8bit"] < 0.5 * est["adam_fp32"]   # small tensors stay fp32 in low-bit Adam
@@ -194,10 +194,7 @@ def test_optimizer_state_bytes_and_estimates():
 def test_adafactor_state_matches_factored_estimate():
     """torch.optim.Adafactor keeps row and column statistics for matrices: measured vs the estimate."""
     model = T.small_llama(SMALL)
-    opt = torch.optim.Adafactor(model.parameters())
-    T.accumulate_grads(model, _x())
-    opt.step()
-    measured = T.optimizer_state_bytes(opt)
+    measured = T.state_after_step(model, torch.optim.Adafactor(model.parameters()), _x())
     est = T.optimizer_estimates(model)["adafactor"]
     n_tensors = len(list(model.parameters()))
     assert abs(measured - est) <= 4 * n_tensors  # the scalar step per tensor
@@ -272,7 +269,7 @@ def test_step_estimate_orders_the_variants_and_config_from_hf(tiny):
     est = {k: T.step_estimate(cfg, n, 4, 128, **v) for k, v in T.STEP_VARIANTS.items()}
     assert est["ckpt_every"] < est["ckpt_sqrt"] < est["bf16"] < est["fp32"]
     c = T.config_from_hf(tiny.config)
-    assert (c.layers, c.hidden_size, c.tie) == (2, 64, True) and T._count(c) == T.n_params(tiny)
+    assert (c.layers, c.hidden_size, c.tie) == (2, 64, True) and T._count(c) == count_params(tiny)
     assert T._count(T.MODEL_CONFIGS["SmolLM2-135M"]) == 134_515_008
 
 
