@@ -4,8 +4,9 @@ Defined in notebook 06 ("Beyond one process"). `launch(worker, world_size=2)` st
 processes that join one gloo process group on 127.0.0.1 (a free port, a timeout, one thread per rank), runs
 `worker(rank, world_size, *args)` in each and returns the per-rank results, passed back through files in a
 temporary folder (child prints never reach a notebook cell). If one rank fails, every rank is ended and
-`RankFailedError` names the rank; the processes are always terminated (then killed) in a `finally`, so an
-interrupted cell leaves no stray processes behind.
+`RankFailedError` names the rank and says why: its Python error, or its exit signal and the last lines of
+its stderr (each rank writes fd 2 to a file in that folder). The processes are always terminated (then
+killed) in a `finally`, so an interrupted cell leaves no stray processes behind.
 
 The workers (`train_worker`, `failing_worker`) live here because spawn can only start functions that an
 importable module defines: a function typed into a notebook fails.
@@ -15,7 +16,9 @@ from __future__ import annotations
 import datetime
 import os
 import shutil
+import signal
 import socket
+import sys
 import tempfile
 import time
 import traceback
@@ -56,6 +59,8 @@ def _entry(rank: int, fn, world_size: int, port: int, outdir: str, args: tuple, 
     """Runs in each spawned process: join the gloo group, run the worker, write the result to a file."""
     import torch.distributed as dist
 
+    out = Path(outdir)
+    _stderr_to_file(out / f"rank{rank}.stderr")
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
@@ -63,14 +68,17 @@ def _entry(rank: int, fn, world_size: int, port: int, outdir: str, args: tuple, 
                             timeout=datetime.timedelta(seconds=gloo_timeout))
     try:
         result = fn(rank, world_size, *args)
-        tmp = Path(outdir) / f".rank{rank}.pt"
+        tmp = out / f".rank{rank}.pt"
         torch.save(result, tmp)
-        os.replace(tmp, Path(outdir) / f"rank{rank}.pt")
+        os.replace(tmp, out / f"rank{rank}.pt")
+        del result
+        if world_size > 1:
+            dist.barrier()  # no rank tears the group down while a peer may still be communicating
     except BaseException:
         tb = traceback.format_exc()
-        (Path(outdir) / f"rank{rank}.err").write_text(tb)
+        (out / f"rank{rank}.err").write_text(tb)
         try:  # the first rank to fail claims first.err; ranks that fail because a peer died come later
-            fd = os.open(Path(outdir) / "first.err", os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+            fd = os.open(out / "first.err", os.O_WRONLY | os.O_CREAT | os.O_EXCL)
             os.write(fd, str(rank).encode())
             os.close(fd)
         except FileExistsError:
@@ -81,6 +89,44 @@ def _entry(rank: int, fn, world_size: int, port: int, outdir: str, args: tuple, 
             dist.destroy_process_group()
         except Exception:  # pragma: no cover - the group may already be broken
             pass
+    # Success: leave now, without interpreter finalization. Finalizing a process that has used gloo (its
+    # worker threads, DDP's and FSDP's C++ state) can abort in a C++ destructor after the work is done:
+    # notebook 06 once failed in CI with rank 1 "exited with code -6" (SIGABRT), and a local repro printed
+    # "terminate called without an active exception". The result is on disk and the group destroyed, so
+    # skipping finalization loses nothing.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def _stderr_to_file(path: Path) -> None:
+    """Point this process's file descriptor 2 at `path`, so a C++ abort's message (which bypasses Python)
+    is kept and `launch` can report it."""
+    sys.stderr.flush()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 2)
+    os.close(fd)
+
+
+def _failure_detail(outdir: str, rank: int, exitcode) -> str:
+    """What went wrong on `rank`: the last line of its Python traceback, else its exit code (and signal)
+    and the last lines it wrote to stderr."""
+    err = Path(outdir) / f"rank{rank}.err"
+    if err.exists():
+        return err.read_text().strip().splitlines()[-1]
+    how = f"exited with code {exitcode}"
+    if isinstance(exitcode, int) and exitcode < 0:
+        try:
+            how += f" ({signal.Signals(-exitcode).name})"
+        except ValueError:
+            pass
+    detail = f"{how} without a Python error"
+    log = Path(outdir) / f"rank{rank}.stderr"
+    text = log.read_text(errors="replace") if log.exists() else ""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if lines:
+        detail += "; its stderr ended with: " + " | ".join(lines[-3:])
+    return detail
 
 
 def launch(worker, world_size: int = 2, args: tuple = (), timeout: float = 300.0,
@@ -118,10 +164,7 @@ def launch(worker, world_size: int = 2, args: tuple = (), timeout: float = 300.0
         except (ProcessRaisedException, ProcessExitedException) as e:
             _stop(ctx.processes)
             rank = _root_cause(outdir, [p.exitcode for p in ctx.processes], e.error_index)
-            err = Path(outdir) / f"rank{rank}.err"
-            detail = (err.read_text().strip().splitlines()[-1] if err.exists()
-                      else f"exited with code {ctx.processes[rank].exitcode} without a Python error")
-            raise RankFailedError(rank, detail) from None
+            raise RankFailedError(rank, _failure_detail(outdir, rank, ctx.processes[rank].exitcode)) from None
         results = []
         for rank in range(world_size):
             path = Path(outdir) / f"rank{rank}.pt"
@@ -165,12 +208,16 @@ def _root_cause(outdir: str, exitcodes: list, detected: int) -> int:
 # Workers (must be importable for spawn)
 
 def failing_worker(rank: int, world_size: int, bad_rank: int = 1, how: str = "raise"):
-    """Test worker: `bad_rank` raises (or exits hard with how="exit"); the others wait in a collective."""
+    """Test worker: `bad_rank` raises (or exits hard with how="exit", or aborts like a C++ crash with
+    how="abort", writing a line to stderr first); the others wait in a collective."""
     import torch.distributed as dist
 
     if rank == bad_rank:
         if how == "exit":
             os._exit(3)
+        if how == "abort":
+            os.write(2, f"rank {rank}: simulated C++ abort\n".encode())
+            os.abort()
         raise RuntimeError(f"rank {rank} was told to fail")
     dist.barrier()  # blocks: the failed rank never arrives
     return rank
@@ -350,13 +397,20 @@ def zero_state_bytes(n_params: int, ranks: int, stage: int = 1, state_bytes_per_
 
 def compare_sharded(world_size: int = 2, modes=("zero1", "fsdp"), cfg: dict | None = None,
                     timeout: float = 240.0) -> dict:
-    """One process vs `modes` over `world_size` ranks (one launch): per-rank bytes and weight differences."""
+    """One process vs `modes` over `world_size` ranks (one launch): per-rank bytes and weight differences.
+
+    `weight_tolerance` is what "the same final weights" allows: 1% of the distance one weight can travel
+    (lr per Adam step × steps). The ranks add the halves of each batch in another order, and Adam divides
+    each gradient by its own running size, so a round-off in a near-zero gradient moves that weight by a
+    visible part of a step (7e-5 of 3e-2 on one CPU, 1.5e-5 on another), never by a whole one.
+    """
     full = {**DEFAULT_DIST_CFG, **(cfg or {})}
     if not isinstance(world_size, int) or world_size < 1 or full["batch"] % world_size:
         raise ValueError(f"batch {full['batch']} cannot be split evenly over {world_size!r} ranks; use a rank "
                          f"count that divides it (e.g. 1, 2, 4) or a larger batch")
     single = train_single(cfg)
     out = {"n_params": single["n_params"], "world_size": world_size,
+           "weight_tolerance": 0.01 * full["lr"] * full["steps"],
            "single": {k: single[k] for k in ("optimizer_state_bytes", "param_bytes", "losses")}}
     res = launch(train_worker, world_size, args=(tuple(modes), cfg), timeout=timeout)
     for mode in modes:

@@ -69,14 +69,14 @@ def test_zero1_and_fsdp_match_one_process_and_shard_state():
         for b in per_rank:  # each rank holds about half (ZeRO gives whole tensors to ranks: allow 10%)
             assert abs(b - formula) <= 0.1 * formula, (mode, per_rank, formula)
         assert sum(per_rank) >= 8 * n
-        assert out[mode]["max_weight_diff"] < 1e-4
+        assert out[mode]["max_weight_diff"] < out["weight_tolerance"] == pytest.approx(3e-4)
         assert out[mode]["losses"] == pytest.approx(out["single"]["losses"], abs=1e-4)
     # FSDP also shards the parameters; ZeRO-1 keeps them whole on every rank
     assert out["fsdp"]["param_bytes"][0] == pytest.approx(out["single"]["param_bytes"] / 2, rel=0.05)
     assert out["zero1"]["param_bytes"][0] == out["single"]["param_bytes"]
 
 
-@pytest.mark.parametrize("how", ["raise", "exit"])
+@pytest.mark.parametrize("how", ["raise", "exit", "abort"])
 def test_a_failing_rank_ends_every_rank_and_is_named(how):
     before = _our_children()
     t = time.monotonic()
@@ -86,6 +86,8 @@ def test_a_failing_rank_ends_every_rank_and_is_named(how):
     assert "rank 1" in str(e.value)
     if how == "raise":
         assert "told to fail" in str(e.value)
+    if how == "abort":  # a C++-style crash: the signal and what the rank wrote to fd 2 are reported
+        assert "SIGABRT" in str(e.value) and "simulated C++ abort" in str(e.value)
     assert time.monotonic() - t < 100  # rank 0 was blocked in a barrier: it must have been stopped
     _assert_no_strays(before)
 
