@@ -28,6 +28,8 @@ def sanitize(text: str) -> str:
     ("/home/me/lab/.venv/lib/python3.11/site-packages/torch/nn/x.py:12: UserWarning",
      "/work/main/.venv/lib/python3.11/site-packages/torch/nn/x.py:12: UserWarning"),
     ("cache: /root/.cache/labkit/models", "cache: /home/me/.cache/labkit/models"),
+    ("weights [331776, 331776] B, max |Δweight| vs 1 process 1.5e-05",
+     "weights [331776, 331776] B, max |Δweight| vs 1 process 7.0e-05"),
 ])
 def test_varying_text_is_sanitized_to_the_same_string(a, b):
     assert sanitize(a) == sanitize(b)
@@ -41,6 +43,13 @@ def test_varying_text_is_sanitized_to_the_same_string(a, b):
     "100%|██████████| 30/30",
     "✓ estimates within 10% of the measurements",
     "batch 8 × seq 256 → 12 steps",
+    "loss 3.3484, learning rate 1e-02",
 ])
 def test_stable_text_is_left_alone(text):
     assert sanitize(text) == text
+
+
+def test_round_off_is_masked_but_the_bytes_beside_it_are_checked():
+    line = "fsdp  per rank: Adam state [663660, 663660] B, weights [331776, 331776] B, max |Δweight| vs 1 process 1.5e-05"
+    assert sanitize(line) == line.replace("1.5e-05", "ROUNDOFF")
+    assert sanitize(line.replace("331776", "663552")) != sanitize(line)
