@@ -397,20 +397,13 @@ def zero_state_bytes(n_params: int, ranks: int, stage: int = 1, state_bytes_per_
 
 def compare_sharded(world_size: int = 2, modes=("zero1", "fsdp"), cfg: dict | None = None,
                     timeout: float = 240.0) -> dict:
-    """One process vs `modes` over `world_size` ranks (one launch): per-rank bytes and weight differences.
-
-    `weight_tolerance` is what "the same final weights" allows: 1% of the distance one weight can travel
-    (lr per Adam step × steps). The ranks add the halves of each batch in another order, and Adam divides
-    each gradient by its own running size, so a round-off in a near-zero gradient moves that weight by a
-    visible part of a step (7e-5 of 3e-2 on one CPU, 1.5e-5 on another), never by a whole one.
-    """
+    """One process vs `modes` over `world_size` ranks (one launch): per-rank bytes and weight differences."""
     full = {**DEFAULT_DIST_CFG, **(cfg or {})}
     if not isinstance(world_size, int) or world_size < 1 or full["batch"] % world_size:
         raise ValueError(f"batch {full['batch']} cannot be split evenly over {world_size!r} ranks; use a rank "
                          f"count that divides it (e.g. 1, 2, 4) or a larger batch")
     single = train_single(cfg)
     out = {"n_params": single["n_params"], "world_size": world_size,
-           "weight_tolerance": 0.01 * full["lr"] * full["steps"],
            "single": {k: single[k] for k in ("optimizer_state_bytes", "param_bytes", "losses")}}
     res = launch(train_worker, world_size, args=(tuple(modes), cfg), timeout=timeout)
     for mode in modes:

@@ -69,7 +69,7 @@ def test_zero1_and_fsdp_match_one_process_and_shard_state():
         for b in per_rank:  # each rank holds about half (ZeRO gives whole tensors to ranks: allow 10%)
             assert abs(b - formula) <= 0.1 * formula, (mode, per_rank, formula)
         assert sum(per_rank) >= 8 * n
-        assert out[mode]["max_weight_diff"] < out["weight_tolerance"] == pytest.approx(3e-4)
+        assert out[mode]["max_weight_diff"] < 1e-4
         assert out[mode]["losses"] == pytest.approx(out["single"]["losses"], abs=1e-4)
     # FSDP also shards the parameters; ZeRO-1 keeps them whole on every rank
     assert out["fsdp"]["param_bytes"][0] == pytest.approx(out["single"]["param_bytes"] / 2, rel=0.05)
