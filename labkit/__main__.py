@@ -15,7 +15,6 @@ import contextlib
 import importlib
 import json
 import os
-import re
 import sys
 import time
 import traceback
@@ -52,23 +51,19 @@ def cmd_prepare(args) -> int:
 # --- bench ---------------------------------------------------------------------------------------
 
 def bench_modules() -> list[str]:
-    """Names of labkit modules whose source defines a top-level `bench()` (found without importing)."""
-    names = []
-    for path in sorted(PACKAGE_DIR.glob("*.py")):
-        if path.stem in ("__main__", "__init__"):
-            continue
-        if re.search(r"^def bench\(", path.read_text(encoding="utf-8"), flags=re.M):
-            names.append(path.stem)
-    return names
+    """Names of the experiments with a bench() (the explicit registry in labkit.experiments)."""
+    from labkit.experiments import EXPERIMENTS
+    return list(EXPERIMENTS)
 
 
 def cmd_bench(args) -> int:
+    from labkit import experiments
     names = bench_modules()
     if args.only:
         wanted = [n.strip() for n in args.only.split(",") if n.strip()]
         unknown = [n for n in wanted if n not in names]
-        if unknown:
-            _err(f"bench: no bench() in labkit module(s) {', '.join(unknown)}; modules with one: {', '.join(names)}")
+        if unknown or not wanted:
+            _err(f"bench: no experiment {', '.join(unknown) or repr(args.only)}; known: {', '.join(names)}")
             return 2
         names = wanted
     report, failed = {}, False
@@ -76,7 +71,7 @@ def cmd_bench(args) -> int:
         t0 = time.perf_counter()
         try:
             with contextlib.redirect_stdout(sys.stderr):  # stdout carries the JSON only
-                report[name] = importlib.import_module(f"labkit.{name}").bench()
+                report[name] = experiments.load(name).bench()
             json.dumps(report[name])
         except Exception as e:  # one failing section does not hide the others
             traceback.print_exc()
@@ -89,14 +84,15 @@ def cmd_bench(args) -> int:
 # --- results -------------------------------------------------------------------------------------
 
 def cmd_results(args) -> int:
-    from labkit import repro
+    from labkit import experiments, repro
     try:
-        module = importlib.import_module(f"labkit.{args.module}")
-    except ModuleNotFoundError:
-        _err(f"results: there is no module labkit/{args.module}.py")
+        module = experiments.load(args.module)
+    except ValueError as e:
+        _err(f"results: {e}")
         return 2
     if not hasattr(module, "make_results"):
-        _err(f"results: labkit.{args.module} defines no make_results()")
+        have = [n for n in experiments.EXPERIMENTS if hasattr(experiments.load(n), "make_results")]
+        _err(f"results: the experiment {args.module!r} caches no results; those that do: {', '.join(have)}")
         return 2
     t0 = time.perf_counter()
     obj = module.make_results()

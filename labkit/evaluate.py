@@ -1,39 +1,65 @@
-"""Evaluation: perplexity of a causal LM on held-out KJV books, with a fixed, deterministic token budget.
+"""Evaluation: the lab's one protocol for perplexity, and its one gap metric.
 
-Defined in notebook 00; every lesson measures accuracy with it.
+Defined in notebook 00 ("How we measure accuracy"); every lesson measures accuracy with it.
+
+The protocol: the held-out validation books of the corpus (lk.data.SPLITS), cut into non-overlapping windows of
+256 tokens spread evenly over the whole split, scored with the next-token cross-entropy; perplexity = exp(mean NLL).
+The headline budget is HEADLINE_TOKENS; where a live cell cannot afford it, LIVE_TOKENS is used, and the number
+is always printed with its token count ("ppl₁₀₂₄ = 30.47"), so two numbers on different budgets are never mixed up.
+Any other text can be scored the same way (lk.data.text_tokens), e.g. to re-check a claim outside the KJV.
 """
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
 from .repro import full_mode
 
+SEQ_LEN = 256            # window length of the protocol
+HEADLINE_TOKENS = 4096   # the budget of every headline perplexity (cached results, bench, README)
+LIVE_TOKENS = 1024       # the smaller budget a live notebook cell uses when the headline one is too slow
+_SUBSCRIPT = str.maketrans("0123456789", "₀₁₂₃₄₅₆₇₈₉")
+
 
 def default_budget() -> int:
-    """Tokens scored by perplexity(): 4,096 by default, 32,768 with LABKIT_FULL=1."""
-    return 32768 if full_mode() else 4096
+    """Tokens scored by perplexity() when no budget is given: HEADLINE_TOKENS, 32,768 with LABKIT_FULL=1."""
+    return 32768 if full_mode() else HEADLINE_TOKENS
+
+
+def _check_budget(max_tokens, seq_len: int) -> int:
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, numbers.Integral):
+        raise TypeError(f"max_tokens must be a whole number of tokens, got {max_tokens!r}")
+    if max_tokens < seq_len:
+        raise ValueError(f"max_tokens={max_tokens} scores no full window of seq_len={seq_len}; pass at least "
+                         f"{seq_len} (the protocol's budgets are {LIVE_TOKENS} and {HEADLINE_TOKENS})")
+    return int(max_tokens)
 
 
 def windows(tokens: torch.Tensor, seq_len: int, max_tokens: int) -> torch.Tensor:
     """[n, seq_len] non-overlapping windows spread evenly over tokens, n = max_tokens // seq_len."""
     tokens = torch.as_tensor(tokens).flatten()
+    if isinstance(seq_len, bool) or not isinstance(seq_len, numbers.Integral):
+        raise TypeError(f"seq_len must be an int, got {seq_len!r}")
     if seq_len < 2:
         raise ValueError(f"seq_len must be ≥ 2, got {seq_len}")
+    if tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
+        raise TypeError(f"tokens must be integer token ids, got dtype {tokens.dtype}")
+    max_tokens = _check_budget(max_tokens, seq_len)
     total = len(tokens) // seq_len
-    n = min(total, max(1, max_tokens // seq_len))
     if total == 0:
         raise ValueError(f"need at least seq_len={seq_len} tokens, got {len(tokens)}")
+    n = min(total, max_tokens // seq_len)
     starts = torch.linspace(0, total - 1, n).round().long() * seq_len
     return torch.stack([tokens[s: s + seq_len] for s in starts.tolist()])
 
 
 @torch.inference_mode()
-def mean_nll(model, tokens: torch.Tensor, seq_len: int = 256, max_tokens: int | None = None,
+def mean_nll(model, tokens: torch.Tensor, seq_len: int = SEQ_LEN, max_tokens: int | None = None,
              batch_size: int = 4) -> float:
     """Mean next-token negative log-likelihood (nats) over evenly spread windows of tokens."""
-    max_tokens = default_budget() if max_tokens is None else int(max_tokens)
+    max_tokens = default_budget() if max_tokens is None else max_tokens
     data = windows(tokens, seq_len, max_tokens)
     was_training = model.training
     model.eval()
@@ -51,13 +77,67 @@ def mean_nll(model, tokens: torch.Tensor, seq_len: int = 256, max_tokens: int | 
     return total / count
 
 
-def perplexity(model, tokens: torch.Tensor, seq_len: int = 256, max_tokens: int | None = None,
-               batch_size: int = 4) -> float:
-    """exp(mean NLL) over a fixed budget of tokens (deterministic: the same windows every time)."""
-    return math.exp(mean_nll(model, tokens, seq_len, max_tokens, batch_size))
+class Perplexity(float):
+    """A perplexity that remembers its budget: a float, printed as 'ppl₁₀₂₄ = 30.47'."""
+
+    tokens: int
+
+    def __new__(cls, value: float, tokens: int):
+        obj = super().__new__(cls, value)
+        obj.tokens = int(tokens)
+        return obj
+
+    @property
+    def label(self) -> str:
+        return ppl_label(self.tokens)
+
+    def __str__(self) -> str:
+        return f"{self.label} = {float(self):,.2f}"
+
+    def __repr__(self) -> str:
+        return f"Perplexity({float(self)!r}, tokens={self.tokens})"
+
+    def __reduce__(self):
+        return (Perplexity, (float(self), self.tokens))
+
+
+def ppl_label(tokens: int) -> str:
+    """'ppl₁₀₂₄' — the name of a perplexity on the protocol with that many tokens."""
+    return "ppl" + str(int(tokens)).translate(_SUBSCRIPT)
+
+
+def perplexity(model, tokens: torch.Tensor, seq_len: int = SEQ_LEN, max_tokens: int | None = None,
+               batch_size: int = 4) -> Perplexity:
+    """exp(mean NLL) over a fixed budget of tokens (deterministic: the same windows every time).
+
+    Returns a float that prints with its budget; `.tokens` is the number of windows × seq_len scored."""
+    max_tokens = default_budget() if max_tokens is None else max_tokens
+    n_windows = len(windows(tokens, seq_len, max_tokens))
+    return Perplexity(math.exp(mean_nll(model, tokens, seq_len, max_tokens, batch_size)), n_windows * seq_len)
 
 
 def eval_tokens(tokenizer, split: str = "validation") -> torch.Tensor:
-    """The standard evaluation tokens: the held-out validation books."""
+    """The protocol's tokens: the held-out validation books (or another split of the corpus)."""
     from .data import tokens
     return tokens(split, tokenizer)
+
+
+def gap_closed(reference: float, baseline: float, method: float) -> float:
+    """Share of the log-perplexity gap that a method closes: (log baseline − log method) / (log baseline − log reference).
+
+    The lab's one gap metric (pruning recovery, quantizers after RTN, distillation, capstone). 1.0 = the method
+    reaches the reference (e.g. the dense or fp32 model, or the teacher); 0.0 = no better than the baseline;
+    negative = worse than the baseline. Log-perplexity is the mean loss, so the metric does not let one huge
+    perplexity dominate."""
+    vals = []
+    for name, v in (("reference", reference), ("baseline", baseline), ("method", method)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real):
+            raise TypeError(f"{name} must be a perplexity (a number), got {v!r}")
+        if not (math.isfinite(v) and v >= 1.0):
+            raise ValueError(f"{name}={v!r} is not a perplexity (a finite number ≥ 1)")
+        vals.append(math.log(v))
+    ref, base, meth = vals
+    if base <= ref:
+        raise ValueError(f"baseline perplexity {baseline} is not above the reference {reference}: there is no gap "
+                         "to close (pass the worse model as baseline)")
+    return (base - meth) / (base - ref)

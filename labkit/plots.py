@@ -23,6 +23,136 @@ def _mb(x):
     return x / 1e6
 
 
+
+# --- the lab's signature chart: memory against accuracy (every lesson) ---
+
+# One colour per technique, the same in every notebook.
+TECHNIQUE_COLORS = {
+    "fp32": "#222222", "dense": "#222222", "reference": "#222222",
+    "bf16": "#8C8C8C", "fp16": "#8C8C8C", "mixed precision": "#8C8C8C",
+    "magnitude": "#4C72B0", "wanda": "#55A868", "sparsegpt": "#2E8B57", "2:4": "#64B5CD", "structured": "#1F3A93",
+    "rtn": "#DD8452", "int8": "#DD8452", "int4": "#E8A33D", "int3": "#C0642B", "gptq": "#C44E52", "awq": "#8172B3",
+    "smoothquant": "#B279A2", "torchao": "#937860",
+    "kmeans": "#DA8BC3", "huffman": "#7F3C8D", "zstd": "#A5AA99", "deep compression": "#7F3C8D",
+    "distillation": "#17BECF", "kd": "#17BECF", "ce": "#9EDAE5", "from scratch": "#BCBD22",
+    "kv fp32": "#222222", "kv bf16": "#8C8C8C", "kv int8": "#DD8452", "kv int4": "#E8A33D", "gqa": "#4C72B0", "mha": "#C44E52",
+    "mqa": "#55A868", "paged": "#55A868", "contiguous": "#C44E52",
+    "checkpointing": "#55A868", "accumulation": "#64B5CD", "8-bit adam": "#DD8452", "4-bit adam": "#E8A33D",
+    "zero": "#8172B3", "fsdp": "#B279A2",
+    "csr": "#4C72B0", "coo": "#C44E52", "bitmap": "#55A868", "bsr": "#8172B3",
+}
+MEMORY_KINDS = ("disk", "RAM", "KV cache", "training peak", "storage")
+
+
+def technique_color(technique: str) -> str:
+    """The lab's colour for a technique (case-insensitive); an unknown one gets a stable colour of the palette."""
+    key = str(technique).lower()
+    if key in TECHNIQUE_COLORS:
+        return TECHNIQUE_COLORS[key]
+    import zlib
+    return PALETTE[zlib.crc32(key.encode()) % len(PALETTE)]
+
+
+def bytes_formatter(x, _pos=None) -> str:
+    """Tick label for a byte count: 512 kB, 3 MB, 1.2 GB (decimal units, as everywhere in the lab)."""
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(x) >= size:
+            v = x / size
+            return f"{v:.0f} {unit}" if v >= 10 or v == int(v) else f"{v:.1f} {unit}"
+    return f"{x:.0f} B"
+
+
+def log_bytes_axis(ax, axis: str = "x") -> None:
+    """A log axis of bytes with readable kB/MB/GB labels on at least two ticks (1-2-5 steps when a decade is short)."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+    a = ax.xaxis if axis == "x" else ax.yaxis
+    (ax.set_xscale if axis == "x" else ax.set_yscale)("log")
+    lo, hi = (ax.get_xlim() if axis == "x" else ax.get_ylim())
+    decades = max(hi, 1) / max(lo, 1)
+    subs = (1.0,) if decades > 50 else (1.0, 2.0, 5.0) if decades > 4 else (1.0, 1.5, 2.0, 3.0, 5.0, 7.0)
+    a.set_major_locator(LogLocator(base=10, subs=subs))
+    a.set_major_formatter(FuncFormatter(bytes_formatter))
+    a.set_minor_formatter(NullFormatter())
+
+
+def pareto(points: list[dict], x: str = "bytes", y: str = "quality", higher_is_better: bool = False) -> list[dict]:
+    """The points no other point beats on both axes (less memory and better quality), sorted by memory."""
+    sign = -1 if higher_is_better else 1
+    front, best = [], float("inf")
+    for p in sorted(points, key=lambda p: (p[x], sign * p[y])):
+        if sign * p[y] < best:
+            front.append(p)
+            best = sign * p[y]
+    return front
+
+
+def memory_quality(points: list[dict], memory: str = "RAM", quality: str = "perplexity", tokens: int | None = None,
+                   higher_is_better: bool = False, log_y: bool | None = None, budget: float | None = None,
+                   title: str = "", ax=None, annotate: bool = True, legend: str = "outside"):
+    """The lab's signature chart: memory (log x, kB/MB/GB) against quality, one marker per point.
+
+    points: dicts with "bytes" (the memory of `memory` kind: disk, RAM, KV cache, training peak, storage),
+    "quality" (perplexity by default — pass `tokens` to name the protocol's budget), "technique" (sets the
+    colour, the same in every notebook) and "label"; optional "reference": True (the fp32/dense/teacher point,
+    drawn as a black star) and "marker". The Pareto frontier (less memory and better quality) is drawn as a
+    staircase. Returns the Axes."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+    if not points:
+        raise ValueError("memory_quality needs at least one point (dicts with 'bytes', 'quality', 'technique')")
+    for p in points:
+        missing = {"bytes", "quality"} - set(p)
+        if missing:
+            raise ValueError(f"point {p.get('label', p)!r} lacks {sorted(missing)}")
+    ax = new_axes(ax, figsize=(7.2, 4.2))
+    seen = set()
+    for p in points:
+        tech = p.get("technique", p.get("label", "?"))
+        ref = p.get("reference", False)
+        kw = dict(marker="*" if ref else p.get("marker", "o"), s=180 if ref else 46, zorder=5 if ref else 3,
+                  color="#222222" if ref else technique_color(tech), edgecolors="white", linewidths=0.6)
+        lab = ("reference: " + str(p.get("label", tech))) if ref else tech
+        ax.scatter([p["bytes"]], [p["quality"]], label=None if lab in seen else lab, **kw)
+        seen.add(lab)
+    front = pareto(points, "bytes", "quality", higher_is_better)
+    if len(front) > 1:
+        fx, fy = [p["bytes"] for p in front], [p["quality"] for p in front]
+        ax.step(fx, fy, where="post", color="k", lw=1.0, alpha=0.6, zorder=2, label="Pareto frontier")
+    xs = [p["bytes"] for p in points]
+    lo, hi = min(xs), max(xs)
+    ax.set_xlim(lo / 1.5, hi * 1.5)
+    log_bytes_axis(ax, "x")
+    ys = [p["quality"] for p in points]
+    if log_y is None:
+        log_y = (not higher_is_better) and min(ys) > 0 and max(ys) / min(ys) > 20
+    if log_y:
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _p: f"{v:,.0f}" if v >= 10 else f"{v:g}"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
+    if budget:
+        ax.axvline(budget, color=PALETTE[3], ls="--", lw=1, label=f"budget {bytes_formatter(budget)}")
+    if annotate:
+        on_front = {id(p) for p in front}
+        for p in points:
+            if p.get("label") and (id(p) in on_front or p.get("reference") or p.get("annotate")):
+                ax.annotate(str(p["label"]), (p["bytes"], p["quality"]), fontsize=7, xytext=(6, 4),
+                            textcoords="offset points", zorder=6,
+                            bbox=dict(boxstyle="round,pad=0.15", fc="white", ec="none", alpha=0.7))
+    kind = memory if memory in MEMORY_KINDS else memory
+    ax.set_xlabel(f"memory: {kind} (bytes, log scale)")
+    qname = quality
+    if quality == "perplexity" and tokens:
+        from .evaluate import ppl_label
+        qname = f"perplexity ({ppl_label(tokens)}, held-out)"
+    ax.set_ylabel(qname + (" ↑ better" if higher_is_better else " ↓ better"))
+    ax.set_title(title or f"Memory ({kind}) against {quality}")
+    ax.grid(True, which="major", alpha=0.3)
+    if legend == "outside":
+        ax.legend(fontsize=7.5, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0, frameon=False)
+    elif legend:
+        ax.legend(fontsize=7.5, loc=legend)
+    return ax
+
+
 # --- where the memory goes (notebook 00) ---
 
 def bytes_bars(parts: dict[str, float], title: str = "", ax=None, unit: str = "MB"):

@@ -4,6 +4,7 @@ Defined in notebook 00 (Setup); every notebook uses it.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -97,3 +98,166 @@ def load_results(name: str) -> dict:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"results file {path} is corrupt ({e}); {fix}") from None
+
+
+# ---- threads and timing ------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def threads(n: int):
+    """Run the block with torch using n intra-op threads; the previous setting is restored on exit.
+
+    Timings in the lab are ratios measured in one run with `with lk.repro.threads(1): ...`."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"threads(n) needs a whole number ≥ 1, got {n!r}")
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield n
+    finally:
+        torch.set_num_threads(old)
+
+
+def time_call(fn, *args, min_run_time: float = 0.2, n_threads: int | None = 1, **kwargs) -> float:
+    """Median seconds per call of fn(*args, **kwargs), measured by torch.utils.benchmark.Timer.
+
+    One timer for the whole lab: warm-up, enough repeats to fill `min_run_time` seconds, the median of the
+    blocks. n_threads=1 by default (compare variants as ratios within one run); None keeps torch's setting."""
+    from torch.utils.benchmark import Timer
+    if not callable(fn):
+        raise TypeError(f"time_call needs a callable, got {type(fn).__name__}")
+    threads_now = torch.get_num_threads() if n_threads is None else n_threads
+    call = (lambda: fn(*args, **kwargs)) if (args or kwargs) else fn
+    call()  # warm-up (first-call allocations, lazy initialisation)
+    timer = Timer(stmt="call()", globals={"call": call}, num_threads=threads_now)
+    return float(timer.blocked_autorange(min_run_time=min_run_time).median)
+
+
+# ---- checksums: one manifest for every file labkit writes and later trusts -----------------------------
+
+class ChecksumError(ValueError):
+    """A file labkit wrote does not match its recorded sha256/size: corrupted, truncated or edited.
+
+    The message names the file and how to rebuild it (caches) or why it is refused (a user's file)."""
+
+
+MANIFEST_VERSION = 1
+
+
+def file_entry(path: str | os.PathLike) -> dict:
+    """{"bytes": size, "sha256": hex} of one file."""
+    path = Path(path)
+    return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+def check_file(path: str | os.PathLike, entry: dict, fix: str) -> None:
+    """Raise ChecksumError unless the file exists with the size and sha256 of `entry`; `fix` says what to do."""
+    path = Path(path)
+    if not path.is_file():
+        raise ChecksumError(f"{path} is missing; {fix}")
+    size = path.stat().st_size
+    if size != entry.get("bytes"):
+        raise ChecksumError(f"{path} has {size:,} bytes but {entry.get('bytes')!r} were written (truncated or "
+                            f"changed); {fix}")
+    digest = sha256_file(path)
+    if digest != entry.get("sha256"):
+        raise ChecksumError(f"{path} does not match its sha256 (recorded {str(entry.get('sha256'))[:12]}…, "
+                            f"found {digest[:12]}…): the file is corrupted or was edited; {fix}")
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256.json")
+
+
+def write_verified(path: str | os.PathLike, data: bytes, kind: str, meta: dict | None = None) -> Path:
+    """Write bytes atomically plus a sidecar `<name>.sha256.json` (kind, format version, size, sha256, meta).
+
+    For single-file caches and checkpoints; read them back with read_verified."""
+    path = Path(path)
+    atomic_write_bytes(path, data)
+    side = {"kind": kind, "version": MANIFEST_VERSION, "bytes": len(data),
+            "sha256": hashlib.sha256(data).hexdigest(), "meta": meta or {}}
+    atomic_write_json(_sidecar(path), side)
+    return path
+
+
+def read_verified(path: str | os.PathLike, kind: str, fix: str) -> tuple[bytes, dict]:
+    """(bytes, meta) of a file written by write_verified; ChecksumError (with `fix`) when anything is off."""
+    path = Path(path)
+    side_path = _sidecar(path)
+    try:
+        side = json.loads(side_path.read_text())
+    except FileNotFoundError:
+        raise ChecksumError(f"{path} has no checksum file {side_path.name} (an interrupted write, or not written "
+                            f"by labkit); {fix}") from None
+    except (OSError, ValueError) as e:
+        raise ChecksumError(f"the checksum file {side_path} is unreadable ({e}); {fix}") from None
+    if not isinstance(side, dict) or side.get("kind") != kind or side.get("version") != MANIFEST_VERSION:
+        raise ChecksumError(f"{path} is not a {kind} file of format version {MANIFEST_VERSION} "
+                            f"(its checksum file says {side.get('kind') if isinstance(side, dict) else side!r}); {fix}")
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ChecksumError(f"{path} is missing; {fix}") from None
+    if len(data) != side.get("bytes") or hashlib.sha256(data).hexdigest() != side.get("sha256"):
+        raise ChecksumError(f"{path} does not match its recorded size and sha256 (corrupted, truncated or "
+                            f"edited); {fix}")
+    return data, side.get("meta", {})
+
+
+def write_manifest(folder: str | os.PathLike, kind: str, files: list[str] | None = None,
+                   name: str = "labkit-manifest.json", extra: dict | None = None) -> dict:
+    """Write `folder/name`: kind, format version and {file: {bytes, sha256}} of `files` (default: every file
+    in the folder but the manifest). Written last and atomically: a folder without it is incomplete."""
+    folder = Path(folder)
+    if files is None:
+        files = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name != name)
+    manifest = {"kind": kind, "version": MANIFEST_VERSION,
+                "files": {f: file_entry(folder / f) for f in files}, **(extra or {})}
+    atomic_write_json(folder / name, manifest)
+    return manifest
+
+
+def read_manifest(folder: str | os.PathLike, kind: str, fix: str, name: str = "labkit-manifest.json",
+                  verify: bool = True) -> dict:
+    """The manifest of a folder written by write_manifest, every file checked (verify=True); ChecksumError else."""
+    folder = Path(folder)
+    path = folder / name
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ChecksumError(f"{folder} has no {name} (not a complete labkit {kind}); {fix}") from None
+    except (OSError, ValueError) as e:
+        raise ChecksumError(f"{path} is unreadable ({e}); {fix}") from None
+    if not isinstance(manifest, dict) or manifest.get("kind") != kind or not isinstance(manifest.get("files"), dict):
+        raise ChecksumError(f"{folder} is not a labkit {kind} (its {name} says "
+                            f"{manifest.get('kind') if isinstance(manifest, dict) else '?'}); {fix}")
+    if manifest.get("version") != MANIFEST_VERSION:
+        raise ChecksumError(f"{path} has format version {manifest.get('version')!r}, this labkit reads "
+                            f"{MANIFEST_VERSION}; {fix}")
+    if verify:
+        for fname, entry in manifest["files"].items():
+            if not isinstance(fname, str) or "/" in fname or fname.startswith(".."):
+                raise ChecksumError(f"{path} names a file outside its folder ({fname!r}); {fix}")
+            check_file(folder / fname, entry, fix)
+    return manifest
+
+
+def replace_folder(tmp: str | os.PathLike, dest: str | os.PathLike) -> Path:
+    """Move a finished temporary folder onto dest: the old dest (if any) is kept until the new one is in place.
+
+    Callers build `tmp` as a sibling of dest (tempfile.mkdtemp(dir=dest.parent)), verify it, then call this;
+    an interruption leaves either the old complete folder or the new one."""
+    tmp, dest = Path(tmp), Path(dest)
+    old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+    if dest.exists():
+        os.replace(dest, old)
+    try:
+        os.replace(tmp, dest)
+    except BaseException:
+        if old.exists() and not dest.exists():
+            os.replace(old, dest)
+        raise
+    if old.exists():
+        import shutil
+        shutil.rmtree(old, ignore_errors=True)
+    return dest

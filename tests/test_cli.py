@@ -99,7 +99,8 @@ def fake_modules(monkeypatch):
     bad.bench = lambda: 1 / 0
     monkeypatch.setitem(sys.modules, "labkit.fake_ok", ok)
     monkeypatch.setitem(sys.modules, "labkit.fake_bad", bad)
-    monkeypatch.setattr(cli, "bench_modules", lambda: ["fake_bad", "fake_ok"])
+    from labkit import experiments
+    monkeypatch.setattr(experiments, "EXPERIMENTS", {"fake_bad": "labkit.fake_bad", "fake_ok": "labkit.fake_ok"})
 
 
 def test_bench_prints_one_json_object_and_fails_on_a_broken_section(fake_modules, capsys):
@@ -112,11 +113,16 @@ def test_bench_prints_one_json_object_and_fails_on_a_broken_section(fake_modules
     assert cli.main(["bench", "--only", "nope"]) == 2
 
 
-def test_bench_finds_modules_by_their_source():
+def test_every_registered_experiment_has_a_bench_and_the_results_files_have_their_experiment():
+    from labkit import experiments
     names = cli.bench_modules()
-    assert "__main__" not in names and "student" not in names
+    assert names == list(experiments.EXPERIMENTS)
     for name in names:
-        assert "\ndef bench(" in "\n" + (cli.PACKAGE_DIR / f"{name}.py").read_text()
+        assert callable(experiments.load(name).bench), name
+    for path in sorted((cli.REPO_ROOT / "data" / "results").glob("*.json")):
+        assert callable(getattr(experiments.load(path.stem), "make_results", None)), path.name
+    with pytest.raises(ValueError, match="known:"):
+        experiments.load("no_such_experiment")
 
 
 def test_results_writes_json_atomically(fake_modules, tmp_path, monkeypatch):

@@ -58,10 +58,12 @@ def test_splits_are_disjoint_and_cover_every_book():
 @given(st.integers(2, 64), st.integers(1, 2000))
 def test_windows_are_disjoint_and_in_range(seq_len, budget):
     tokens = torch.arange(1000)
-    if seq_len > 1000:
+    if budget < seq_len:  # a budget that scores no full window is a mistake, not "one window"
+        with pytest.raises(ValueError, match="scores no full window"):
+            E.windows(tokens, seq_len, budget)
         return
     w = E.windows(tokens, seq_len, budget)
-    assert w.shape[1] == seq_len and len(w) <= max(1, budget // seq_len)
+    assert w.shape[1] == seq_len and len(w) == min(1000 // seq_len, budget // seq_len)
     starts = w[:, 0]
     assert torch.all(starts % seq_len == 0) and len(set(starts.tolist())) == len(w)
 
@@ -78,6 +80,24 @@ def test_perplexity_matches_a_naive_loop(tiny):
                 n += 1
     assert math.isclose(ppl, math.exp(nll / n), rel_tol=1e-5)
     assert ppl == E.perplexity(tiny, tokens, seq_len=32, max_tokens=128, batch_size=3)
+    assert ppl.tokens == 128 and str(ppl).startswith("ppl₁₂₈ = ")
+
+
+@pytest.mark.parametrize("bad, err", [(0, ValueError), (-1000, ValueError), (31, ValueError), (64.0, TypeError),
+                                      ("128", TypeError), (True, TypeError)])
+def test_perplexity_refuses_a_budget_that_scores_nothing(tiny, bad, err):
+    with pytest.raises(err, match="max_tokens"):
+        E.perplexity(tiny, torch.randint(0, 256, (600,)), seq_len=32, max_tokens=bad)
+
+
+def test_gap_closed_is_the_share_of_the_log_perplexity_gap():
+    assert E.gap_closed(10.0, 100.0, 10.0) == pytest.approx(1.0)
+    assert E.gap_closed(10.0, 100.0, 100.0) == pytest.approx(0.0)
+    assert E.gap_closed(10.0, 100.0, math.sqrt(1000)) == pytest.approx(0.5)
+    assert E.gap_closed(10.0, 100.0, 1000.0) == pytest.approx(-1.0)
+    for bad in [(10.0, 9.0, 9.5), (10.0, float("nan"), 20.0), (0.5, 100.0, 20.0), (10.0, 100.0, "20")]:
+        with pytest.raises((ValueError, TypeError)):
+            E.gap_closed(*bad)
 
 
 def test_budget_follows_full_mode(monkeypatch):
