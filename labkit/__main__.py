@@ -123,8 +123,23 @@ def _kernel_manager():
     return KernelManager(kernel_name="python3", kernel_spec_manager=CurrentEnv())
 
 
-def execute_notebook(path: Path, timeout: int = CELL_TIMEOUT_S) -> float:
-    """Execute a notebook in place (cwd = its folder), clean it, return the wall seconds."""
+def _kernel_peak_rss(km) -> int | None:
+    """The kernel process's RSS high-water mark (VmHWM, bytes) on Linux; None elsewhere."""
+    try:
+        pid = km.provisioner.process.pid
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (AttributeError, OSError, ValueError):
+        return None
+    return None
+
+
+def execute_notebook(path: Path, timeout: int = CELL_TIMEOUT_S, stats: dict | None = None) -> float:
+    """Execute a notebook in place (cwd = its folder), clean it, return the wall seconds.
+
+    `stats`, when given, receives "seconds" and "peak_rss_bytes" (the kernel's peak resident memory)."""
     from nbclient import NotebookClient
 
     nb = _student.read_notebook(path)
@@ -132,10 +147,14 @@ def execute_notebook(path: Path, timeout: int = CELL_TIMEOUT_S) -> float:
     os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
     km = _kernel_manager()
     client = NotebookClient(nb, km=km, timeout=timeout, kernel_name="python3",
-                            resources={"metadata": {"path": str(path.parent)}}, record_timing=False)
+                            resources={"metadata": {"path": str(path.parent)}}, record_timing=False,
+                            store_widget_state=True)  # widgets render from the saved state without a kernel
     t0 = time.perf_counter()
     try:
         client.execute()
+        if stats is not None:
+            stats["seconds"] = time.perf_counter() - t0
+            stats["peak_rss_bytes"] = _kernel_peak_rss(km)
     finally:
         if km.has_kernel:
             km.shutdown_kernel(now=True)

@@ -65,15 +65,21 @@ def strip_solutions(source: str) -> str:
     return "\n".join(out)
 
 
+WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
+
+
 def clean_notebook(nb):
     """Return a copy of `nb` without metadata noise; outputs and execution counts are kept.
 
-    Cell metadata keeps only `tags`; notebook metadata loses widget state, the kernelspec is
+    Cell metadata keeps only `tags`; notebook metadata keeps only the saved widget state, the kernelspec is
     normalised to python3 and language_info to the language name (no interpreter version).
     """
     nb = copy.deepcopy(nb)
     meta = nb.setdefault("metadata", {})
-    meta.pop("widgets", None)
+    widgets = meta.pop("widgets", None)
+    state = (widgets or {}).get(WIDGET_STATE)
+    if state and state.get("state"):  # saved widget state lets a notebook show its widgets without a kernel
+        meta["widgets"] = {WIDGET_STATE: state}
     meta["kernelspec"] = dict(KERNELSPEC)
     if "language_info" in meta:
         meta["language_info"] = {"name": "python"}

@@ -17,11 +17,12 @@ EXPERIMENTS: dict[str, str] = {
     "prune": "labkit.prune",
     "quantize": "labkit.quantize",
     "distill": "labkit.distill",
-    "sparse": "labkit.sparse",
-    "compress": "labkit.compress",
+    "sparse": "labkit.experiments.sparse",
+    "compress": "labkit.experiments.compress",
     "pool": "labkit.pool",
     "training": "labkit.training",
     "capstone": "labkit.capstone",
+    "runtimes": "labkit.experiments.runtimes",
 }
 
 
