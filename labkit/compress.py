@@ -1,5 +1,6 @@
-"""Entropy coding of weights: entropy, canonical Huffman codes (encode/decode with numpy), weight sharing,
-and a comparison with general-purpose compressors (zlib, lzma, zstandard).
+"""Entropy coding of weights: entropy, canonical Huffman codes (encode/decode with numpy), weight sharing, and
+the lab's one bit packer (`pack_bits` / `unpack_bits`: bitmap masks, 2:4 positions, 4-bit indices, quantized codes).
+The comparison with zlib / lzma / zstandard lives in labkit.experiments.compress.
 
 Defined in notebook 04 (Sparse storage, "Compressing what is left"), after Deep Compression (Han et al. 2016):
 prune → share values (a small codebook, 4-bit indices) → Huffman-code the indices.
@@ -11,9 +12,7 @@ prune → share values (a small codebook, 4-bit indices) → Huffman-code the in
 from __future__ import annotations
 
 import heapq
-import lzma
 import math
-import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,7 +22,7 @@ MAX_CODE_LENGTH = 57  # decoding reads a window of this many bits into one uint6
 
 
 # ----------------------------------------------------------------------------------------------- entropy
-def _check_symbols(symbols) -> np.ndarray:
+def check_symbols(symbols) -> np.ndarray:
     if isinstance(symbols, torch.Tensor):
         symbols = symbols.detach().cpu().numpy()
     if isinstance(symbols, (bytes, bytearray)):
@@ -39,7 +38,7 @@ def _check_symbols(symbols) -> np.ndarray:
 
 def frequencies(symbols) -> dict[int, int]:
     """Count of each symbol value."""
-    a = _check_symbols(symbols).ravel()
+    a = check_symbols(symbols).ravel()
     vals, counts = np.unique(a, return_counts=True)
     return {int(v): int(c) for v, c in zip(vals, counts)}
 
@@ -129,7 +128,7 @@ def mean_code_length(freqs: dict[int, int], lengths: dict[int, int]) -> float:
 
 def huffman_encode(symbols, chunk: int = 1 << 18) -> HuffmanEncoded:
     """Encode an integer array with a canonical Huffman code built from its own frequencies."""
-    a = _check_symbols(symbols)
+    a = check_symbols(symbols)
     flat = a.ravel()
     if flat.size == 0:
         return HuffmanEncoded(b"", 0, a.shape, a.dtype.str, np.zeros(0, np.int64), np.zeros(0, np.uint8))
@@ -272,58 +271,78 @@ def share_weights(w: torch.Tensor, bits: int = 4, iters: int = 15) -> tuple[np.n
     return sym.numpy(), torch.cat([torch.zeros(1), cent])
 
 
-def pack_nibbles(symbols: np.ndarray) -> bytes:
-    """Two 4-bit symbols per byte: the plain fixed-length storage of 4-bit indices."""
-    a = _check_symbols(symbols).ravel().astype(np.uint8)
-    if a.size and a.max() > 15:
-        raise ValueError("pack_nibbles needs symbols < 16")
-    if a.size % 2:
-        a = np.append(a, np.uint8(0))
-    return (a[0::2] | (a[1::2] << 4)).astype(np.uint8).tobytes()
+def _check_bits(bits) -> int:
+    if isinstance(bits, bool) or not isinstance(bits, int):
+        raise TypeError(f"bits must be a whole number from 1 to 8, got {bits!r}")
+    if not 1 <= bits <= 8:
+        raise ValueError(f"bits must be in 1..8, got {bits}")
+    return bits
 
 
-# ----------------------------------------------------------------------------------------------- comparison
-def compressed_sizes(data: bytes) -> dict[str, int]:
-    """Bytes after zlib (level 9), lzma (preset 9) and zstandard (level 19) on the same input."""
-    import zstandard
-    return {"zlib": len(zlib.compress(data, 9)),
-            "lzma": len(lzma.compress(data, preset=9)),
-            "zstd": len(zstandard.ZstdCompressor(level=19).compress(data))}
+def pack_bits(codes, bits: int) -> torch.Tensor:
+    """Pack unsigned integer codes (each < 2**bits; bools for bits=1) into uint8 bytes, least significant first.
+
+    The lab's one bit packer (bitmap masks, 2:4 positions, 4-bit indices, quantized codes): n codes take exactly
+    ceil(n·bits/8) bytes — eight 1-bit codes, four 2-bit codes, two 4-bit codes per byte, eight 3-bit codes in
+    three bytes. Code j's bit k sits at bit position j·bits + k of the stream."""
+    bits = _check_bits(bits)
+    if isinstance(codes, np.ndarray):
+        codes = torch.from_numpy(np.ascontiguousarray(codes))
+    if not isinstance(codes, torch.Tensor):
+        raise TypeError(f"pack_bits needs a tensor or numpy array of integer codes, got {type(codes).__name__}")
+    if codes.dtype.is_floating_point or codes.is_complex():
+        raise TypeError(f"pack_bits needs integer codes, got {codes.dtype}; round and convert them first "
+                        f"(e.g. q.to(torch.uint8))")
+    flat = codes.detach().cpu().reshape(-1)
+    if codes.dtype != torch.bool and flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= (1 << bits)):
+        raise ValueError(f"pack_bits: codes must lie in [0, {(1 << bits) - 1}] for {bits} bits, got "
+                         f"[{int(flat.min())}, {int(flat.max())}]")
+    flat = flat.to(torch.uint8)
+    n = flat.numel()
+    if bits == 8:
+        return flat.clone()
+    nbytes = (n * bits + 7) // 8
+    if 8 % bits == 0:  # 1, 2, 4 bits: whole codes per byte
+        per = 8 // bits
+        g = torch.nn.functional.pad(flat, (0, (-n) % per)).view(-1, per)
+        out = torch.zeros(g.shape[0], dtype=torch.uint8)
+        for j in range(per):
+            out |= g[:, j] << (j * bits)
+        return out[:nbytes].contiguous()
+    # 3, 5, 6, 7 bits: 8 codes fill exactly `bits` bytes
+    g = torch.nn.functional.pad(flat, (0, (-n) % 8)).view(-1, 8)
+    stream = torch.stack([(g >> b) & 1 for b in range(bits)], dim=-1).reshape(-1, 8)
+    out = torch.zeros(stream.shape[0], dtype=torch.uint8)
+    for b in range(8):
+        out |= stream[:, b] << b
+    return out[:nbytes].contiguous()
 
 
-def compare(symbols, bits: int = 4) -> dict[str, float]:
-    """Bits per symbol: fixed-length, entropy H, Huffman (payload, and with its table), and zlib/lzma/zstd on
-    the fixed-length packed bytes (nibbles for bits=4, else one byte per symbol)."""
-    a = _check_symbols(symbols).ravel()
-    n = a.size
-    raw = pack_nibbles(a) if bits == 4 else a.astype(np.uint8).tobytes()
-    enc = huffman_encode(a)
-    out = {"fixed": len(raw) * 8 / n, "entropy": entropy(a), "huffman": enc.bits_per_symbol,
-           "huffman+table": enc.nbytes * 8 / n}
-    out.update({k: v * 8 / n for k, v in compressed_sizes(raw).items()})
-    return out
-
-
-# ----------------------------------------------------------------------------------------------- bench
-def layer_symbols(model, layer: int = 15, sparsity: float = 0.5, bits: int = 4) -> tuple[np.ndarray, torch.Tensor]:
-    """Deep-Compression symbols of one Llama layer's MLP input matrices (gate_proj, up_proj): magnitude-pruned
-    with lk.prune, then weight-shared (notebook 04 §4). Returns (symbols, codebook)."""
-    from .prune import magnitude_mask
-    mlp = model.model.layers[layer].mlp
-    ws = [m.weight.detach() for m in (mlp.gate_proj, mlp.up_proj)]
-    pruned = torch.cat([(w * magnitude_mask(w, sparsity)).reshape(-1) for w in ws])
-    return share_weights(pruned, bits=bits)
-
-
-def bench() -> dict:
-    """Bits per weight on SmolLM2 layer 15's MLP inputs (1.77M weights), 50% magnitude-pruned, 4-bit shared:
-    entropy, Huffman (checked lossless), zlib/lzma/zstd on the packed 4-bit bytes."""
-    from .models import load_model
-    model, _ = load_model("smollm2-135m")
-    sym, _ = layer_symbols(model)
-    enc = huffman_encode(sym)
-    if not np.array_equal(huffman_decode(enc), sym):
-        raise AssertionError("Huffman round trip failed")
-    c = compare(sym, bits=4)
-    return {"weights": "SmolLM2-135M layer 15 gate+up, 50% magnitude-pruned, 4-bit shared",
-            **{k: round(v, 3) for k, v in c.items()}}
+def unpack_bits(packed, bits: int, n: int) -> torch.Tensor:
+    """Inverse of pack_bits: the first n codes as uint8 (use .bool() for a 1-bit mask)."""
+    bits = _check_bits(bits)
+    if isinstance(packed, (bytes, bytearray)):
+        packed = torch.frombuffer(bytearray(packed), dtype=torch.uint8)
+    if isinstance(packed, np.ndarray):
+        packed = torch.from_numpy(np.ascontiguousarray(packed))
+    if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8:
+        raise TypeError(f"unpack_bits needs uint8 bytes (a tensor, array or bytes), got "
+                        f"{getattr(packed, 'dtype', type(packed).__name__)}")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"unpack_bits: n must be a whole number ≥ 0, got {n!r}")
+    if packed.numel() * 8 < n * bits:
+        raise ValueError(f"unpack_bits: {packed.numel()} bytes hold fewer than {n} codes of {bits} bits "
+                         f"(truncated data?)")
+    p = packed.detach().cpu().reshape(-1)
+    if bits == 8:
+        return p[:n].clone()
+    mask = (1 << bits) - 1
+    if 8 % bits == 0:
+        per = 8 // bits
+        return torch.stack([(p >> (j * bits)) & mask for j in range(per)], dim=-1).reshape(-1)[:n].contiguous()
+    p = torch.nn.functional.pad(p, (0, (-p.numel()) % bits))
+    stream = torch.stack([(p >> b) & 1 for b in range(8)], dim=-1).reshape(-1, 8, bits)
+    out = torch.zeros(stream.shape[0], 8, dtype=torch.uint8)
+    for b in range(bits):
+        out |= stream[:, :, b] << b
+    return out.reshape(-1)[:n].contiguous()

@@ -12,19 +12,20 @@ with `to_dense()`, reports `nbytes` measured from those tensors, and has a `form
 from __future__ import annotations
 
 import math
-import time
 import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from .compress import pack_bits, unpack_bits
+
 INDEX_DTYPES = (torch.int32, torch.int64)
 FORMATS = ("dense", "coo", "csr", "csr32", "bsr", "bitmap", "2:4")
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-def _bytes(*tensors: torch.Tensor) -> int:
+def parts_bytes(*tensors: torch.Tensor) -> int:
     """Bytes held by the tensors' elements (numel · element_size), summed."""
     return sum(t.numel() * t.element_size() for t in tensors)
 
@@ -60,7 +61,7 @@ def _check_fits(n: int, index_dtype: torch.dtype, what: str) -> None:
         raise ValueError(f"{what} = {n} does not fit in int32 indices; use index_dtype=torch.int64")
 
 
-def _check_block(shape, blocksize) -> tuple[int, int]:
+def check_block(shape, blocksize) -> tuple[int, int]:
     if isinstance(blocksize, int):
         blocksize = (blocksize, blocksize)
     br, bc = (int(b) for b in blocksize)
@@ -71,16 +72,6 @@ def _check_block(shape, blocksize) -> tuple[int, int]:
         raise ValueError(f"shape {tuple(shape)} is not divisible by blocksize {(br, bc)}; pick a block size that "
                          f"divides both dimensions (e.g. {math.gcd(rows, 16)}×{math.gcd(cols, 16)}) or pad the matrix")
     return br, bc
-
-
-def pack_bits(bits: torch.Tensor) -> torch.Tensor:
-    """Pack a bool tensor (flattened) into uint8, 8 bits per byte, least significant bit first."""
-    return torch.from_numpy(np.packbits(bits.reshape(-1).numpy(), bitorder="little"))
-
-
-def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
-    """Inverse of pack_bits: the first n bits as a bool tensor."""
-    return torch.from_numpy(np.unpackbits(packed.numpy(), count=n, bitorder="little").view(np.bool_))
 
 
 # The index work below runs in NumPy (single-threaded, fast on a busy 2-core machine). Values are moved as
@@ -133,7 +124,7 @@ class Dense:
 
     @property
     def nbytes(self) -> int:
-        return _bytes(self.values)
+        return parts_bytes(self.values)
 
     @staticmethod
     def formula_bytes(shape, nnz=None, value_dtype=torch.float32) -> int:
@@ -172,7 +163,7 @@ class COO:
 
     @property
     def nbytes(self) -> int:
-        return _bytes(self.indices, self.values)
+        return parts_bytes(self.indices, self.values)
 
     @staticmethod
     def formula_bytes(shape, nnz, value_dtype=torch.float32, index_dtype=torch.int64) -> int:
@@ -221,7 +212,7 @@ class CSR:
 
     @property
     def nbytes(self) -> int:
-        return _bytes(self.crow_indices, self.col_indices, self.values)
+        return parts_bytes(self.crow_indices, self.col_indices, self.values)
 
     @staticmethod
     def formula_bytes(shape, nnz, value_dtype=torch.float32, index_dtype=torch.int64) -> int:
@@ -244,7 +235,7 @@ class BSR:
     @classmethod
     def from_dense(cls, dense: torch.Tensor, blocksize=(4, 4), index_dtype=torch.int64) -> "BSR":
         dense = _check_matrix(dense)
-        br, bc = _check_block(dense.shape, blocksize)
+        br, bc = check_block(dense.shape, blocksize)
         _check_index_dtype(index_dtype)
         R, C = dense.shape[0] // br, dense.shape[1] // bc
         blocks = dense.reshape(R, br, C, bc).transpose(1, 2)          # [R, C, br, bc]
@@ -285,12 +276,12 @@ class BSR:
 
     @property
     def nbytes(self) -> int:
-        return _bytes(self.crow_indices, self.col_indices, self.values)
+        return parts_bytes(self.crow_indices, self.col_indices, self.values)
 
     @staticmethod
     def formula_bytes(shape, n_blocks, blocksize=(4, 4), value_dtype=torch.float32, index_dtype=torch.int64) -> int:
         """(rows/br + 1) · index_bytes + n_blocks · (index_bytes + br·bc·value_bytes). Note: n_blocks, not nnz."""
-        br, bc = _check_block(shape, blocksize)
+        br, bc = check_block(shape, blocksize)
         ib = _elsize(index_dtype)
         return (shape[0] // br + 1) * ib + n_blocks * (ib + br * bc * _elsize(value_dtype))
 
@@ -309,10 +300,10 @@ class Bitmap:
     def from_dense(cls, dense: torch.Tensor) -> "Bitmap":
         dense = _check_matrix(dense)
         m = dense != 0
-        return cls(pack_bits(m), _gather(dense, np.flatnonzero(m.numpy())), tuple(dense.shape))
+        return cls(pack_bits(m, 1), _gather(dense, np.flatnonzero(m.numpy())), tuple(dense.shape))
 
     def to_dense(self) -> torch.Tensor:
-        m = unpack_bits(self.mask, self.shape[0] * self.shape[1]).numpy()
+        m = unpack_bits(self.mask, 1, self.shape[0] * self.shape[1]).numpy()
         return _scatter(self.shape, np.flatnonzero(m), self.values)
 
     @property
@@ -321,7 +312,7 @@ class Bitmap:
 
     @property
     def nbytes(self) -> int:
-        return _bytes(self.mask, self.values)
+        return parts_bytes(self.mask, self.values)
 
     @staticmethod
     def formula_bytes(shape, nnz, value_dtype=torch.float32) -> int:
@@ -361,16 +352,13 @@ class TwoFour:
         pattern = nz[..., 0] | (nz[..., 1] << 1) | (nz[..., 2] << 2) | (nz[..., 3] << 3)
         pos = _TWO_FOUR_LUT[pattern.astype(np.uint8)]                                 # [rows, cols/4, 2]
         vals = np.take_along_axis(g, pos, axis=-1).reshape(rows, cols // 2)
-        codes = pos.reshape(-1).astype(np.uint8)                                      # 2-bit codes
-        codes = np.concatenate([codes, np.zeros((-codes.size) % 4, np.uint8)]).reshape(-1, 4)
-        meta = codes[:, 0] | (codes[:, 1] << 2) | (codes[:, 2] << 4) | (codes[:, 3] << 6)
-        return cls(torch.from_numpy(np.ascontiguousarray(vals)).view(dense.dtype), torch.from_numpy(meta), (rows, cols))
+        meta = pack_bits(torch.from_numpy(pos.reshape(-1).astype(np.uint8)), 2)      # four 2-bit codes per byte
+        return cls(torch.from_numpy(np.ascontiguousarray(vals)).view(dense.dtype), meta, (rows, cols))
 
     def positions(self) -> torch.Tensor:
         """The unpacked 2-bit positions, [rows, cols/4, 2]."""
         rows, cols = self.shape
-        codes = ((self.meta.numpy()[:, None] >> np.array([0, 2, 4, 6], dtype=np.uint8)) & 3).reshape(-1)
-        return torch.from_numpy(codes[: rows * cols // 2].astype(np.int64).reshape(rows, cols // 4, 2))
+        return unpack_bits(self.meta, 2, rows * cols // 2).long().reshape(rows, cols // 4, 2)
 
     def to_dense(self) -> torch.Tensor:
         rows, cols = self.shape
@@ -385,7 +373,7 @@ class TwoFour:
 
     @property
     def nbytes(self) -> int:
-        return _bytes(self.values, self.meta)
+        return parts_bytes(self.values, self.meta)
 
     @staticmethod
     def formula_bytes(shape, nnz=None, value_dtype=torch.float32) -> int:
@@ -460,7 +448,7 @@ def storage_break_even(fmt: str, shape=(4096, 4096), value_dtype=torch.float32, 
     if fmt == "2:4":
         return 0.5 if TwoFour.formula_bytes(shape, value_dtype=value_dtype) <= dense else 0.0
     if fmt == "bsr":
-        br, bc = _check_block(shape, blocksize)
+        br, bc = check_block(shape, blocksize)
         nb_total = n // (br * bc)
         lo, hi = 0.0, 1.0   # bytes grow monotonically with density: bisect
         for _ in range(60):
@@ -475,21 +463,6 @@ def storage_break_even(fmt: str, shape=(4096, 4096), value_dtype=torch.float32, 
     return max(0.0, min(1.0, (dense - f0) / f1 / n))
 
 
-def bytes_table(dense: torch.Tensor, formats=("dense", "coo", "csr", "csr32", "bsr", "bitmap"),
-                blocksize=(4, 4)) -> dict[str, dict]:
-    """For each format: measured nbytes and the formula's value for this matrix (they must be equal)."""
-    out = {}
-    nnz = int(torch.count_nonzero(dense))
-    vd = dense.dtype
-    for fmt in formats:
-        s = to_format(dense, fmt, blocksize=blocksize)
-        idt = getattr(getattr(s, "col_indices", getattr(s, "indices", None)), "dtype", torch.int64)
-        f = formula_bytes(fmt, dense.shape, nnz, vd, idt, blocksize,
-                          n_blocks=s.n_blocks if fmt == "bsr" else None)
-        out[fmt] = {"measured": s.nbytes, "formula": f, "ratio_to_dense": s.nbytes / Dense.formula_bytes(dense.shape, value_dtype=vd)}
-    return out
-
-
 # ----------------------------------------------------------------------------------------------- random matrices
 def random_sparse(shape, density: float, seed: int = 0, blocksize=None, dtype=torch.float32) -> torch.Tensor:
     """A random dense matrix with a fraction `density` of nonzeros (whole blocks kept if blocksize is given)."""
@@ -500,7 +473,7 @@ def random_sparse(shape, density: float, seed: int = 0, blocksize=None, dtype=to
     if blocksize is None:
         keep = torch.rand(shape, generator=g) < density
     else:
-        br, bc = _check_block(shape, blocksize)
+        br, bc = check_block(shape, blocksize)
         kb = torch.rand(shape[0] // br, shape[1] // bc, generator=g) < density
         keep = kb.repeat_interleave(br, 0).repeat_interleave(bc, 1)
     return w * keep
@@ -517,108 +490,3 @@ def nm_sparse(shape, n: int = 2, m: int = 4, seed: int = 0) -> torch.Tensor:
     g = w.reshape(rows, cols // m, m)
     keep = torch.zeros_like(g, dtype=torch.bool).scatter_(-1, g.abs().topk(n, dim=-1).indices, True)
     return (g * keep).reshape(rows, cols)
-
-
-# ----------------------------------------------------------------------------------------------- timing
-def _best_time(fn, repeats: int) -> float:
-    fn()  # warm up
-    best = math.inf
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
-def matmul_times(density: float, n: int = 4096, k: int = 64, blocksize=(16, 16), repeats: int = 3,
-                 seed: int = 0, threads: int | None = 1) -> dict[str, float]:
-    """Seconds (best of `repeats`) for W @ X with W n×n at `density`, X n×k: dense, torch CSR (random
-    sparsity) and torch BSR (block sparsity with the same density). One thread by default."""
-    from .repro import set_threads
-    old = set_threads(threads) if threads else None
-    try:
-        x = torch.randn(n, k, generator=torch.Generator().manual_seed(seed + 1))
-        w = random_sparse((n, n), density, seed)
-        csr = CSR.from_dense(w, index_dtype=torch.int32).to_torch()
-        t = {"dense": _best_time(lambda: w @ x, repeats), "csr": _best_time(lambda: csr @ x, repeats)}
-        del csr
-        wb = random_sparse((n, n), density, seed, blocksize=blocksize)
-        bsr = BSR.from_dense(wb, blocksize=blocksize, index_dtype=torch.int32).to_torch()
-        t["bsr"] = _best_time(lambda: bsr @ x, repeats)
-        return t
-    finally:
-        if old is not None:
-            set_threads(old)
-
-
-def crossover(densities, ratios) -> float:
-    """Density where a ratio (sparse / dense) crosses 1, interpolated linearly; nan if it never does."""
-    pts = sorted(zip(densities, ratios))
-    for (d0, r0), (d1, r1) in zip(pts, pts[1:]):
-        if r0 <= 1.0 < r1 or r0 >= 1.0 > r1:
-            return d0 + (1.0 - r0) * (d1 - d0) / (r1 - r0)
-    return math.nan
-
-
-def speed_sweep(densities=(0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5), n: int = 4096, k: int = 64,
-                blocksize=(16, 16), repeats: int = 3, seed: int = 0) -> dict:
-    """Time dense vs CSR vs BSR matmul at each density in one run (one thread); ratios and crossovers."""
-    rows = [dict(density=d, **matmul_times(d, n, k, blocksize, repeats, seed)) for d in densities]
-    for r in rows:
-        r["csr_ratio"], r["bsr_ratio"] = r["csr"] / r["dense"], r["bsr"] / r["dense"]
-    ds = [r["density"] for r in rows]
-    return {"n": n, "k": k, "blocksize": list(blocksize), "rows": rows,
-            "csr_crossover": crossover(ds, [r["csr_ratio"] for r in rows]),
-            "bsr_crossover": crossover(ds, [r["bsr_ratio"] for r in rows])}
-
-
-def storage_curves(densities, shape=(4096, 4096), formats=("coo", "csr", "csr32", "bitmap", "bsr", "2:4"),
-                   blocksize=(16, 16)) -> dict[str, list[float]]:
-    """Bytes relative to dense at each density from the exact formulas (BSR assumes block sparsity: n_blocks =
-    density · all blocks; 2:4 only exists at density ≤ 0.5)."""
-    rows, cols = shape
-    dense = Dense.formula_bytes(shape)
-    out = {}
-    for fmt in formats:
-        vals = []
-        for d in densities:
-            nnz = round(d * rows * cols)
-            if fmt == "bsr":
-                br, bc = _check_block(shape, blocksize)
-                nb = round(d * rows * cols / (br * bc))
-                vals.append(BSR.formula_bytes(shape, nb, blocksize) / dense)
-            elif fmt == "2:4":
-                vals.append(TwoFour.formula_bytes(shape) / dense if d <= 0.5 else math.nan)
-            else:
-                vals.append(formula_bytes(fmt, shape, nnz) / dense)
-        bs = _check_block(shape, blocksize) if fmt == "bsr" else None
-        out[f"bsr {bs[0]}×{bs[1]} (block-sparse)" if bs else fmt] = vals
-    return out
-
-
-def density_report(density: float, n: int = 1024, k: int = 64, repeats: int = 3) -> dict:
-    """Bytes of each format for an n×n matrix at `density` (exact formulas) and the matmul times (the widget)."""
-    nnz = round(density * n * n)
-    out = {fmt: formula_bytes(fmt, (n, n), nnz) for fmt in ("dense", "coo", "csr", "csr32", "bitmap")}
-    out["2:4"] = TwoFour.formula_bytes((n, n)) if density <= 0.5 else None
-    return {"density": density, "bytes": out, "seconds": matmul_times(density, n, k, (16, 16), repeats)}
-
-
-# ----------------------------------------------------------------------------------------------- bench
-def bench() -> dict:
-    """Bytes of each format at 1/10/50% density (measured and formula) and the CSR-vs-dense speed crossover."""
-    shape = (1024, 1024)
-    table = {}
-    for d in (0.01, 0.1, 0.5):
-        w = random_sparse(shape, d, seed=0)
-        t = bytes_table(w, formats=("dense", "coo", "csr", "csr32", "bitmap"))
-        t["bsr4x4"] = bytes_table(w, formats=("bsr",), blocksize=(4, 4))["bsr"]
-        table[f"{int(d * 100)}%"] = {k: {"measured": v["measured"], "formula": v["formula"]} for k, v in t.items()}
-    w24 = nm_sparse(shape)
-    table["2:4"] = {"measured": TwoFour.from_dense(w24).nbytes, "formula": TwoFour.formula_bytes(shape)}
-    sweep = speed_sweep(densities=(0.05, 0.1, 0.2, 0.3, 0.5), n=4096, k=64, repeats=2)  # the anchor's size
-    return {"shape": list(shape), "bytes": table,
-            "matmul": "4096² fp32 @ 4096×64, one thread",
-            "csr_speed_crossover_density": round(sweep["csr_crossover"], 3),
-            "bsr16_speed_crossover_density": round(sweep["bsr_crossover"], 3),
-            "csr32_storage_break_even_density": round(storage_break_even("csr32", shape), 3)}

@@ -118,10 +118,11 @@ def sparse_density_widget(n: int = 1024, k: int = 64):
     """Density slider → bytes of each format (exact formulas) and dense/CSR/BSR matmul time (one thread)."""
     import ipywidgets as w
 
-    from . import plots, sparse
+    from . import plots
+    from .experiments import sparse as xs
 
     def draw(density=0.1):
-        return plots.sparse_density_report(sparse.density_report(density, n=n, k=k))
+        return plots.sparse_density_report(xs.density_report(density, n=n, k=k))
 
     return interact_chart(draw, density=w.FloatLogSlider(value=0.1, base=10, min=-2.5, max=0, step=0.125,
                                                          description="density", readout_format=".3f"))

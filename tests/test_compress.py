@@ -8,6 +8,7 @@ import torch
 from hypothesis import given, settings
 
 from labkit import compress as C
+from labkit.experiments import compress as XC
 
 
 def test_entropy_hand_computed():
@@ -97,7 +98,7 @@ def test_share_weights_and_compare():
     assert ((sym == 0) == (w == 0).numpy()).all()                  # pruned zeros keep their own symbol
     err = (book[torch.from_numpy(sym).long()] - w).abs()
     assert err.mean() < 0.1 and err[w == 0].max() == 0               # 15 shared values for N(0,1) weights
-    c = C.compare(sym, bits=4)
+    c = XC.compare(sym, bits=4)
     assert c["fixed"] == 4.0
     assert c["entropy"] <= c["huffman"] < c["entropy"] + 1
     assert set(c) >= {"zlib", "lzma", "zstd"}
@@ -120,8 +121,28 @@ def test_kmeans_rows_equals_kmeans_1d_row_by_row():
         C.kmeans_rows(torch.randn(5), 3)
 
 
-def test_pack_nibbles():
-    assert C.pack_nibbles(np.array([1, 2, 15])) == bytes([0x21, 0x0F])
+def test_pack_bits_hand_computed():
+    assert C.pack_bits(np.array([1, 2, 15]), 4).tolist() == [0x21, 0x0F]          # two 4-bit codes per byte
+    assert C.pack_bits(torch.tensor([3, 0, 1, 2]), 2).tolist() == [0b10_01_00_11]  # four 2-bit codes
+    assert C.pack_bits(torch.tensor([True, False, True] + [False] * 5 + [True]), 1).tolist() == [0b101, 1]
+    assert C.pack_bits(torch.arange(8), 3).numel() == 3                            # 8 codes × 3 bits = 3 bytes
+    with pytest.raises(ValueError, match="codes must lie"):
+        C.pack_bits(torch.tensor([16]), 4)
+    with pytest.raises(TypeError, match="integer codes"):
+        C.pack_bits(torch.tensor([1.0]), 4)
+    with pytest.raises(ValueError, match="1..8"):
+        C.pack_bits(torch.tensor([1]), 9)
+    with pytest.raises(ValueError, match="fewer than"):
+        C.unpack_bits(torch.zeros(1, dtype=torch.uint8), 4, 3)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 8), st.lists(st.integers(0, 255), max_size=70))
+def test_pack_bits_round_trip(bits, xs):
+    codes = torch.tensor([x % (1 << bits) for x in xs], dtype=torch.int64)
+    packed = C.pack_bits(codes, bits)
+    assert packed.numel() == (len(xs) * bits + 7) // 8
+    assert torch.equal(C.unpack_bits(packed, bits, len(xs)).long(), codes)
 
 
 @settings(max_examples=80, deadline=None)
@@ -140,7 +161,7 @@ def test_decode_encode_is_identity(xs):
 def test_layer_symbols_on_tiny_llama():
     import labkit as lk
     model = lk.models.tiny_llama(seed=0)
-    sym, book = C.layer_symbols(model, layer=1, sparsity=0.5, bits=4)
+    sym, book = XC.layer_symbols(model, layer=1, sparsity=0.5, bits=4)
     assert sym.size == 2 * 128 * 64 and (sym == 0).mean() == 0.5
     enc = C.huffman_encode(sym)
     np.testing.assert_array_equal(C.huffman_decode(enc), sym)
