@@ -8,12 +8,14 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
+import sys
 from pathlib import Path
 
 import torch
 
 from .models import package_dir
-from .repro import atomic_write_bytes, cache_dir
+from .repro import ChecksumError, cache_dir, read_verified, write_verified
 
 KJV_SHA256 = "51a4d6ed5592001b9386e2f292d3953132a2662240eb8ad08533d625f1259717"
 SPLITS = {
@@ -21,6 +23,7 @@ SPLITS = {
     "validation": ("Ecclesiastes", "Lamentations", "Hosea", "Hebrews", "James"),
     "test": ("Esther", "Nahum", "Habakkuk", "Romans", "1 Peter", "Jude"),
 }
+KIND = "labkit-token-cache"
 
 
 def corpus_path() -> Path:
@@ -77,39 +80,94 @@ def _tokenizer_key(tokenizer) -> str:
     return hashlib.sha256(spec.encode()).hexdigest()[:16]
 
 
-def tokens(split: str, tokenizer) -> torch.Tensor:
-    """All chapters of a split tokenized and concatenated (EOS between chapters), as a 1-D LongTensor.
+def _check_tokenizer(tokenizer) -> None:
+    if not callable(tokenizer) or not hasattr(tokenizer, "get_vocab"):
+        raise TypeError(f"tokenizer must be a Hugging Face tokenizer (the second value of lk.load_model), got "
+                        f"{type(tokenizer).__name__}")
 
-    Cached per tokenizer under the labkit cache folder (written atomically; a bad cache is rebuilt).
-    """
-    from safetensors.torch import load, save
-    _check_split(split)
-    path = cache_dir() / "tokens" / f"kjv-{split}-{_tokenizer_key(tokenizer)}.safetensors"
-    if path.exists():
-        try:
-            return load(path.read_bytes())["tokens"]
-        except Exception:  # a partial or corrupted cache: rebuild it
-            path.unlink(missing_ok=True)
-    sep = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+
+def _separator(tokenizer):
+    return tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+
+
+def _encode(chapters: list[str], tokenizer) -> torch.Tensor:
+    """Documents tokenized and concatenated with the EOS (or SEP) token after each, as a 1-D LongTensor."""
+    sep = _separator(tokenizer)
     ids: list[int] = []
-    for row in tokenizer(texts(split), add_special_tokens=False)["input_ids"]:
+    for row in tokenizer(chapters, add_special_tokens=False)["input_ids"]:
         ids.extend(row)
         if sep is not None:
             ids.append(sep)
-    out = torch.tensor(ids, dtype=torch.long)
-    atomic_write_bytes(path, save({"tokens": out}))
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def token_cache_path(split: str, tokenizer) -> Path:
+    """Where the token cache of a split for this tokenizer lives (plus a .sha256.json sidecar)."""
+    return cache_dir() / "tokens" / f"kjv-{split}-{_tokenizer_key(tokenizer)}.safetensors"
+
+
+def tokens(split: str, tokenizer) -> torch.Tensor:
+    """All chapters of a split tokenized and concatenated (EOS between chapters), as a 1-D LongTensor.
+
+    Cached per tokenizer under the labkit cache folder, written atomically with a sha256 sidecar
+    (lk.repro.write_verified) and checked on every read: a corrupted, truncated or edited cache is rebuilt
+    (with a one-line message), never used.
+    """
+    from safetensors.torch import load, save
+    _check_split(split)
+    _check_tokenizer(tokenizer)
+    path = token_cache_path(split, tokenizer)
+    vocab = len(tokenizer)
+    if path.exists() or path.with_name(path.name + ".sha256.json").exists():
+        try:
+            raw, meta = read_verified(path, KIND, fix="it is rebuilt now")
+            out = load(raw)["tokens"]
+            if out.dtype != torch.long or out.dim() != 1 or meta.get("vocab") != vocab:
+                raise ChecksumError(f"{path} does not hold this tokenizer's token ids")
+            return out
+        except ChecksumError:
+            legacy = not path.with_name(path.name + ".sha256.json").exists()   # an older labkit's cache: quiet
+            if not legacy:
+                print(f"labkit: the token cache {path.name} failed its sha256 check (corrupted or edited); "
+                      "rebuilding it", file=sys.stderr, flush=True)
+    out = _encode(texts(split), tokenizer)
+    write_verified(path, save({"tokens": out}), KIND, meta={"split": split, "vocab": vocab, "n": len(out)})
     return out
 
 
-def batches(split: str, tokenizer, seq_len: int = 128, batch_size: int = 8, seed: int = 0):
-    """Endless random [batch_size, seq_len] windows of a split, reproducible from the seed (for training)."""
-    data = tokens(split, tokenizer)
-    if len(data) <= seq_len + 1:
-        raise ValueError(f"split {split!r} has only {len(data)} tokens; use seq_len < {len(data) - 1}")
-    g = torch.Generator().manual_seed(seed)
-    while True:
-        starts = torch.randint(0, len(data) - seq_len - 1, (batch_size,), generator=g)
-        yield torch.stack([data[s: s + seq_len] for s in starts.tolist()])
+def text_tokens(text_or_path, tokenizer, min_tokens: int = 257) -> torch.Tensor:
+    """Any other text, tokenized the way the protocol tokenizes the KJV (documents joined by EOS), so that
+    lk.perplexity(model, lk.data.text_tokens(...)) re-measures a claim on text of your choice.
+
+    text_or_path: the text itself (str), a file (pathlib.Path, or a str naming an existing file; UTF-8), or a
+    list of documents (str). min_tokens (default: one 256-token window + 1) refuses text too short to score."""
+    _check_tokenizer(tokenizer)
+    if isinstance(min_tokens, bool) or not isinstance(min_tokens, int) or min_tokens < 1:
+        raise ValueError(f"min_tokens must be a whole number ≥ 1, got {min_tokens!r}")
+    if isinstance(text_or_path, os.PathLike) or (isinstance(text_or_path, str) and "\n" not in text_or_path
+                                                 and len(text_or_path) < 4096 and os.path.isfile(text_or_path)):
+        path = Path(text_or_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is not a file; pass the text itself as a str, or a path that exists")
+        try:
+            docs = [path.read_text(encoding="utf-8")]
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); pass a plain text file") from None
+    elif isinstance(text_or_path, str):
+        docs = [text_or_path]
+    elif isinstance(text_or_path, (list, tuple)) and all(isinstance(d, str) for d in text_or_path):
+        docs = list(text_or_path)
+    else:
+        raise TypeError(f"text_or_path must be a str (text or a file name), a pathlib.Path or a list of str, got "
+                        f"{type(text_or_path).__name__}")
+    docs = [d for d in docs if d.strip()]
+    if not docs:
+        raise ValueError("the text is empty; pass some text (at least a few hundred words) to score")
+    out = _encode(docs, tokenizer)
+    if len(out) < min_tokens:
+        raise ValueError(f"the text has only {len(out)} tokens; the protocol scores windows of 256 tokens, so pass "
+                         f"at least {min_tokens} tokens of text (a few hundred words) or lower min_tokens")
+    return out
 
 
 def prepare(tokenizer) -> dict[str, int]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -14,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from .repro import atomic_write_json, cache_dir, sha256_file
+from .repro import (ChecksumError, cache_dir, check_file, read_manifest, replace_folder, sha256_file,
+                    write_manifest)
 
 # name -> where the packaged files are and their checksums (the source is verified before conversion)
 REGISTRY = {
@@ -32,6 +32,7 @@ REGISTRY = {
     },
 }
 MANIFEST = "labkit-manifest.json"
+KIND = "labkit-model-cache"
 
 
 def package_dir(package: str, install: str) -> Path:
@@ -68,17 +69,26 @@ def model_cache_dir(name: str) -> Path:
     return cache_dir() / "models" / name
 
 
-def _cache_ok(folder: Path) -> bool:
-    """True when the folder has a manifest and every file in it matches its size and sha256."""
+def _cache_ok(folder: Path, name: str) -> bool:
+    """True when the folder's manifest (lk.repro.read_manifest) matches every file's size and sha256.
+
+    A manifest from an older labkit (no kind/version) whose files all match is upgraded in place."""
+    fix = f"it is rebuilt by lk.models.prepare({name!r})"
     try:
-        manifest = json.loads((folder / MANIFEST).read_text())
-        for fname, meta in manifest["files"].items():
-            p = folder / fname
-            if p.stat().st_size != meta["bytes"] or sha256_file(p) != meta["sha256"]:
-                return False
-        return bool(manifest["files"])
-    except (OSError, ValueError, KeyError, TypeError):
+        return bool(read_manifest(folder, KIND, fix, name=MANIFEST)["files"])
+    except ChecksumError:
+        pass
+    try:   # the format before lk.repro manifests: {"source", "source_sha256", "files": {name: {bytes, sha256}}}
+        old = json.loads((folder / MANIFEST).read_text())
+        if "kind" in old or not old.get("files"):
+            return False
+        for fname, entry in old["files"].items():
+            check_file(folder / fname, entry, fix)
+    except (OSError, ValueError, AttributeError, TypeError):
         return False
+    write_manifest(folder, KIND, files=sorted(old["files"]), name=MANIFEST,
+                   extra={"source": old.get("source"), "source_sha256": old.get("source_sha256")})
+    return True
 
 
 def _convert_gguf(name: str, out: Path) -> None:
@@ -107,7 +117,7 @@ def prepare(name: str = "smollm2-135m", force: bool = False) -> Path:
     if entry["kind"] == "encoder":  # shipped as safetensors already: verify and use in place
         return _verify_source(name).parent
     folder = model_cache_dir(name)
-    if not force and _cache_ok(folder):
+    if not force and _cache_ok(folder, name):
         return folder
     if folder.exists():
         print(f"labkit: the cache in {folder} is incomplete or corrupted; rebuilding it", flush=True)
@@ -116,16 +126,9 @@ def prepare(name: str = "smollm2-135m", force: bool = False) -> Path:
     try:
         t0 = time.perf_counter()
         _convert_gguf(name, tmp)
-        files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
-                 for p in sorted(tmp.iterdir()) if p.is_file()}
-        atomic_write_json(tmp / MANIFEST, {"source": entry["file"], "source_sha256": entry["sha256"],
-                                           "files": files})
-        old = folder.with_name(folder.name + ".old")
-        if folder.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(folder, old)
-        os.replace(tmp, folder)
-        shutil.rmtree(old, ignore_errors=True)
+        write_manifest(tmp, KIND, name=MANIFEST, extra={"source": entry["file"], "source_sha256": entry["sha256"]})
+        read_manifest(tmp, KIND, "the conversion wrote a bad file; run lk.models.prepare again", name=MANIFEST)
+        replace_folder(tmp, folder)       # the old cache (if any) stays until the new one is in place
         print(f"labkit: cache ready in {time.perf_counter() - t0:.0f} s", flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -33,17 +33,32 @@ def test_corrupted_cache_is_detected_and_rebuilt(tmp_path, monkeypatch):
     monkeypatch.setenv("LABKIT_CACHE", str(tmp_path))
     assert cache_dir() == tmp_path
     shutil.copytree(real, src)
-    assert Mo._cache_ok(src)
+    assert Mo._cache_ok(src, "smollm2-135m")
     with open(src / "config.json", "a") as f:
         f.write(" ")
-    assert not Mo._cache_ok(src)
+    assert not Mo._cache_ok(src, "smollm2-135m")
     (src / Mo.MANIFEST).unlink()
-    assert not Mo._cache_ok(src)
+    assert not Mo._cache_ok(src, "smollm2-135m")
     calls = []
     monkeypatch.setattr(Mo, "_convert_gguf", lambda name, out: (calls.append(out), shutil.copy(real / "config.json", out)))
     folder = Mo.prepare("smollm2-135m")
-    assert calls and Mo._cache_ok(folder) and json.loads((folder / Mo.MANIFEST).read_text())["files"]
+    assert calls and Mo._cache_ok(folder, "smollm2-135m") and json.loads((folder / Mo.MANIFEST).read_text())["files"]
     assert not list(folder.parent.glob(".smollm2-135m.*"))  # no temp folder left behind
+    assert json.loads((folder / Mo.MANIFEST).read_text())["kind"] == Mo.KIND   # an lk.repro manifest
+
+
+def test_manifest_of_an_older_labkit_is_verified_then_upgraded(tmp_path):
+    from labkit import repro
+    (tmp_path / "a.bin").write_bytes(b"weights")
+    old = {"source": "x.gguf", "source_sha256": "0" * 64, "files": {"a.bin": repro.file_entry(tmp_path / "a.bin")}}
+    (tmp_path / Mo.MANIFEST).write_text(json.dumps(old))
+    assert Mo._cache_ok(tmp_path, "smollm2-135m")
+    new = json.loads((tmp_path / Mo.MANIFEST).read_text())
+    assert new["kind"] == Mo.KIND and new["version"] == repro.MANIFEST_VERSION and new["source"] == "x.gguf"
+    (tmp_path / "a.bin").write_bytes(b"weightz")                       # same size, different bytes
+    assert not Mo._cache_ok(tmp_path, "smollm2-135m")
+    (tmp_path / Mo.MANIFEST).write_text(json.dumps(old))               # an old manifest over a changed file
+    assert not Mo._cache_ok(tmp_path, "smollm2-135m")
 
 
 def test_unknown_model_gives_a_clear_error(monkeypatch):
@@ -79,3 +94,58 @@ def test_minilm_embeddings_are_normalised():
     e = Mo.sentence_embeddings(model, tok, ["In the beginning", "In the beginning", "Jesus wept."])
     assert torch.allclose(e.norm(dim=-1), torch.ones(3), atol=1e-5)
     assert (e[0] @ e[1]).item() > 0.999 and (e[0] @ e[2]).item() < 0.9
+
+
+# ---- lk.data: verified token caches, any other text --------------------------------------------------------
+@pytest.fixture()
+def tok():
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(str(Mo.prepare("smollm2-135m")))
+
+
+def test_token_cache_is_verified_and_rebuilt(tmp_path, monkeypatch, tok, capsys):
+    from labkit import data
+    monkeypatch.setenv("LABKIT_CACHE", str(tmp_path))
+    first = data.tokens("validation", tok)
+    path = data.token_cache_path("validation", tok)
+    assert path.with_name(path.name + ".sha256.json").exists()
+    raw = bytearray(path.read_bytes())
+    raw[-64:-56] = (6_100_000_000_000_000_000).to_bytes(8, "little")     # a token id of 6.1e18
+    path.write_bytes(bytes(raw))
+    again = data.tokens("validation", tok)
+    assert torch.equal(again, first) and int(again.max()) < len(tok)
+    assert "failed its sha256 check" in capsys.readouterr().err
+    path.write_bytes(path.read_bytes()[:100])                              # truncated
+    assert torch.equal(data.tokens("validation", tok), first)
+
+
+def test_text_tokens_scores_any_text(tmp_path, tok):
+    from labkit import data
+    text = "It was the best of times, it was the worst of times, it was the age of wisdom. " * 30
+    a = data.text_tokens(text, tok)
+    f = tmp_path / "dickens.txt"
+    f.write_text(text, encoding="utf-8")
+    assert torch.equal(data.text_tokens(f, tok), a) and torch.equal(data.text_tokens(str(f), tok), a)
+    assert a.dtype == torch.long and a.dim() == 1 and int(a[-1]) == tok.eos_token_id
+    assert torch.equal(data.text_tokens([text, text], tok), torch.cat([a, a]))
+    with pytest.raises(ValueError, match="empty"):
+        data.text_tokens("   ", tok)
+    with pytest.raises(ValueError, match="only .* tokens"):
+        data.text_tokens("Too short.", tok)
+    with pytest.raises(FileNotFoundError):
+        data.text_tokens(tmp_path / "missing.txt", tok)
+    (tmp_path / "bin.txt").write_bytes(b"\xff\xfe\x00\x81" * 100)
+    with pytest.raises(ValueError, match="not UTF-8"):
+        data.text_tokens(tmp_path / "bin.txt", tok)
+    with pytest.raises(TypeError, match="str"):
+        data.text_tokens(123, tok)
+    with pytest.raises(TypeError, match="tokenizer"):
+        data.text_tokens(text, "gpt2")
+
+
+def test_text_tokens_can_be_scored_by_the_protocol(tok):
+    import labkit as lk
+    text = " ".join(f"Line {i}: the cat sat on the mat and looked at the dog." for i in range(60))
+    model = Mo.tiny_llama(vocab_size=len(tok))
+    ppl = lk.perplexity(model, lk.data.text_tokens(text, tok), max_tokens=256)
+    assert ppl.tokens == 256 and ppl > 1
