@@ -9,8 +9,10 @@ Defined in notebook 04 (Sparse storage, "Chunked storage and lazy loading").
 """
 from __future__ import annotations
 
+import hashlib
 import json
-import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,19 +20,23 @@ import torch
 from torch import nn
 
 from . import sparse as S
-from .repro import REPO_ROOT, atomic_write_json, sha256_file
+from .repro import REPO_ROOT, ChecksumError, check_file, read_manifest, replace_folder, write_manifest
 
 INDEX = "index.json"
 KIND = "labkit-sparse-checkpoint"
-
-
-class ChecksumError(ValueError):
-    """A chunk's bytes do not match the sha256 recorded in the index."""
+__all__ = ["ChecksumError", "save_sparse", "load_full", "load_lazy", "SparseCheckpoint", "checkpoint_bytes",
+           "default_sparse_names", "compare_loads", "logits_after_load"]   # ChecksumError is lk.repro's
 
 
 def _fix_hint(folder: Path) -> str:
     return (f"re-save the checkpoint with lk.storage.save_sparse(model, '{folder}') "
             f"(or restore the file from a good copy); do not use a partially written folder")
+
+
+def _content_sha256(index: dict) -> str:
+    """sha256 of what the index says about the tensors (so an edited index.json is detected like a chunk)."""
+    body = {k: index.get(k) for k in ("format", "tensors", "aliases", "config", "attn_implementation")}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------- save
@@ -49,25 +55,75 @@ def _encode(t: torch.Tensor, fmt: str) -> tuple[str, dict[str, torch.Tensor], di
     return fmt, s.tensors(), extra
 
 
+def _check_target(folder) -> Path:
+    """The resolved folder, if save_sparse may write it: new, empty, or a previous labkit sparse checkpoint
+    holding nothing but its own index and chunks (so no file labkit did not write is ever replaced)."""
+    if not isinstance(folder, (str, Path)) or (isinstance(folder, str) and not folder.strip()):
+        raise TypeError(f"folder must be a path (str or pathlib.Path), got {folder!r}")
+    folder = Path(folder).expanduser().resolve()
+    data = REPO_ROOT / "data"
+    if data in folder.parents or folder == data:
+        raise ValueError(f"{folder} is inside the repository's data/ folder; save under lk.cache_dir() or a tempdir")
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{folder} is a file, not a folder; pass a folder for the checkpoint")
+    if not folder.exists() or not any(folder.iterdir()):
+        return folder
+    try:
+        old = json.loads((folder / INDEX).read_text())
+        ours = set(old.get("files") or old.get("chunks") or {}) | {INDEX} if old.get("kind") == KIND else set()
+    except (OSError, ValueError, AttributeError, TypeError):
+        ours = set()
+    if not ours:
+        raise ValueError(f"{folder} is not empty and is not a labkit sparse checkpoint (no labkit {INDEX}); "
+                         f"save into a new or empty folder — labkit never replaces files it did not write")
+    foreign = sorted(p.name for p in folder.iterdir() if p.name not in ours)
+    if foreign:
+        raise ValueError(f"{folder} holds files that are not part of its labkit checkpoint ({', '.join(foreign[:5])}"
+                         f"{'…' if len(foreign) > 5 else ''}); move them away or save into another folder — "
+                         f"saving replaces the whole folder")
+    return folder
+
+
 def save_sparse(model: nn.Module, folder, fmt: str = "bitmap", chunk_bytes: int = 32_000_000,
                 sparse_names: set[str] | None = None) -> dict:
-    """Save model's weights as safetensors chunks of ≤ chunk_bytes (one tensor is never split) + index.json.
+    """Save model's weights as safetensors chunks + index.json (a lk.repro manifest: sha256 of every chunk).
 
     Weights in `sparse_names` (default: every Linear but lm_head) are stored in `fmt` ("coo", "csr", "csr32",
-    "bsr", "bitmap", "2:4"); the rest dense. Tied weights (lm_head = embedding) are stored once, as aliases.
-    Returns the index (also written to folder/index.json, last, atomically)."""
+    "bsr", "bitmap", "2:4"); the rest dense. Chunks hold ≤ chunk_bytes each, except that one tensor is never
+    split: a tensor bigger than chunk_bytes (SmolLM2's 49,152 × 576 embedding, 113 MB) gets a chunk of its own.
+    Tied weights (lm_head = embedding) are stored once, as aliases.
+
+    The save is atomic at the folder level: everything is written into a temporary sibling folder, verified,
+    then swapped in (lk.repro.replace_folder) — a failed or interrupted save leaves the old checkpoint intact.
+    `folder` must be new, empty, or a previous labkit sparse checkpoint with nothing else in it.
+    Returns the index (also folder/index.json)."""
     from safetensors.torch import save_file
-    if fmt not in S.FORMATS:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch nn.Module, got {type(model).__name__}")
+    if not isinstance(fmt, str) or fmt not in S.FORMATS:
         raise ValueError(f"unknown format {fmt!r}; choose one of {S.FORMATS}")
-    folder = Path(folder).resolve()
-    if (REPO_ROOT / "data") in folder.parents or folder == REPO_ROOT / "data":
-        raise ValueError(f"{folder} is inside the repository's data/ folder; save under lk.cache_dir() or a tempdir")
-    folder.mkdir(parents=True, exist_ok=True)
-    for old in folder.glob("chunk-*.safetensors"):
-        old.unlink()
-    (folder / INDEX).unlink(missing_ok=True)
-    sparse_names = default_sparse_names(model) if sparse_names is None else set(sparse_names)
+    if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int):
+        raise TypeError(f"chunk_bytes must be a whole number of bytes, got {chunk_bytes!r}")
+    if chunk_bytes < 1:
+        raise ValueError(f"chunk_bytes must be ≥ 1, got {chunk_bytes} (e.g. 32_000_000 for 32 MB chunks)")
     state = model.state_dict()
+    if not state:
+        raise ValueError("the model has no parameters or buffers to save")
+    meta_dev = [n for n, t in state.items() if t.device.type == "meta"]
+    if meta_dev:
+        raise ValueError(f"{len(meta_dev)} tensors are on the meta device (e.g. {meta_dev[0]}): a lazily loaded "
+                         "model holds no weights; load it with lk.storage.load_full before saving")
+    if sparse_names is None:
+        sparse_names = default_sparse_names(model)
+    elif isinstance(sparse_names, str) or not all(isinstance(n, str) for n in sparse_names):
+        raise TypeError("sparse_names must be a set of state-dict names (str), e.g. {'model.layers.0.mlp.up_proj.weight'}")
+    else:
+        sparse_names = set(sparse_names)
+        unknown = sorted(sparse_names - set(state))
+        if unknown:
+            raise ValueError(f"sparse_names has names that are not in the model's state dict: {unknown[:3]}")
+    folder = _check_target(folder)
+    # encode everything first (in memory): a tensor that cannot be stored in fmt stops the save before any write
     seen: dict[tuple, str] = {}
     aliases, tensors_meta = {}, {}
     entries: list[tuple[str, dict[str, torch.Tensor]]] = []
@@ -77,7 +133,10 @@ def save_sparse(model: nn.Module, folder, fmt: str = "bitmap", chunk_bytes: int 
             aliases[name] = seen[key]
             continue
         seen[key] = name
-        f, parts, extra = _encode(t.detach(), fmt if name in sparse_names else "dense")
+        try:
+            f, parts, extra = _encode(t.detach().cpu(), fmt if name in sparse_names else "dense")
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"{name}: {e}") from None
         tensors_meta[name] = {"format": f, "shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", ""),
                               "parts": sorted(parts), **extra}
         entries.append((name, parts))
@@ -85,29 +144,35 @@ def save_sparse(model: nn.Module, folder, fmt: str = "bitmap", chunk_bytes: int 
     chunks: list[list[tuple[str, dict]]] = [[]]
     size = 0
     for name, parts in entries:
-        b = S._bytes(*parts.values())
+        b = S.parts_bytes(*parts.values())
         if chunks[-1] and size + b > chunk_bytes:
             chunks.append([])
             size = 0
         chunks[-1].append((name, parts))
         size += b
-    chunk_meta = {}
-    for i, chunk in enumerate(chunks, 1):
-        fname = f"chunk-{i:05d}.safetensors"
-        flat = {f"{name}/{p}": t.contiguous() for name, parts in chunk for p, t in parts.items()}
-        tmp = folder / f".{fname}.tmp"
-        save_file(flat, str(tmp), metadata={"kind": KIND})
-        os.replace(tmp, folder / fname)
-        chunk_meta[fname] = {"sha256": sha256_file(folder / fname), "bytes": (folder / fname).stat().st_size}
-        for name, _ in chunk:
-            tensors_meta[name]["chunk"] = fname
     cfg = getattr(model, "config", None)
-    index = {"kind": KIND, "version": 1, "format": fmt, "chunks": chunk_meta, "tensors": tensors_meta,
-             "aliases": aliases,
-             "config": json.loads(cfg.to_json_string()) if cfg is not None else None,
-             "attn_implementation": getattr(cfg, "_attn_implementation", None) if cfg is not None else None}
-    index["config"] and index["config"].pop("quantization_config", None)
-    atomic_write_json(folder / INDEX, index)
+    config = json.loads(cfg.to_json_string()) if cfg is not None and hasattr(cfg, "to_json_string") else None
+    if config:
+        config.pop("quantization_config", None)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.saving-"))
+    try:
+        names = []
+        for i, chunk in enumerate(chunks, 1):
+            fname = f"chunk-{i:05d}.safetensors"
+            flat = {f"{name}/{p}": t.contiguous() for name, parts in chunk for p, t in parts.items()}
+            save_file(flat, str(tmp / fname), metadata={"kind": KIND})
+            names.append(fname)
+            for name, _ in chunk:
+                tensors_meta[name]["chunk"] = fname
+        index = {"format": fmt, "tensors": tensors_meta, "aliases": aliases, "config": config,
+                 "attn_implementation": getattr(cfg, "_attn_implementation", None) if cfg is not None else None}
+        index["content_sha256"] = _content_sha256(index)
+        write_manifest(tmp, KIND, files=names, name=INDEX, extra=index)
+        index = read_manifest(tmp, KIND, "the save wrote a bad file; save again", name=INDEX)   # verify
+        replace_folder(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return index
 
 
@@ -126,37 +191,49 @@ class SparseCheckpoint:
 
     @classmethod
     def open(cls, folder) -> "SparseCheckpoint":
+        """Read and check index.json (kind, version, its own content sha256); chunks are checked on first use."""
+        if not isinstance(folder, (str, Path)):
+            raise TypeError(f"folder must be a path (str or pathlib.Path), got {type(folder).__name__}")
         folder = Path(folder)
         path = folder / INDEX
         if not path.exists():
             raise FileNotFoundError(f"{path} is missing: {folder} is not a complete sparse checkpoint; "
                                     + _fix_hint(folder))
+        fix = _fix_hint(folder)
         try:
-            index = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON ({e}); " + _fix_hint(folder)) from None
-        if index.get("kind") != KIND:
-            raise ValueError(f"{path} is not a labkit sparse checkpoint index (kind={index.get('kind')!r})")
+            raw = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise ChecksumError(f"{path} is unreadable ({e}); " + fix) from None
+        if isinstance(raw, dict) and raw.get("kind") == KIND and "chunks" in raw and "files" not in raw:
+            index = dict(raw, files=raw["chunks"])         # written by an older labkit: chunk sha256s, no own sha
+        else:
+            index = read_manifest(folder, KIND, fix, name=INDEX, verify=False)
+            if index.get("content_sha256") != _content_sha256(index):
+                raise ChecksumError(f"{path} was edited or is corrupted (its tensor table does not match the sha256 "
+                                    f"recorded when it was saved); " + fix)
+        if not isinstance(index.get("tensors"), dict) or not isinstance(index.get("aliases"), dict):
+            raise ChecksumError(f"{path} has no tensor table; " + fix)
+        for fname in index["files"]:
+            if not isinstance(fname, str) or "/" in fname or fname.startswith(".."):
+                raise ChecksumError(f"{path} names a file outside its folder ({fname!r}); " + fix)
         ck = cls(folder, index)
         ck._verified: set[str] = set()
         return ck
 
     def verify(self, chunk: str | None = None) -> None:
-        """Check one chunk (or all) against the index's sha256; raise ChecksumError naming the file."""
-        names = [chunk] if chunk else list(self.index["chunks"])
+        """Check one chunk (or all) against the index's size and sha256; raise ChecksumError naming the file."""
+        names = [chunk] if chunk else list(self.index["files"])
         for fname in names:
             if fname in self._verified:
                 continue
-            p = self.folder / fname
-            meta = self.index["chunks"][fname]
-            if not p.exists():
-                raise FileNotFoundError(f"chunk {p} listed in {self.folder / INDEX} is missing; "
-                                        + _fix_hint(self.folder))
-            digest = sha256_file(p)
-            if digest != meta["sha256"]:
-                raise ChecksumError(f"checksum mismatch in {p}: sha256 {digest[:12]}… but the index expects "
-                                    f"{meta['sha256'][:12]}… ({p.stat().st_size} bytes on disk, {meta['bytes']} "
-                                    f"expected) — the file is corrupted or was changed; " + _fix_hint(self.folder))
+            if fname not in self.index["files"]:
+                raise ChecksumError(f"{self.folder / INDEX} lists a tensor in {fname!r}, which is not one of its "
+                                    f"chunks; " + _fix_hint(self.folder))
+            entry = self.index["files"][fname]
+            try:
+                check_file(self.folder / fname, entry, _fix_hint(self.folder))
+            except ChecksumError as e:
+                raise ChecksumError(f"checksum mismatch: {e}") from None
             self._verified.add(fname)
 
     def names(self) -> list[str]:
@@ -201,7 +278,8 @@ class SparseCheckpoint:
             return S.Bitmap(parts["mask"], parts["values"], shape).to_dense()
         if fmt == "2:4":
             return S.TwoFour(parts["values"], parts["meta"], shape).to_dense()
-        raise ValueError(f"unknown stored format {fmt!r} for {name}")
+        raise ChecksumError(f"unknown stored format {fmt!r} for {name} in {self.folder / INDEX}; "
+                            + _fix_hint(self.folder))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Every tensor, dense (aliases share storage with their target)."""
@@ -241,7 +319,7 @@ def load_full(folder) -> nn.Module:
     ck = SparseCheckpoint.open(folder)
     ck.verify()
     raw = {}
-    for fname in ck.index["chunks"]:
+    for fname in ck.index["files"]:
         raw.update(load_file(str(ck.folder / fname)))                 # all chunks in memory at once
     model = _empty_model(ck.index)
     dense = {}
