@@ -6,22 +6,22 @@ cannot hide inside memory another variant freed.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
 from .memory import (count_params, dtype_bytes, estimate_activation_bytes, estimate_kv_cache_bytes,
-                     estimate_training_bytes, measure_memory, run_in_subprocess, tensor_bytes)
+                     estimate_training_bytes, measure_memory, run_in_subprocess, tensor_bytes, QUIET_MALLOC)
 
 COMPONENTS = ("weights", "gradients", "master_weights", "optimizer_state", "activations", "kv_cache")
 
 
 def estimate_footprint(config, n_params: int, dtype: str = "fp32", batch: int = 1, seq_len: int = 512,
-                       training: bool = False) -> dict[str, int]:
+                       training: bool = False, logits_to_keep: int | None = None) -> dict[str, int]:
     """Estimated bytes by component for inference (weights, activations, KV cache) or an Adam training step.
 
     Training in "bf16"/"fp16" means mixed precision: 16-bit weights and gradients, fp32 master weights
-    and Adam moments (ZeRO's 16 bytes/param). Inference keeps a KV cache of batch·seq_len tokens.
+    and Adam moments (ZeRO's 16 bytes/param). Inference keeps a KV cache of batch·seq_len tokens; it scores
+    every position (logits_to_keep=None, as perplexity does) or, like `model.generate`, keeps only the last
+    position's logits (logits_to_keep=1).
     """
     if batch < 1 or seq_len < 1:
         raise ValueError(f"batch and seq_len must be ≥ 1, got batch={batch}, seq_len={seq_len}")
@@ -34,7 +34,8 @@ def estimate_footprint(config, n_params: int, dtype: str = "fp32", batch: int = 
         out["activations"] = estimate_activation_bytes(config, batch, seq_len, act_dtype, training=True)["total"]
     else:
         out["weights"] = int(n_params * b)
-        out["activations"] = estimate_activation_bytes(config, batch, seq_len, act_dtype, training=False)["total"]
+        out["activations"] = estimate_activation_bytes(config, batch, seq_len, act_dtype, training=False,
+                                                       logits_to_keep=logits_to_keep)["total"]
         out["kv_cache"] = estimate_kv_cache_bytes(config, batch, seq_len, act_dtype)
     return out
 
@@ -43,15 +44,12 @@ def _kv_bytes(cache) -> int:
     return sum(tensor_bytes([layer.keys, layer.values]) for layer in cache.layers)
 
 
-def _quiet_allocator():
-    # Freed blocks above 64 kB go straight back to the OS, so RSS peaks are per measurement.
-    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
-
-
-def inference_peaks(name: str, shapes: list[tuple[int, int]], dtype: str = "fp32") -> list[dict]:
+def inference_peaks(name: str, shapes: list[tuple[int, int]], dtype: str = "fp32",
+                    logits_to_keep: int | None = None) -> list[dict]:
     """For each (batch, seq_len): one forward pass that fills a KV cache; measured peak and KV bytes.
 
-    Runs where it is called; use measure_inference() to run it in a fresh process.
+    logits_to_keep=1 is the prefill of `model.generate` (only the last position's logits); None scores every
+    position. Runs where it is called; use measure_inference() to run it in a fresh process.
     """
     from transformers import DynamicCache
 
@@ -65,17 +63,18 @@ def inference_peaks(name: str, shapes: list[tuple[int, int]], dtype: str = "fp32
         ids = torch.randint(0, model.config.vocab_size, (batch, seq_len))
         cache = DynamicCache(config=model.config)
         with torch.inference_mode(), measure_memory() as m:
-            out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+            extra = {} if logits_to_keep is None else {"logits_to_keep": logits_to_keep}
+            out = model(input_ids=ids, past_key_values=cache, use_cache=True, **extra)
         rows.append({"batch": batch, "seq_len": seq_len, "peak_bytes": m.peak_bytes,
                      "kv_bytes": _kv_bytes(cache), "logits_bytes": tensor_bytes(out.logits)})
         del out, cache
     return rows
 
 
-def measure_inference(name: str, shapes: list[tuple[int, int]], dtype: str = "fp32") -> list[dict]:
+def measure_inference(name: str, shapes: list[tuple[int, int]], dtype: str = "fp32",
+                      logits_to_keep: int | None = None) -> list[dict]:
     """inference_peaks() in a fresh process (returns its rows)."""
-    _quiet_allocator()
-    return run_in_subprocess(inference_peaks, name, shapes, dtype)[0]
+    return run_in_subprocess(inference_peaks, name, shapes, dtype, logits_to_keep, env=QUIET_MALLOC)[0]
 
 
 def load_footprint(name: str, dtype: str = "fp32") -> dict:
@@ -92,8 +91,7 @@ def load_footprint(name: str, dtype: str = "fp32") -> dict:
 
 def measure_load(name: str, dtype: str = "fp32") -> dict:
     """load_footprint() in a fresh process."""
-    _quiet_allocator()
-    return run_in_subprocess(load_footprint, name, dtype)[0]
+    return run_in_subprocess(load_footprint, name, dtype, env=QUIET_MALLOC)[0]
 
 
 def training_step(name: str, batch: int, seq_len: int, lr: float = 1e-5) -> dict:
@@ -119,8 +117,7 @@ def training_step(name: str, batch: int, seq_len: int, lr: float = 1e-5) -> dict
 
 def measure_training_step(name: str, batch: int = 1, seq_len: int = 64) -> dict:
     """training_step() in a fresh process."""
-    _quiet_allocator()
-    return run_in_subprocess(training_step, name, batch, seq_len)[0]
+    return run_in_subprocess(training_step, name, batch, seq_len, env=QUIET_MALLOC)[0]
 
 
 def bench() -> dict:

@@ -234,7 +234,7 @@ def estimate_kv_cache_bytes(config, batch: int, seq_len: int, dtype=torch.float3
 
 
 def estimate_activation_bytes(config, batch: int, seq_len: int, dtype=torch.float32,
-                              training: bool = True) -> dict[str, int]:
+                              training: bool = True, logits_to_keep: int | None = None) -> dict[str, int]:
     """Activation bytes of a Llama-style decoder forward pass, by part.
 
     training=True counts what autograd saves for backward, per layer (N = batch·seq_len tokens,
@@ -243,8 +243,13 @@ def estimate_activation_bytes(config, batch: int, seq_len: int, dtype=torch.floa
     product) + N·(3q + 4kv) (q/k/v before and after RoPE, keys/values repeated for GQA) — an approximation
     that ignores small tensors (norm statistics, softmax log-sum-exp).
     The logits cost 2·N·vocab (logits and the log-softmax the loss keeps).
-    training=False counts what is alive at once in inference: one layer's working set plus the logits.
+    training=False counts what is alive at once in inference: one layer's working set plus the logits. A forward
+    that scores every token (perplexity) keeps batch·seq_len·vocab logits; `model.generate` asks the model for the
+    last position's logits only (transformers' `logits_to_keep=1`), so pass logits_to_keep=1 for generation.
     """
+    if logits_to_keep is not None and (isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, int)
+                                       or logits_to_keep < 1):
+        raise ValueError(f"logits_to_keep must be None (every position) or an int ≥ 1, got {logits_to_keep!r}")
     b = dtype_bytes(dtype)
     n = batch * seq_len
     h = _cfg(config, "hidden_size", "n_embd")
@@ -259,7 +264,9 @@ def estimate_activation_bytes(config, batch: int, seq_len: int, dtype=torch.floa
     if training:
         out = {"layers": int(layers * per_layer), "logits": int(2 * n * vocab * b), "embeddings": int(n * h * b)}
     else:
-        out = {"layers": int(n * (2 * h + 3 * f + q + 2 * kv) * b), "logits": int(n * vocab * b), "embeddings": int(n * h * b)}
+        kept = batch * (seq_len if logits_to_keep is None else min(logits_to_keep, seq_len))
+        out = {"layers": int(n * (2 * h + 3 * f + q + 2 * kv) * b), "logits": int(kept * vocab * b),
+               "embeddings": int(n * h * b)}
     out["total"] = sum(out.values())
     return out
 
@@ -353,25 +360,28 @@ def _measured_call(fn, args, kwargs):
     return result, m.peak_bytes
 
 
-def run_in_subprocess(fn, *args, **kwargs):
+def run_in_subprocess(fn, *args, env: dict[str, str] | None = None, **kwargs):
     """Run fn(*args, **kwargs) in a fresh spawned process; return (result, peak RSS growth in bytes).
 
     A fresh process per variant keeps one measurement from inheriting another's freed-but-kept memory
     (glibc does not hand freed memory back). fn must be importable (defined in a module, not a notebook).
+    `env` adds environment variables for the child only (e.g. MALLOC_MMAP_THRESHOLD_); the caller's
+    environment is left exactly as it was.
     """
     if getattr(fn, "__module__", "__main__") == "__main__" or "<locals>" in getattr(fn, "__qualname__", ""):
         raise ValueError(f"{getattr(fn, '__name__', fn)} must be defined at the top level of an importable "
                          "module (e.g. labkit or a .py file beside the notebook), not in the notebook")
-    with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as ex:
-        return ex.submit(_measured_call, fn, args, kwargs).result()
+    saved = {k: os.environ.get(k) for k in (env or {})}
+    try:
+        os.environ.update(env or {})  # a spawned child copies the environment when it starts
+        with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as ex:
+            return ex.submit(_measured_call, fn, args, kwargs).result()
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
-def profile_memory(fn, *args, top: int = 8, **kwargs):
-    """Per-operator CPU memory of one call, from torch.profiler: [(op, self bytes allocated, calls)]."""
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn(*args, **kwargs)
-    rows = [(e.key, e.self_cpu_memory_usage, e.count) for e in prof.key_averages()]
-    rows = [r for r in rows if r[1] > 0]
-    rows.sort(key=lambda r: -r[1])
-    return rows[:top]
+QUIET_MALLOC = {"MALLOC_MMAP_THRESHOLD_": "65536"}  # freed blocks > 64 kB go back to the OS: per-variant RSS peaks

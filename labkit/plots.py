@@ -186,7 +186,7 @@ def stacked_memory(columns: dict[str, dict[str, float]], measured: dict[str, flo
                    label="measured")
     ax.set_ylabel("MB")
     ax.set_title(title)
-    ax.legend(fontsize=8, loc="upper left")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)  # beside, never on the bars
     return ax
 
 
@@ -198,7 +198,7 @@ def estimate_vs_measured(xs, estimated, measured, xlabel: str, title: str = "", 
     ax.set_xlabel(xlabel)
     ax.set_ylabel("MB")
     ax.set_title(title)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", frameon=False)  # the curves rise to the right: the corner stays free
     return ax
 
 

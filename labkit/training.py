@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
 
@@ -459,15 +458,7 @@ def state_after_step(model: nn.Module, opt, x: torch.Tensor) -> int:
 def _measure_fresh(cfg: dict, variants: dict | None = None) -> dict:
     """measure_step in a fresh process with a fixed malloc mmap threshold (freed tensors leave RSS)."""
     from labkit import memory
-    old = os.environ.get("MALLOC_MMAP_THRESHOLD_")
-    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"
-    try:
-        result, _ = memory.run_in_subprocess(measure_step, cfg, variants)
-    finally:
-        if old is None:
-            os.environ.pop("MALLOC_MMAP_THRESHOLD_", None)
-        else:
-            os.environ["MALLOC_MMAP_THRESHOLD_"] = old
+    result, _ = memory.run_in_subprocess(measure_step, cfg, variants, env=memory.QUIET_MALLOC)
     return result
 
 

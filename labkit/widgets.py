@@ -41,19 +41,24 @@ def footprint_widget(config, n_params: int):
 
     from . import footprint, plots
 
-    def draw(dtype="fp32", batch=1, context=512, mode="inference"):
-        chosen = footprint.estimate_footprint(config, n_params, dtype, batch, context, mode == "training step")
-        reference = footprint.estimate_footprint(config, n_params, "fp32", 1, 512, False)
+    def draw(dtype="fp32", batch=1, context=512, mode="generate"):
+        keep = 1 if mode == "generate" else None  # generate asks for the last position's logits only
+        chosen = footprint.estimate_footprint(config, n_params, dtype, batch, context, mode == "training step",
+                                              logits_to_keep=keep)
+        reference = footprint.estimate_footprint(config, n_params, "fp32", 1, 512, False, logits_to_keep=1)
         return plots.stacked_memory({f"{mode}\n{dtype}, {batch}×{context}": chosen,
-                                     "reference\nfp32 inference 1×512": reference},
+                                     "reference\nfp32 generate 1×512": reference},
                                     title="Estimated memory by component")
 
+    style = {"description_width": "initial"}
     return interact_chart(
         draw,
-        dtype=w.Dropdown(options=["fp32", "bf16"], value="fp32", description="dtype"),
-        batch=w.IntSlider(value=1, min=1, max=64, description="batch"),
-        context=w.SelectionSlider(options=[2 ** k for k in range(6, 16)], value=512, description="context"),
-        mode=w.ToggleButtons(options=["inference", "training step"], value="inference", description="mode"))
+        dtype=w.Dropdown(options=["fp32", "bf16"], value="fp32", description="dtype", style=style),
+        batch=w.IntSlider(value=1, min=1, max=64, description="batch", style=style),
+        context=w.SelectionSlider(options=[2 ** k for k in range(6, 16)], value=512, description="context (tokens)",
+                                  style=style),
+        mode=w.ToggleButtons(options=["generate", "score every token", "training step"], value="generate",
+                             description="mode", style=style))
 
 
 # --- distillation (notebook 03) ---

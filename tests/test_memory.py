@@ -125,3 +125,22 @@ def test_fmt_bytes():
     assert lk.fmt_bytes(538_060_288) == "538.1 MB"
     assert lk.fmt_bytes(999) == "999 B"
     assert lk.fmt_bytes(2.5e9) == "2.5 GB"
+
+
+def test_run_in_subprocess_env_reaches_the_child_only(monkeypatch):
+    import os
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    value, _ = M.run_in_subprocess(os.getenv, "MALLOC_MMAP_THRESHOLD_", env=M.QUIET_MALLOC)
+    assert value == "65536" and "MALLOC_MMAP_THRESHOLD_" not in os.environ
+
+
+def test_generation_keeps_only_the_last_positions_logits():
+    import types
+    cfg = types.SimpleNamespace(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                                head_dim=16, num_hidden_layers=2, vocab_size=1000)
+    score = M.estimate_activation_bytes(cfg, 2, 100, training=False)
+    gen = M.estimate_activation_bytes(cfg, 2, 100, training=False, logits_to_keep=1)
+    assert score["logits"] == 2 * 100 * 1000 * 4 and gen["logits"] == 2 * 1 * 1000 * 4
+    assert score["layers"] == gen["layers"]
+    with pytest.raises(ValueError, match="logits_to_keep"):
+        M.estimate_activation_bytes(cfg, 2, 100, training=False, logits_to_keep=0)
