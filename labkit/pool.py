@@ -1,7 +1,8 @@
 """Memory pools: a fixed-size block pool, a first-fit/best-fit allocator with compaction, and a serving
 simulation of contiguous max-length reservation vs paging (vLLM's PagedAttention idea).
 
-Defined in notebook 05 (memory pools); the paged KV cache that runs on `BlockPool` is in `labkit.kvcache`.
+Defined in notebook 05 (memory pools); the paged KV cache that runs on `BlockPool` is in `labkit.kvcache`, the
+sweeps and bench figures in `labkit.experiments.pool`. This module imports neither the KV cache nor the models.
 """
 from __future__ import annotations
 
@@ -568,43 +569,3 @@ def serving_comparison(block_size: int = 16, dist: str = "uniform", n: int = 200
                   for p in ("contiguous", "paged")}
     out["mean_length"] = float(np.mean(lengths))
     return out
-
-
-# ---------------------------------------------------------------- results file and bench
-def make_results() -> dict:
-    """Sweep of the serving simulation: every distribution × block size, contiguous as the baseline."""
-    out = {"budget_tokens": 8192, "max_len": 1024, "n_requests": 200, "seed": 0, "runs": []}
-    for dist in DISTRIBUTIONS:
-        reqs = make_requests(200, seed=0, dist=dist, max_len=1024)
-        runs = [simulate(reqs, 8192, "contiguous", max_len=1024)]
-        runs += [simulate(reqs, 8192, "paged", block_size=bs, max_len=1024) for bs in (1, 2, 4, 8, 16, 32, 64, 128, 256)]
-        for r in runs:
-            r.pop("slot_map")
-            out["runs"].append({"dist": dist, **{k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}})
-    return out
-
-
-def bench() -> dict:
-    """Headline figures of notebook 05 (≲ 60 s): serving waste, sequences that fit, allocation and decoding speed."""
-    from . import repro
-    from .kvcache import generation_speed
-    from .models import load_model
-    old = repro.set_threads(1)
-    try:
-        out = {}
-        for bs in (16, 64):
-            r = serving_comparison(block_size=bs)
-            out[f"block{bs}"] = {p: {k: round(r[p][k], 3) for k in ("utilisation", "waste", "mean_running", "throughput")}
-                                 for p in ("contiguous", "paged")}
-            out[f"block{bs}"]["fit"] = r["fit"]
-        for size in (4096, 737_280):
-            t = time_alloc(size, n=200)
-            out[f"alloc_{size}B"] = {k: round(v, 2) for k, v in t.items()}
-        out["alloc_737280B_fresh_pages"] = {k: round(v, 2) for k, v in time_alloc_fresh(737_280).items()}
-        model, tok = load_model("smollm2-135m")
-        ids = tok("In the beginning God created the heaven and the earth.", return_tensors="pt")["input_ids"]
-        g = generation_speed(model, ids, max_new_tokens=20)
-        out["generation"] = {k: (round(v, 2) if isinstance(v, float) else v) for k, v in g.items()}
-        return out
-    finally:
-        repro.set_threads(old)

@@ -1,4 +1,5 @@
-"""Tests for labkit.pool (block pool, variable allocator, compaction, serving simulation) and labkit.kvcache."""
+"""Tests for labkit.pool (block pool, variable allocator, compaction, serving simulation); the KV cache is in
+test_kvcache.py."""
 import platform
 import random
 
@@ -7,10 +8,8 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
-from transformers import DynamicCache
 
 import labkit as lk
-from labkit.kvcache import PagedKVCache, kv_cache_table, quantize_kv_int8, sample_parallel
 from labkit.pool import (BlockPool, PoolError, PoolExhausted, VariableAllocator, churn, cuda_caching_allocator_size,
                          heap_pinning, make_requests, paged_waste_bound, sequences_that_fit, serving_comparison,
                          simulate, time_alloc, time_append)
@@ -344,114 +343,10 @@ def test_sequences_that_fit_hand_fixture():
     assert sequences_that_fit([10, 20, 30], 64, "contiguous", max_len=32) == 2
 
 
-# ---------------------------------------------------------------- paged KV cache on a tiny Llama
-@pytest.fixture(scope="module")
-def tiny():
-    return lk.models.tiny_llama()
-
-
-def _gen(model, ids, mask=None, cache=None, n=12):
-    return model.generate(ids, attention_mask=mask, past_key_values=cache, max_new_tokens=n, do_sample=False,
-                          pad_token_id=2)
-
-
-@pytest.mark.parametrize("block_size", [1, 3, 16])
-def test_paged_cache_matches_dynamic_cache_batch1_and_batch2_left_padded(tiny, block_size):
-    torch.manual_seed(0)
-    ids = torch.randint(3, 256, (2, 9))
-    mask = torch.ones_like(ids)
-    ids[1, :4], mask[1, :4] = 2, 0  # left padding in row 1
-    c1 = PagedKVCache(tiny.config, num_blocks=64, block_size=block_size)
-    assert torch.equal(_gen(tiny, ids[:1]), _gen(tiny, ids[:1], cache=c1))
-    c2 = PagedKVCache(tiny.config, num_blocks=64, block_size=block_size)
-    assert torch.equal(_gen(tiny, ids, mask), _gen(tiny, ids, mask, cache=c2))
-    assert c2.length == 9 + 12 - 1
-    per_seq = -(-c2.length // block_size)
-    assert c2.pool.num_used == 2 * per_seq
-    assert c2.nbytes() == 2 * per_seq * block_size * lk.memory.kv_bytes_per_token(tiny.config)
-    c2.release()
-    assert c2.pool.num_free == 64
-
-
-def test_fork_shares_prefix_blocks_and_copies_on_write(tiny):
-    torch.manual_seed(1)
-    prompt, nxt = torch.randint(3, 256, (1, 10)), torch.tensor([[5], [7]])
-    c = PagedKVCache(tiny.config, num_blocks=16, block_size=4)
-    with torch.no_grad():
-        tiny(prompt, past_key_values=c)
-        c.fork(0, 1)
-        assert c.tables[0] == c.tables[1] and c.pool.num_used == 3  # 10 tokens → 3 shared blocks
-        out = tiny(nxt, past_key_values=c).logits
-        ref_cache = DynamicCache(config=tiny.config)
-        tiny(prompt.repeat(2, 1), past_key_values=ref_cache)
-        ref = tiny(nxt, past_key_values=ref_cache).logits
-    torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
-    assert c.n_cow == 1 and c.tables[0][:2] == c.tables[1][:2] and c.tables[0][2] != c.tables[1][2]
-    assert c.pool.num_used == 4  # 2 shared + 1 private each, not 6
-    c.free_sequence(1)
-    assert c.pool.num_used == 3
-    c.release()
-    c.pool.check_invariants()
-    assert c.pool.num_free == 16
-
-
-@pytest.mark.parametrize("prompt_len", [8, 10])
-def test_sample_parallel_shares_the_prompt_and_matches_dynamic_cache(tiny, prompt_len):
-    ids = torch.randint(3, 256, (1, prompt_len))
-    p = sample_parallel(tiny, ids, n=3, max_new_tokens=9, block_size=4, seed=1)
-    d = sample_parallel(tiny, ids, n=3, max_new_tokens=9, block_size=4, seed=1, cache=DynamicCache(config=tiny.config))
-    assert torch.equal(p["tokens"], d["tokens"]) and p["tokens"].shape == (3, prompt_len + 9)
-    assert len({tuple(t) for t in p["tokens"][:, prompt_len:].tolist()}) == 3  # three different samples
-    full = prompt_len // 4                         # full prompt blocks stay shared
-    per_seq = -(-(prompt_len + 8) // 4)            # the last sampled token is not cached
-    assert p["cached_tokens"] == prompt_len + 8 and p["blocks_unshared"] == 3 * per_seq
-    assert p["blocks_used"] == full + 3 * (per_seq - full) and p["shared_blocks"] == full
-    assert p["copies_on_write"] == (2 if prompt_len % 4 else 0)  # a partial last block is copied by all but one
-    assert all(t[:full] == p["tables"][0][:full] for t in p["tables"])
-    with pytest.raises(ValueError, match="one prompt"):
-        sample_parallel(tiny, ids.repeat(2, 1))
-
-
-def test_paged_cache_exhaustion_raises_and_keeps_data(tiny):
-    c = PagedKVCache(tiny.config, num_blocks=2, block_size=4)
-    with torch.no_grad():
-        tiny(torch.randint(3, 256, (1, 8)), past_key_values=c)
-        before = c.pool.storage.clone()
-        with pytest.raises(PoolExhausted, match="more blocks"):
-            tiny(torch.tensor([[5]]), past_key_values=c)
-    assert torch.equal(before, c.pool.storage) and c.length == 8
-
-
-def test_paged_cache_rejects_beam_search_and_shape_mismatch(tiny):
-    c = PagedKVCache(tiny.config, num_blocks=8, block_size=4)
-    with pytest.raises(NotImplementedError):
-        c.reorder_cache(torch.tensor([0]))
-    with pytest.raises(ValueError, match="KV heads"):
-        c.update(torch.zeros(1, 3, 1, 16), torch.zeros(1, 3, 1, 16), 0)
-
-
-def test_kv_formula_gqa_and_int8():
-    cfg = lk.models.tiny_llama().config  # 2 layers, 2 kv heads of 16
-    assert lk.memory.kv_bytes_per_token(cfg) == 2 * 2 * 2 * 16 * 4
-    rows = {(r["attention"], r["dtype"]): r["bytes_per_token"] for r in kv_cache_table(cfg)}
-    assert rows[("MHA", "fp32")] == 2 * rows[("GQA", "fp32")]
-    assert rows[("GQA", "int8")] == 2 * 2 * 2 * (16 + 4)
-    x = torch.randn(2, 3, 5, 16)
-    q, s = quantize_kv_int8(x)
-    assert q.dtype == torch.int8 and (q.float() * s - x).abs().max() <= s.max() / 2 + 1e-6
-
-
-@pytest.mark.slow
-def test_paged_cache_drives_smollm2_like_the_default_cache():
-    model, tok = lk.load_model("smollm2-135m")
-    tok.padding_side = "left"
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    batch = tok(["In the beginning God created", "And the LORD said unto Moses, Speak"], return_tensors="pt",
-                padding=True)
-    kw = dict(max_new_tokens=8, do_sample=False, pad_token_id=pad)
-    ref = model.generate(**batch, **kw)
-    cache = PagedKVCache(model.config, num_blocks=16, block_size=16)
-    assert torch.equal(ref, model.generate(**batch, past_key_values=cache, **kw))
-    assert lk.memory.kv_bytes_per_token(model.config) == 46_080
+def test_pool_imports_neither_the_kv_cache_nor_the_models():
+    import ast
+    import inspect
+    tree = ast.parse(inspect.getsource(lk.pool))
+    names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    names |= {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert not {m for m in names if "kvcache" in m or "models" in m or "experiments" in m}
