@@ -233,16 +233,35 @@ def estimate_kv_cache_bytes(config, batch: int, seq_len: int, dtype=torch.float3
     return kv_bytes_per_token(config, dtype) * batch * seq_len
 
 
+def layer_activation_bytes(config, batch: int, seq_len: int, precision: str = "fp32") -> int:
+    """Bytes one Llama decoder layer saves for backward, counted tensor by tensor (the tests check it against
+    autograd's saved tensors through torch.autograd.graph.saved_tensors_hooks).
+
+    T = batch·seq_len tokens, h hidden, kv = kv_heads·head_dim, f MLP width. fp32: 8·T·h (two RMSNorms keep
+    input and output, the q/k/v input, q, the attention output, the o_proj input, the MLP input) + 2·T·kv (k, v)
+    + 4·T·f (gate, up, silu(gate), their product) floats, plus the attention log-sum-exp and the norms' 1/rms.
+    "bf16" (autocast): the norms and the residual stream stay fp32 (4·T·h floats); the rest is 2 bytes."""
+    T = batch * seq_len
+    h = _cfg(config, "hidden_size", "n_embd")
+    f = _cfg(config, "intermediate_size", default=4 * h)
+    heads = _cfg(config, "num_attention_heads", "heads", "n_head")
+    kv_heads = _cfg(config, "num_key_value_heads", "kv_heads", default=heads)
+    kv = kv_heads * (getattr(config, "head_dim", None) or h // heads)
+    small = 4 * T * heads + 8 * T  # attention log-sum-exp, RMSNorm 1/rms
+    if precision == "bf16":
+        return 4 * 4 * T * h + 2 * (5 * T * h + 2 * T * kv + 4 * T * f) + small
+    if precision != "fp32":
+        raise ValueError(f"precision must be 'fp32' or 'bf16' (autocast), got {precision!r}")
+    return 4 * (8 * T * h + 2 * T * kv + 4 * T * f) + small
+
+
 def estimate_activation_bytes(config, batch: int, seq_len: int, dtype=torch.float32,
                               training: bool = True, logits_to_keep: int | None = None) -> dict[str, int]:
-    """Activation bytes of a Llama-style decoder forward pass, by part.
+    """Activation bytes of a Llama-style decoder forward pass, by part (N = batch·seq_len tokens).
 
-    training=True counts what autograd saves for backward, per layer (N = batch·seq_len tokens,
-    h hidden, f MLP width, q = heads·head_dim, kv = kv_heads·head_dim):
-    6·N·h (two norm inputs and outputs, the attention input to o_proj, residual) + 4·N·f (gate, SiLU, up,
-    product) + N·(3q + 4kv) (q/k/v before and after RoPE, keys/values repeated for GQA) — an approximation
-    that ignores small tensors (norm statistics, softmax log-sum-exp).
-    The logits cost 2·N·vocab (logits and the log-softmax the loss keeps).
+    training=True counts what autograd saves for backward: layers × layer_activation_bytes (bf16 dtype = autocast),
+    the loss's tensors over the vocabulary (logits, log-softmax and its gradient: 3·N·vocab fp32 floats) and the
+    embedding output. The same formula drives notebook 06's step estimates.
     training=False counts what is alive at once in inference: one layer's working set plus the logits. A forward
     that scores every token (perplexity) keeps batch·seq_len·vocab logits; `model.generate` asks the model for the
     last position's logits only (transformers' `logits_to_keep=1`), so pass logits_to_keep=1 for generation.
@@ -253,17 +272,17 @@ def estimate_activation_bytes(config, batch: int, seq_len: int, dtype=torch.floa
     b = dtype_bytes(dtype)
     n = batch * seq_len
     h = _cfg(config, "hidden_size", "n_embd")
-    f = _cfg(config, "intermediate_size", default=4 * h)
-    heads = _cfg(config, "num_attention_heads", "n_head")
-    kv_heads = _cfg(config, "num_key_value_heads", default=heads)
-    hd = getattr(config, "head_dim", None) or h // heads
-    layers = _cfg(config, "num_hidden_layers", "n_layer")
+    layers = _cfg(config, "num_hidden_layers", "layers", "n_layer")
     vocab = _cfg(config, "vocab_size")
-    q, kv = heads * hd, kv_heads * hd
-    per_layer = n * (6 * h + 4 * f + 3 * q + 4 * kv) * b
     if training:
-        out = {"layers": int(layers * per_layer), "logits": int(2 * n * vocab * b), "embeddings": int(n * h * b)}
+        per_layer = layer_activation_bytes(config, batch, seq_len, "fp32" if b == 4 else "bf16")
+        out = {"layers": int(layers * per_layer), "logits": int(3 * n * vocab * 4), "embeddings": int(n * h * 4)}
     else:
+        f = _cfg(config, "intermediate_size", default=4 * h)
+        heads = _cfg(config, "num_attention_heads", "heads", "n_head")
+        kv_heads = _cfg(config, "num_key_value_heads", "kv_heads", default=heads)
+        hd = getattr(config, "head_dim", None) or h // heads
+        q, kv = heads * hd, kv_heads * hd
         kept = batch * (seq_len if logits_to_keep is None else min(logits_to_keep, seq_len))
         out = {"layers": int(n * (2 * h + 3 * f + q + 2 * kv) * b), "logits": int(kept * vocab * b),
                "embeddings": int(n * h * b)}

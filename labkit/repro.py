@@ -261,3 +261,38 @@ def replace_folder(tmp: str | os.PathLike, dest: str | os.PathLike) -> Path:
         import shutil
         shutil.rmtree(old, ignore_errors=True)
     return dest
+
+
+# ---- the machine, as the notebooks print it (never typed into text) --------------------------------------
+
+def cpu_info() -> dict:
+    """This CPU as read from the OS: model, logical cores, bf16/AMX instructions, cache sizes (Linux; else less).
+
+    Notebooks print it beside a timing so that a claim like "bf16 is faster here" is read off the run."""
+    import platform
+    info = {"model": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "avx512_bf16": False, "amx_bf16": False, "l2_bytes": None, "l3_bytes": None}
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        for line in text.splitlines():
+            if line.startswith("model name"):
+                info["model"] = line.split(":", 1)[1].strip()
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                info["avx512_bf16"] = "avx512_bf16" in flags
+                info["amx_bf16"] = "amx_bf16" in flags
+                break
+    except OSError:
+        pass
+    for level in (2, 3):
+        try:
+            sizes = {}
+            for idx in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+                if (idx / "level").read_text().strip() == str(level):
+                    s = (idx / "size").read_text().strip()
+                    sizes[idx.name] = int(s[:-1]) * {"K": 1024, "M": 1 << 20}[s[-1]] if s[-1] in "KM" else int(s)
+            info[f"l{level}_bytes"] = max(sizes.values()) if sizes else None
+        except (OSError, ValueError):
+            pass
+    info["bf16_matmul_in_hardware"] = info["avx512_bf16"] or info["amx_bf16"]
+    return info

@@ -16,6 +16,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from . import memory
+
 PRECISIONS = ("fp32", "bf16")
 CHECKPOINTING = ("none", "sqrt", "every")
 
@@ -335,19 +337,10 @@ def time_variants(variants: dict, cfg: SmallConfig | None = None, batch: int = 4
 # Estimates: the stacked memory of one rank
 
 def layer_activation_bytes(cfg: SmallConfig, batch: int, seq_len: int, precision: str = "fp32") -> int:
-    """Estimated bytes one Llama decoder layer saves for backward (T = batch·seq_len tokens, h hidden,
-    kv = kv_heads·head_dim, f intermediate), counted tensor by tensor with `saved_activation_bytes`:
-    fp32: 8·T·h (2 RMSNorms keep input + output, q/k/v input, q, attention out, o input, MLP input)
-    + 2·T·kv (k, v) + 4·T·f (gate, up, silu(gate), product) floats, + log-sum-exp and norm scales.
-    bf16 autocast: the norms and the residual stream stay fp32 (4·T·h floats); the rest is bf16 (2 bytes)."""
-    T, h, f = batch * seq_len, cfg.hidden_size, cfg.intermediate_size
-    kv = cfg.kv_heads * (h // cfg.heads)
-    small = 4 * T * cfg.heads + 8 * T  # attention log-sum-exp, RMSNorm 1/rms
-    if precision == "bf16":
-        return 4 * 4 * T * h + 2 * (5 * T * h + 2 * T * kv + 4 * T * f) + small
-    if precision != "fp32":
+    """Bytes one decoder layer saves for backward: lk.memory.layer_activation_bytes (one formula for the lab)."""
+    if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    return 4 * (8 * T * h + 2 * T * kv + 4 * T * f) + small
+    return memory.layer_activation_bytes(cfg, batch, seq_len, precision)
 
 
 def activation_bytes(cfg: SmallConfig, batch: int, seq_len: int, precision: str = "fp32",
@@ -357,10 +350,12 @@ def activation_bytes(cfg: SmallConfig, batch: int, seq_len: int, precision: str 
     n = cfg.layers
     k = resolve_interval(checkpoint, n)
     T = batch * seq_len
+    parts = memory.estimate_activation_bytes(cfg, batch, seq_len, torch.float32 if precision == "fp32" else
+                                             torch.bfloat16, training=True)
     per_layer = layer_activation_bytes(cfg, batch, seq_len, precision)
-    head = 3 * T * cfg.vocab_size * 4 + T * cfg.hidden_size * 4
+    head = parts["logits"] + parts["embeddings"]
     if k is None:
-        return n * per_layer + head
+        return parts["total"]
     return math.ceil(n / k) * T * cfg.hidden_size * 4 + k * per_layer + head
 
 
