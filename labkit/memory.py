@@ -62,6 +62,9 @@ def _is_wrapper_subclass(t: torch.Tensor) -> bool:
 
 def _storages(t: torch.Tensor):
     """(key, bytes) of the memory blocks behind a tensor; sparse tensors have several."""
+    if type(t).__name__ == "DTensor":  # a sharded tensor: this process holds only its local shard
+        yield from _storages(t.to_local())
+        return
     if t.layout == torch.sparse_coo:
         yield from _storages(t._indices())
         yield from _storages(t._values())
@@ -167,22 +170,34 @@ def estimate_param_bytes(n_params: int, dtype="fp32") -> int:
     return int(math.ceil(n_params * dtype_bytes(dtype)))
 
 
-def estimate_training_bytes(n_params: int, precision: str = "fp32", optimizer: str = "adam") -> dict[str, int]:
-    """Weights + gradients + optimizer state for one model copy (ZeRO's accounting).
+def estimate_training_bytes(n_params: int, precision: str = "fp32", optimizer: str = "adam",
+                            zero_stage: int = 0, ranks: int = 1) -> dict[str, int]:
+    """Weights + gradients + optimizer state of one model, per rank (ZeRO's accounting) — the lab's one estimator.
 
-    precision "fp32": 4 (weights) + 4 (grads) bytes/param; "mixed": 2 + 2 plus a 4-byte fp32 master copy.
-    optimizer "adam"/"adamw": two fp32 moments (8 bytes/param); "sgd_momentum": 4; "sgd": 0.
+    precision "fp32": 4 (weights) + 4 (grads) bytes/param; "mixed": bf16/fp16 weights and gradients (2 + 2) plus a
+    4-byte fp32 master copy. optimizer "adam"/"adamw": two fp32 moments (8 bytes/param); "sgd_momentum": 4; "sgd": 0.
     Mixed-precision Adam totals 16 bytes/param, as in Rajbhandari et al. 2020 — and so does fp32 Adam.
+    ZeRO over `ranks`: stage 1 splits the optimizer state (and the fp32 master copy), stage 2 also the gradients,
+    stage 3 also the weights (FSDP); a share is rounded down when the bytes do not divide evenly.
     """
     if precision not in ("fp32", "mixed"):
         raise ValueError(f"precision must be 'fp32' or 'mixed', got {precision!r}")
     state = {"adam": 8, "adamw": 8, "sgd_momentum": 4, "sgd": 0}
     if optimizer not in state:
         raise ValueError(f"optimizer must be one of {sorted(state)}, got {optimizer!r}")
+    if isinstance(zero_stage, bool) or zero_stage not in (0, 1, 2, 3):
+        raise ValueError(f"ZeRO stage must be 0, 1, 2 or 3, got {zero_stage!r}")
+    if isinstance(ranks, bool) or not isinstance(ranks, int) or ranks < 1:
+        raise ValueError(f"ranks must be an int ≥ 1, got {ranks!r}")
+    if isinstance(n_params, bool) or not isinstance(n_params, (int, float)) or n_params < 0:
+        raise ValueError(f"n_params must be a number ≥ 0, got {n_params!r}")
     w = 4 if precision == "fp32" else 2
-    out = {"weights": w * n_params, "gradients": w * n_params,
-           "master_weights": 0 if precision == "fp32" else 4 * n_params,
-           "optimizer_state": state[optimizer] * n_params}
+    split = {"weights": zero_stage >= 3, "gradients": zero_stage >= 2, "master_weights": zero_stage >= 1,
+             "optimizer_state": zero_stage >= 1}
+    full = {"weights": w * n_params, "gradients": w * n_params,
+            "master_weights": 0 if precision == "fp32" else 4 * n_params,
+            "optimizer_state": state[optimizer] * n_params}
+    out = {k: int(v // ranks if split[k] else v) for k, v in full.items()}
     out["total"] = sum(out.values())
     return out
 
@@ -200,17 +215,20 @@ def _cfg(config, *names, default=None):
 def estimate_params(config) -> dict[str, int]:
     """Parameters of a Llama-style decoder by part, from its config alone (nanoGPT's sizing, for GQA).
 
+    Takes a transformers config or lk.training.SmallConfig (layers/heads/kv_heads/tie), the lab's one counter
+    from shapes; lk.count_params counts a built model.
+
     Per layer: attention h·q + 2·h·kv + q·h (q = heads·head_dim, kv = kv_heads·head_dim), MLP 3·h·f
     (gate, up, down), two RMSNorm weights 2·h. A tied lm_head adds nothing.
     """
     h = _cfg(config, "hidden_size")
     f = _cfg(config, "intermediate_size")
-    heads = _cfg(config, "num_attention_heads")
-    kv_heads = _cfg(config, "num_key_value_heads", default=heads)
+    heads = _cfg(config, "num_attention_heads", "heads")
+    kv_heads = _cfg(config, "num_key_value_heads", "kv_heads", default=heads)
     hd = getattr(config, "head_dim", None) or h // heads
-    layers, vocab = _cfg(config, "num_hidden_layers"), _cfg(config, "vocab_size")
+    layers, vocab = _cfg(config, "num_hidden_layers", "layers"), _cfg(config, "vocab_size")
     q, kv = heads * hd, kv_heads * hd
-    tied = getattr(config, "tie_word_embeddings", False)
+    tied = bool(getattr(config, "tie_word_embeddings", None) or getattr(config, "tie", False))
     out = {"embeddings": vocab * h, "attention": layers * (2 * h * q + 2 * h * kv), "mlp": layers * 3 * h * f,
            "norms": layers * 2 * h + h, "lm_head": 0 if tied else vocab * h}
     out["total"] = sum(out.values())

@@ -27,6 +27,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .memory import count_params, estimate_training_bytes, tensor_bytes
+
 #: PIDs of the processes started by the last `launch` (tests check that none is left alive).
 LAST_PIDS: list[int] = []
 
@@ -229,36 +231,6 @@ def sleeping_worker(rank: int, world_size: int, seconds: float = 60.0):
     return rank
 
 
-def tensor_bytes_local(obj) -> int:
-    """Bytes of the tensors in obj (nested dict/list), counting only this rank's local shard of a DTensor, and a
-    tensor subclass (torchao's low-bit optimizer state) by its inner tensors."""
-    from labkit.memory import _is_wrapper_subclass
-    seen, total = set(), 0
-
-    def visit(x):
-        nonlocal total
-        if isinstance(x, torch.Tensor):
-            if hasattr(x, "to_local"):
-                x = x.to_local()
-            if _is_wrapper_subclass(x):        # torchao's low-bit optimizer states: codes, scales, code map
-                for name in x.__tensor_flatten__()[0]:
-                    visit(getattr(x, name))
-                return
-            key = (x.untyped_storage().data_ptr(), x.dtype)
-            if key not in seen:
-                seen.add(key)
-                total += x.numel() * x.element_size()
-        elif isinstance(x, dict):
-            for v in x.values():
-                visit(v)
-        elif isinstance(x, (list, tuple)):
-            for v in x:
-                visit(v)
-
-    visit(obj)
-    return total
-
-
 def _train_batches(cfg: dict) -> torch.Tensor:
     g = torch.Generator().manual_seed(cfg.get("data_seed", 1))
     return torch.randint(0, cfg["vocab_size"], (cfg["steps"], cfg["batch"], cfg["seq_len"]), generator=g)
@@ -360,8 +332,8 @@ def train_worker(rank: int, world_size: int, modes=("zero1", "fsdp"), cfg: dict 
         full = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
                 for k, v in inner.state_dict().items()}  # full_tensor is a collective: every rank calls it
         out[mode] = {"rank": rank, "world_size": world_size, "losses": losses,
-                     "optimizer_state_bytes": tensor_bytes_local([dict(s) for s in state.values()]),
-                     "param_bytes": tensor_bytes_local(list(model.parameters())),
+                     "optimizer_state_bytes": tensor_bytes([dict(s) for s in state.values()]),
+                     "param_bytes": tensor_bytes(list(model.parameters())),
                      "state_dict": full if rank == 0 else None}
     return out
 
@@ -372,9 +344,9 @@ def train_single(cfg: dict | None = None) -> dict:
     model = build_model(cfg)
     opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"])
     losses = _train_mode(model, opt, cfg, 0, 1)
-    return {"losses": losses, "optimizer_state_bytes": tensor_bytes_local([dict(s) for s in opt.state.values()]),
-            "param_bytes": tensor_bytes_local(list(model.parameters())),
-            "n_params": sum(p.numel() for p in model.parameters()),
+    return {"losses": losses, "optimizer_state_bytes": tensor_bytes([dict(s) for s in opt.state.values()]),
+            "param_bytes": tensor_bytes(list(model.parameters())),
+            "n_params": count_params(model),
             "state_dict": {k: v.detach().clone() for k, v in model.state_dict().items()}}
 
 
@@ -385,14 +357,10 @@ def max_weight_diff(a: dict, b: dict) -> float:
     return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
 
 
-def zero_state_bytes(n_params: int, ranks: int, stage: int = 1, state_bytes_per_param: int = 8) -> int:
-    """ZeRO formula: optimizer-state bytes per rank = k·Ψ/N from stage 1 on (k = 8 for fp32 Adam), else k·Ψ."""
-    if stage not in (0, 1, 2, 3):
-        raise ValueError(f"ZeRO stage must be 0, 1, 2 or 3, got {stage!r}")
-    if not isinstance(ranks, int) or ranks < 1:
-        raise ValueError(f"ranks must be an int ≥ 1, got {ranks!r}")
-    total = state_bytes_per_param * n_params
-    return total if stage == 0 else total // ranks
+def zero_state_bytes(n_params: int, ranks: int, stage: int = 1, optimizer: str = "adam") -> int:
+    """ZeRO formula: optimizer-state bytes per rank (8·Ψ/N for fp32 Adam from stage 1 on, else 8·Ψ) — read off
+    lk.memory.estimate_training_bytes, the lab's one estimator of training state."""
+    return estimate_training_bytes(n_params, "fp32", optimizer, zero_stage=stage, ranks=ranks)["optimizer_state"]
 
 
 def compare_sharded(world_size: int = 2, modes=("zero1", "fsdp"), cfg: dict | None = None,

@@ -265,8 +265,7 @@ def saved_activation_bytes(model, x: torch.Tensor, precision: str = "fp32") -> i
 def optimizer_state_bytes(opt) -> int:
     """Bytes of an optimizer's state tensors (Adam: exp_avg and exp_avg_sq, plus a scalar step each; a DTensor
     counts its local shard, a torchao low-bit state its codes, scales and code map)."""
-    from labkit.sharding import tensor_bytes_local
-    return tensor_bytes_local([dict(s) for s in opt.state.values()])
+    return memory.tensor_bytes([dict(s) for s in opt.state.values()])
 
 
 def measure_step(cfg: dict, variants: dict | None = None) -> dict:
@@ -363,28 +362,21 @@ def estimate_stack(n_params: int, cfg: SmallConfig | None = None, batch: int = 4
                    precision: str = "fp32", checkpoint="none", zero_stage: int = 0, ranks: int = 1) -> dict:
     """Per-rank bytes of a training step with Adam, by part: params, grads, optimizer, activations.
 
-    fp32: 4 + 4 + 8 = 16 bytes/param. bf16 autocast keeps fp32 master weights, grads and Adam state (the
-    same 16 bytes/param) plus a 2-byte bf16 copy of the weights; activations shrink. ZeRO stage 1 splits the
-    optimizer state over `ranks`, stage 2 also the gradients, stage 3 also the parameters. Activations are
-    per rank (each rank has batch / ranks... here: `batch` is the per-rank batch).
+    fp32: 4 + 4 + 8 = 16 bytes/param. precision="bf16" means bf16 *autocast*: the fp32 weights, gradients and Adam
+    state stay (the same 16 bytes/param) and autocast adds a 2-byte bf16 copy of each weight while the step runs,
+    so 18 bytes/param in all — not ZeRO's "mixed" precision (bf16 weights and gradients + an fp32 master copy,
+    16 bytes/param, lk.memory.estimate_training_bytes(..., "mixed")). ZeRO stage 1 splits the optimizer state over
+    `ranks`, stage 2 also the gradients, stage 3 also the parameters (lk.memory.estimate_training_bytes, the one
+    estimator). Activations are per rank: `batch` is the per-rank batch.
     """
     cfg = cfg or SmallConfig()
-    if zero_stage not in (0, 1, 2, 3):
-        raise ValueError(f"ZeRO stage must be 0, 1, 2 or 3, got {zero_stage!r}")
-    if isinstance(ranks, bool) or not isinstance(ranks, int) or ranks < 1:
-        raise ValueError(f"ranks must be an int ≥ 1, got {ranks!r}")
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     resolve_interval(checkpoint, cfg.layers)  # validates the interval against the depth
-    params, grads, optim = 4 * n_params, 4 * n_params, 8 * n_params
-    if zero_stage >= 1:
-        optim /= ranks
-    if zero_stage >= 2:
-        grads /= ranks
-    if zero_stage >= 3:
-        params /= ranks
-    if precision == "bf16":
-        params += 2 * n_params / (ranks if zero_stage >= 3 else 1)
+    state = memory.estimate_training_bytes(n_params, "fp32", "adam", zero_stage=zero_stage, ranks=ranks)
+    params, grads, optim = state["weights"], state["gradients"], state["optimizer_state"]
+    if precision == "bf16":  # autocast keeps a bf16 copy of every weight it casts, sharded with the weights
+        params += 2 * n_params // (ranks if zero_stage >= 3 else 1)
     return {"params": int(params), "grads": int(grads), "optimizer": int(optim),
             "activations": int(activation_bytes(cfg, batch, seq_len, precision, checkpoint))}
 
@@ -500,17 +492,14 @@ def step_memory(batch: int = 4, seq_len: int = 128, cfg: SmallConfig | None = No
         runs = {name: _measure_fresh({**base, **v})["variants"]["step"] for name, v in variants.items()}
     else:
         runs = _measure_fresh(base, variants)["variants"]
-    n = _count(cfg)
+    n = count_from_config(cfg)
     return {name: {**runs[name], "estimate_bytes": step_estimate(cfg, n, batch, seq_len, **variants[name])}
             for name in variants}
 
 
-def _count(cfg: SmallConfig) -> int:
-    """Parameters of small_llama(cfg), counted from the shapes (no model built)."""
-    h, f, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
-    kv = cfg.kv_heads * (h // cfg.heads)
-    layer = 2 * h * h + 2 * h * kv + 3 * h * f + 2 * h
-    return cfg.layers * layer + V * h * (1 if cfg.tie else 2) + h
+def count_from_config(cfg: SmallConfig) -> int:
+    """Parameters of small_llama(cfg), from the shapes alone (lk.memory.estimate_params; no model built)."""
+    return memory.estimate_params(cfg)["total"]
 
 
 def compare_training(variants: dict, steps: int = 60, cfg: SmallConfig | None = None, batch: int = 8,

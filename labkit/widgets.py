@@ -33,6 +33,35 @@ def serving_widget():
                           dist=w.Dropdown(options=list(pool.DISTRIBUTIONS), value="uniform", description="lengths"))
 
 
+
+def kv_quant_widget(model, tokenizer):
+    """Bits and group size of the KV cache → its bytes per token and its greedy agreement with fp32, as a point on
+    the memory-against-quality chart (each setting computed once, on the button: about a second)."""
+    import ipywidgets as w
+    import matplotlib.pyplot as plt
+
+    from . import plots
+    from .experiments import kvcache as kvx
+
+    seen = {}
+
+    def show(bits=8, group_size=64):
+        key = (bits, group_size)
+        if key not in seen:
+            print(f"quantizing the KV cache to int{bits}, groups of {group_size}: scoring 4 × 64 greedy steps …")
+            seen[key] = kvx.kv_quant_point(model, tokenizer, bits, group_size)
+        ref = kvx.kv_quant_point(model, tokenizer, 32)
+        pts = [ref] + [dict(p, annotate=k == key, marker="D" if k == key else "o") for k, p in seen.items()]
+        plots.memory_quality(pts, memory="KV cache", quality="greedy agreement with fp32", higher_is_better=True,
+                             title=f"int{bits} KV, groups of {group_size}: {seen[key]['bytes']:,} B/token, "
+                                   f"agreement {seen[key]['quality']:.1%}")
+        plt.show()
+
+    style = {"description_width": "initial"}
+    return w.interact_manual(show, bits=w.ToggleButtons(options=[8, 4], value=8, description="bits", style=style),
+                             group_size=w.SelectionSlider(options=[8, 16, 32, 64], value=64,
+                                                          description="group size (channels)", style=style))
+
 # --- where the memory goes (notebook 00) ---
 
 def footprint_widget(config, n_params: int):
@@ -167,7 +196,7 @@ def training_memory_widget(reference: dict | None = None):
 
     def draw(model, batch, seq_len, precision, checkpoint, zero_stage, ranks):
         cfg = training.MODEL_CONFIGS[model]
-        parts = training.estimate_stack(training._count(cfg), cfg, batch, seq_len, precision, checkpoint,
+        parts = training.estimate_stack(training.count_from_config(cfg), cfg, batch, seq_len, precision, checkpoint,
                                         zero_stage, ranks)
         columns = {f"{model}\n{precision}, {batch}×{seq_len}, ZeRO-{zero_stage} × {ranks}": parts}
         measured = None

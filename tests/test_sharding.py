@@ -108,9 +108,15 @@ def test_zero_formula_and_bad_input():
         sharding.zero_state_bytes(1000, 0)
 
 
-def test_tensor_bytes_local_dedups_views():
-    t = torch.zeros(10)
-    assert sharding.tensor_bytes_local({"a": t, "b": [t[:5], torch.zeros(3, dtype=torch.float64)]}) == 40 + 24
+def test_zero_formula_is_the_one_estimator():
+    from labkit import memory
+    for stage in range(4):
+        parts = memory.estimate_training_bytes(10_000, "fp32", "adam", zero_stage=stage, ranks=4)
+        assert sharding.zero_state_bytes(10_000, 4, stage) == parts["optimizer_state"]
+        assert parts["weights"] == (10_000 if stage == 3 else 40_000)
+        assert parts["gradients"] == (10_000 if stage >= 2 else 40_000)
+    mixed = memory.estimate_training_bytes(1000, "mixed", zero_stage=1, ranks=2)
+    assert mixed == {"weights": 2000, "gradients": 2000, "master_weights": 2000, "optimizer_state": 4000, "total": 10000}
 
 
 def test_max_weight_diff():

@@ -22,7 +22,7 @@ def _x(batch=4, seq=16, seed=0):
 
 def test_count_matches_model():
     for cfg in (SMALL, T.SmallConfig(), T.SmallConfig(tie=True, layers=2)):
-        assert T._count(cfg) == count_params(T.small_llama(cfg))
+        assert T.count_from_config(cfg) == count_params(T.small_llama(cfg))
 
 
 def test_share_ties_storage_and_counts_params():
@@ -246,7 +246,7 @@ def test_sqrt_segments_minimise_when_layers_keep_as_much_as_their_input():
 def test_measure_step_runs_in_process():
     cfg = {**T.asdict(SMALL), "batch": 2, "seq_len": 16}
     r = T.measure_step(cfg, {"a": {"checkpoint": "none"}, "b": {"checkpoint": "every", "precision": "bf16"}})
-    assert set(r["variants"]) == {"a", "b"} and r["n_params"] == T._count(SMALL)
+    assert set(r["variants"]) == {"a", "b"} and r["n_params"] == T.count_from_config(SMALL)
     assert r["optimizer_state_bytes"] == 8 * r["n_params"] + 4 * len(list(T.small_llama(SMALL).parameters()))
 
 
@@ -265,12 +265,12 @@ def test_batches_are_windows_of_the_tokens():
 
 
 def test_step_estimate_orders_the_variants_and_config_from_hf(tiny):
-    cfg, n = T.SmallConfig(), T._count(T.SmallConfig())
+    cfg, n = T.SmallConfig(), T.count_from_config(T.SmallConfig())
     est = {k: T.step_estimate(cfg, n, 4, 128, **v) for k, v in T.STEP_VARIANTS.items()}
     assert est["ckpt_every"] < est["ckpt_sqrt"] < est["bf16"] < est["fp32"]
     c = T.config_from_hf(tiny.config)
-    assert (c.layers, c.hidden_size, c.tie) == (2, 64, True) and T._count(c) == count_params(tiny)
-    assert T._count(T.MODEL_CONFIGS["SmolLM2-135M"]) == 134_515_008
+    assert (c.layers, c.hidden_size, c.tie) == (2, 64, True) and T.count_from_config(c) == count_params(tiny)
+    assert T.count_from_config(T.MODEL_CONFIGS["SmolLM2-135M"]) == 134_515_008
 
 
 @pytest.mark.slow
