@@ -18,7 +18,6 @@ Codes are stored bit-packed ("none"), or entropy coded with zstd or lk.compress'
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
@@ -32,15 +31,18 @@ from torch import nn
 from . import compress as C
 from . import quantize as Q
 from . import sparse as S
-from .storage import ChecksumError, default_sparse_names
+from .repro import ChecksumError
+from .storage import default_sparse_names
 
 QUANTS = ("none", "int", "kmeans")
 CODEBOOKS = ("matrix", "row")
 ENTROPY = ("none", "zstd", "huffman")
 KIND = "labkit-compressed-model"
 REPORT = "report.json"
+MANIFEST = "labkit-manifest.json"
 WEIGHTS = "model.safetensors"
 ZSTD_LEVEL = 3
+SIDE_PARTS = ("values", "mask", "codebook", "scales", "zeros")   # stored beside the codes
 KMEANS_SAMPLE = 1 << 15     # k-means centroids are fitted on an evenly strided sample of this many weights
 EVAL_TOKENS = 1024          # validation tokens per perplexity in make_results (see make_results' docstring)
 
@@ -60,6 +62,7 @@ class Recipe:
     entropy: how the codes are stored: "none" (bit-packed), "zstd" or "huffman" (lk.compress).
     codebook: for "kmeans": "matrix" (one fp32 codebook per weight matrix, as Han et al.) or "row" (one fp16
     codebook per output row, fitted on that row: 2^bits · 16 bits more per row, and each row keeps its outliers).
+    symmetric: for "int": False stores a scale and a zero point (the group's minimum) per group, as GGUF's Q4_1.
     Quantization applies to every weight matrix, the tied embedding / lm_head included.
     """
     sparsity: float = 0.0
@@ -68,6 +71,7 @@ class Recipe:
     group_size: int | None = None
     entropy: str = "none"
     codebook: str = "matrix"
+    symmetric: bool = True
 
     def __post_init__(self):
         from .prune import check_sparsity
@@ -86,6 +90,12 @@ class Recipe:
             raise ValueError("group_size applies to quant='int' only, and must be positive")
         if self.codebook not in CODEBOOKS:
             raise ValueError(f"Recipe.codebook={self.codebook!r}; use one of {CODEBOOKS}")
+        if not isinstance(self.symmetric, bool):
+            raise TypeError(f"Recipe.symmetric must be True or False, got {self.symmetric!r}")
+        if not self.symmetric and self.quant != "int":
+            raise ValueError("symmetric=False applies to quant='int' only")
+        if self.group_size is not None and (isinstance(self.group_size, bool) or not isinstance(self.group_size, int)):
+            raise TypeError(f"Recipe.group_size must be a whole number or None, got {self.group_size!r}")
         if self.codebook != "matrix" and self.quant != "kmeans":
             raise ValueError("codebook='row' applies to quant='kmeans' only (integer codes already have a scale "
                              "per row or group)")
@@ -95,7 +105,8 @@ class Recipe:
         """E.g. 'fp32', 'prune 50%', 'int4-g64', 'prune 50% + kmeans4 + zstd'."""
         parts = [f"prune {self.sparsity:.0%}"] if self.sparsity else []
         if self.quant == "int":
-            parts.append(f"int{self.bits}-" + (f"g{self.group_size}" if self.group_size else "pc"))
+            parts.append(f"int{self.bits}-" + (f"g{self.group_size}" if self.group_size else "pc")
+                         + ("" if self.symmetric else "-asym"))
         elif self.quant == "kmeans":
             parts.append(f"kmeans{self.bits}" + ("-row" if self.codebook == "row" else ""))
         if self.entropy != "none":
@@ -114,7 +125,8 @@ class Recipe:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Recipe":
-        return cls(**{k: d[k] for k in ("sparsity", "quant", "bits", "group_size", "entropy", "codebook")
+        return cls(**{k: d[k] for k in ("sparsity", "quant", "bits", "group_size", "entropy", "codebook",
+                                               "symmetric")
                       if k in d})
 
 
@@ -197,8 +209,13 @@ def _reconstruct(fmt: str, codes: np.ndarray | None, side: dict[str, torch.Tenso
         return book[idx].reshape(shape)
     if packed is None:
         packed = Q.pack_bits(torch.from_numpy(codes), meta["bits"])
-    return Q.dequantize(Q.QTensor(packed, side["scales"], None, meta["bits"], meta["group_size"], shape, True,
-                                  meta["granularity"], torch.float32))
+    return Q.dequantize(int_qtensor(packed, side, meta))
+
+
+def int_qtensor(packed: torch.Tensor, side: dict[str, torch.Tensor], meta: dict) -> "Q.QTensor":
+    """The QTensor of a stored "int" matrix: packed codes + scales (+ zero points when asymmetric)."""
+    return Q.QTensor(packed, side["scales"], side.get("zeros"), meta["bits"], meta["group_size"],
+                     tuple(meta["shape"]), "zeros" not in side, meta["granularity"], torch.float32)
 
 
 def encode_matrix(w: torch.Tensor, recipe: Recipe) -> tuple[dict, torch.Tensor]:
@@ -217,8 +234,9 @@ def encode_matrix(w: torch.Tensor, recipe: Recipe) -> tuple[dict, torch.Tensor]:
         meta["bits"] = recipe.bits
     else:
         fmt = "int"
-        q = Q.quantize(w, recipe.bits, "group" if recipe.group_size else "channel", recipe.group_size)
-        packed, side = q.packed, {"scales": q.scales}
+        q = Q.quantize(w, recipe.bits, "group" if recipe.group_size else "channel", recipe.group_size,
+                       recipe.symmetric)
+        packed, side = q.packed, {"scales": q.scales} | ({} if q.zeros is None else {"zeros": q.zeros})
         meta.update(bits=recipe.bits, group_size=q.group_size, granularity=q.granularity)
     parts = dict(side)
     if fmt in ("int", "kmeans"):
@@ -236,7 +254,7 @@ def encode_matrix(w: torch.Tensor, recipe: Recipe) -> tuple[dict, torch.Tensor]:
 def decode_matrix(entry: dict) -> torch.Tensor:
     """The fp32 weight of one stored entry (as written by encode_matrix)."""
     parts = entry["parts"]
-    side = {k: v for k, v in parts.items() if k in ("values", "mask", "codebook", "scales")}
+    side = {k: v for k, v in parts.items() if k in SIDE_PARTS}
     if entry["format"] not in ("int", "kmeans") or "packed" in parts:
         return _reconstruct(entry["format"], None, side, entry, parts.get("packed"))
     return _reconstruct(entry["format"], _decode_codes(parts, entry, math.prod(entry["shape"])), side, entry)
@@ -263,7 +281,7 @@ class Compressed:
         return len(save(self.flat(), metadata={"kind": KIND}))
 
 
-def _unique_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def unique_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """state_dict without tied duplicates: ({name: tensor}, {alias: target})."""
     seen, out, aliases = {}, {}, {}
     for name, t in model.state_dict().items():
@@ -286,7 +304,7 @@ def _stage_bytes(entries: dict[str, dict], recipe: Recipe) -> dict[str, int]:
         final = sum(t.numel() * t.element_size() for t in e["parts"].values())
         pruned = (S.Bitmap.formula_bytes(e["shape"], e["nnz"]) if recipe.sparsity and "nnz" in e else 4 * n)
         if e["format"] in ("int", "kmeans"):
-            side = sum(t.numel() * t.element_size() for k, t in e["parts"].items() if k in ("codebook", "scales"))
+            side = sum(t.numel() * t.element_size() for k, t in e["parts"].items() if k in SIDE_PARTS)
             quantized = side + math.ceil(n * e["bits"] / 8)
         else:
             pruned = quantized = final
@@ -308,7 +326,7 @@ def recode(packed: "Compressed", entropy: str) -> "Compressed":
             entries[name] = e
             continue
         codes = _decode_codes(e["parts"], e, math.prod(e["shape"]))
-        side = {k: v for k, v in e["parts"].items() if k in ("codebook", "scales")}
+        side = {k: v for k, v in e["parts"].items() if k in SIDE_PARTS}
         meta = {k: v for k, v in e.items() if k not in ("parts", "n_bits")}
         coded, extra = _encode_codes(codes, e["bits"], entropy)
         entries[name] = {**meta, **extra, "parts": {**side, **coded}}
@@ -329,7 +347,7 @@ def compress_(model: nn.Module, recipe: Recipe, masks: dict[str, torch.Tensor] |
             masks = P.compute_masks(model, P.PruneConfig("magnitude", recipe.sparsity))
         P.apply_masks_(model, masks)
     prunable = default_sparse_names(model)
-    state, aliases = _unique_state(model)
+    state, aliases = unique_state(model)
     entries = {}
     for name, t in state.items():
         if not t.is_floating_point():
@@ -355,92 +373,211 @@ def _canonical(obj) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
 
 
-def _report_digest(report: dict) -> str:
-    return hashlib.sha256(_canonical({k: v for k, v in report.items() if k != "report_sha256"})).hexdigest()
+def _fix(folder) -> str:
+    return f"re-export it (`python -m labkit compress --budget … --out {folder} --force`); never edit an export by hand"
 
 
-def export(packed: Compressed, folder, tokenizer=None, extra: dict | None = None) -> dict:
-    """Write folder/model.safetensors (+ the tokenizer's files) and folder/report.json: the recipe, the bytes
-    after each stage, what `extra` adds (e.g. perplexity), every file's size and sha256, and a sha256 of the
-    report itself. Returns the report."""
-    import os
+def check_export_folder(folder, force: bool = False) -> Path:
+    """The resolved export folder after checking it BEFORE any work: not inside data/, not a file, and either
+    missing, empty, or (with force=True) a previous labkit export, which the new one will replace. A folder
+    holding anything else is refused: labkit never deletes files it did not write."""
+    from .repro import REPO_ROOT
+    if not isinstance(folder, (str, Path)) or not str(folder):
+        raise TypeError(f"the export folder must be a path, got {folder!r}")
+    if not isinstance(force, bool):
+        raise TypeError(f"force must be True or False, got {force!r}")
+    folder = Path(folder).expanduser().resolve()
+    data = (REPO_ROOT / "data").resolve()
+    if folder == data or data in folder.parents:
+        raise ValueError(f"{folder} is inside the repository's data/ folder; export under lk.cache_dir() or a tempdir")
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{folder} is an existing file, not a folder; pass a new or empty folder for the export")
+    if folder.is_dir() and any(folder.iterdir()):
+        try:
+            previous = json.loads((folder / REPORT).read_text()).get("kind") == KIND
+        except (OSError, ValueError, AttributeError):
+            previous = False
+        if not previous:
+            raise ValueError(f"{folder} is not empty and is not a labkit export; pass a new or empty folder "
+                             f"(labkit never deletes files it did not write)")
+        if not force:
+            raise ValueError(f"{folder} holds a previous labkit export; pass force=True (--force) to replace it")
+    if not folder.parent.is_dir():
+        raise ValueError(f"the parent folder {folder.parent} does not exist; create it first")
+    return folder
+
+
+def export(packed: Compressed, folder, tokenizer=None, extra: dict | None = None, force: bool = False) -> dict:
+    """Write folder/model.safetensors (+ the tokenizer's files), folder/report.json (the recipe, the bytes after
+    each stage, what `extra` adds, e.g. perplexity) and a manifest with every file's size and sha256 — first
+    into a temporary sibling folder, checked, then swapped in (lk.repro.replace_folder): an interruption leaves
+    the old export or the new one, never half of one. Returns the report."""
+    import shutil
+    import tempfile
 
     from safetensors.torch import save_file
 
-    from .repro import REPO_ROOT, atomic_write_json, sha256_file
-    folder = Path(folder).resolve()
-    if folder == REPO_ROOT / "data" or (REPO_ROOT / "data") in folder.parents:
-        raise ValueError(f"{folder} is inside the repository's data/ folder; export under lk.cache_dir() or a tempdir")
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / REPORT).unlink(missing_ok=True)           # a half-written export has no report and will not load
-    tmp = folder / f".{WEIGHTS}.tmp"
-    save_file(packed.flat(), str(tmp), metadata={"kind": KIND})
-    os.replace(tmp, folder / WEIGHTS)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(folder))
-    files = {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
-             for p in sorted(folder.iterdir()) if p.is_file() and p.name != REPORT and not p.name.startswith(".")}
-    tensors = {n: {k: v for k, v in e.items() if k != "parts"} | {"parts": sorted(e["parts"])}
-               for n, e in packed.entries.items()}
-    report = {"kind": KIND, "version": 1, "recipe": packed.recipe.to_dict(), "recipe_name": packed.recipe.name,
-              "bytes": {"stages": packed.stage_bytes, "weights_file": files[WEIGHTS]["bytes"],
-                        "fp32": packed.stage_bytes["fp32"]},
-              "files": files, "tensors": tensors, "aliases": packed.aliases, "config": packed.config,
-              "attn_implementation": packed.attn_implementation, **(extra or {})}
-    report["report_sha256"] = _report_digest(report)
-    atomic_write_json(folder / REPORT, report)
+    from .repro import atomic_write_json, file_entry, replace_folder, write_manifest
+    if not isinstance(packed, Compressed):
+        raise TypeError(f"export needs the Compressed returned by compress_, got {type(packed).__name__}")
+    folder = check_export_folder(folder, force)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
+    try:
+        save_file(packed.flat(), str(tmp / WEIGHTS), metadata={"kind": KIND})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        files = {p.name: file_entry(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        tensors = {n: {k: v for k, v in e.items() if k != "parts"} | {"parts": sorted(e["parts"])}
+                   for n, e in packed.entries.items()}
+        report = {"kind": KIND, "version": 2, "recipe": packed.recipe.to_dict(), "recipe_name": packed.recipe.name,
+                  "bytes": {"stages": packed.stage_bytes, "weights_file": files[WEIGHTS]["bytes"],
+                            "fp32": packed.stage_bytes["fp32"], "ram_formula": ram_formula_bytes(packed)},
+                  "files": files, "tensors": tensors, "aliases": packed.aliases, "config": packed.config,
+                  "attn_implementation": packed.attn_implementation, **(extra or {})}
+        atomic_write_json(tmp / REPORT, report)
+        write_manifest(tmp, KIND, name=MANIFEST)
+        read_report(tmp)                                   # verify before the swap
+        replace_folder(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return report
 
 
 def read_report(folder) -> dict:
-    """The export's report after checking it and every file it lists; raises FileNotFoundError, ValueError or
-    lk.storage.ChecksumError with what is wrong and how to fix it."""
-    from .repro import sha256_file
+    """The export's report after checking the manifest and every file it lists (lk.repro.read_manifest);
+    raises lk.repro.ChecksumError naming the file and the fix, or FileNotFoundError / ValueError."""
+    from .repro import read_manifest
     folder = Path(folder)
-    fix = (f"re-export it (`python -m labkit compress --budget … --out {folder}`); never edit an export by hand")
-    path = folder / REPORT
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: {folder} is not a complete labkit export; {fix}")
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a folder; pass the folder written by lk.capstone.export")
+    read_manifest(folder, KIND, _fix(folder), name=MANIFEST)
     try:
-        report = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); {fix}") from None
+        report = json.loads((folder / REPORT).read_text())
+    except ValueError as e:
+        raise ValueError(f"{folder / REPORT} is not valid JSON ({e}); {_fix(folder)}") from None
     if not isinstance(report, dict) or report.get("kind") != KIND:
-        raise ValueError(f"{path} is not a labkit compressed-model report (kind={report.get('kind')!r}); {fix}")
-    if report.get("report_sha256") != _report_digest(report):
-        raise ChecksumError(f"{path} was changed after export: its content no longer matches its report_sha256; "
-                            + fix)
-    for name, meta in report["files"].items():
-        p = folder / name
-        if not p.exists():
-            raise FileNotFoundError(f"{p} listed in {path} is missing; {fix}")
-        digest = sha256_file(p)
-        if digest != meta["sha256"]:
-            raise ChecksumError(f"checksum mismatch in {p}: sha256 {digest[:12]}… but the report expects "
-                                f"{meta['sha256'][:12]}… ({p.stat().st_size} bytes on disk, {meta['bytes']} expected)"
-                                f" — the file is corrupted or was changed; {fix}")
+        raise ValueError(f"{folder / REPORT} is not a labkit compressed-model report; {_fix(folder)}")
     return report
 
 
-def load_compressed(folder) -> nn.Module:
-    """Check the export (report and file checksums), decode every weight and return the transformers model
-    (fp32, eval mode): the same weights as the compressed model that was exported."""
-    from safetensors import safe_open
+def ram_formula_bytes(packed: Compressed) -> int:
+    """Bytes the weights take in RAM after load_compressed: "int" matrices stay bit-packed (codes + scales
+    [+ zeros], whatever the file's entropy coding), everything else is decoded to fp32."""
+    total = 0
+    for e in packed.entries.values():
+        n = math.prod(e["shape"])
+        if e["format"] == "int":
+            side = sum(t.numel() * t.element_size() for k, t in e["parts"].items() if k in ("scales", "zeros"))
+            total += math.ceil(n * e["bits"] / 8) + side
+        else:
+            total += 4 * n
+    return total
 
-    from .storage import _empty_model, _retie
+
+def _set_module(model: nn.Module, fqn: str, module: nn.Module) -> None:
+    parent, _, child = fqn.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def _set_tensor(model: nn.Module, name: str, t: torch.Tensor) -> None:
+    mod_name, _, leaf = name.rpartition(".")
+    mod = model.get_submodule(mod_name) if mod_name else model
+    if leaf in mod._parameters:
+        mod._parameters[leaf] = t if isinstance(t, nn.Parameter) else nn.Parameter(t, requires_grad=False)
+    else:
+        mod._buffers[leaf] = t
+
+
+ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "U8": torch.uint8,
+             "I8": torch.int8, "I32": torch.int32, "I64": torch.int64, "BOOL": torch.bool}
+
+
+def empty_model(config: dict, attn_implementation: str | None = None) -> nn.Module:
+    """The transformers model of a config dict with every parameter on the `meta` device (no memory yet)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+    cfg = dict(config)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg),
+                                                 attn_implementation=attn_implementation)
+    return model.eval()
+
+
+class SafetensorsReader:
+    """Read one tensor of a safetensors file at a time into memory of its own (readinto a fresh tensor).
+
+    safetensors' safe_open maps the file: its tensors occupy RAM only once their pages are touched, so a
+    loading peak measured right after loading would be too low. Reading into owned memory makes RSS honest."""
+
+    def __init__(self, path):
+        import struct
+        self.f = open(path, "rb")
+        (n,) = struct.unpack("<Q", self.f.read(8))
+        self.header = json.loads(self.f.read(n))
+        self.header.pop("__metadata__", None)
+        self.start = 8 + n
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        h = self.header[name]
+        lo, hi = h["data_offsets"]
+        out = torch.empty(hi - lo, dtype=torch.uint8)
+        self.f.seek(self.start + lo)
+        if hi > lo and self.f.readinto(out.numpy()) != hi - lo:
+            raise ChecksumError(f"{self.f.name} ends before tensor {name}; re-export it")
+        return out.view(ST_DTYPES[h["dtype"]]).reshape(h["shape"])
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+def load_compressed(folder, packed: bool = True, dtype: torch.dtype = torch.float32, convert=None) -> nn.Module:
+    """Check the export (manifest, report, sha256 of every file) and rebuild the transformers model (eval mode).
+
+    The model is built on the `meta` device (no memory) and filled one stored tensor at a time. With
+    packed=True an "int" matrix never passes through fp32: its codes (entropy-decoded to bit-packed codes first
+    when the file holds zstd/Huffman) go straight into a QuantLinear — or a QuantEmbedding whose tied lm_head
+    shares the same buffers — so RAM holds the packing formula (`report["bytes"]["ram_formula"]`). Other formats
+    (raw, bitmap, k-means) are decoded to `dtype`. packed=False decodes everything to `dtype` (the naive load).
+    convert(fqn, module) -> module, if given, is called on every float nn.Linear as soon as it is filled (e.g. to
+    hand it to torchao one layer at a time)."""
     report = read_report(folder)
     if not report.get("config"):
         raise ValueError(f"{folder} has no model config in its report; it cannot be rebuilt as a model")
-    model = _empty_model(report)
-    state = {}
-    with safe_open(str(Path(folder) / WEIGHTS), framework="pt") as f:
+    model = empty_model(report["config"], report.get("attn_implementation"))
+    modules = dict(model.named_modules())
+    done: dict[str, nn.Module] = {}
+    with SafetensorsReader(Path(folder) / WEIGHTS) as f:
         for name, meta in report["tensors"].items():
-            entry = dict(meta, parts={p: f.get_tensor(f"{name}/{p}") for p in meta["parts"]})
-            state[name] = decode_matrix(entry)
-    for a, target in report["aliases"].items():
-        state[a] = state[target]
-    model.load_state_dict(state, assign=True, strict=True)
-    _retie(model)
+            parts = {p: f.get_tensor(f"{name}/{p}") for p in meta["parts"]}
+            fqn = name.rpartition(".")[0]
+            mod = modules.get(fqn)
+            if packed and meta["format"] == "int" and isinstance(mod, (nn.Linear, nn.Embedding)):
+                if "packed" not in parts:
+                    codes = _decode_codes(parts, meta, math.prod(meta["shape"]))
+                    parts = {**parts, "packed": Q.pack_bits(torch.from_numpy(codes), meta["bits"])}
+                q = int_qtensor(parts["packed"], parts, meta)
+                new = Q.QuantEmbedding(q) if isinstance(mod, nn.Embedding) else Q.QuantLinear(q, mod.bias)
+                _set_module(model, fqn, new)
+                done[fqn] = new
+                continue
+            t = decode_matrix(dict(meta, parts=parts)).reshape(meta["shape"]).to(dtype)
+            _set_tensor(model, name, t)
+            if convert is not None and isinstance(mod, nn.Linear) and mod.weight.device.type != "meta":
+                _set_module(model, fqn, convert(fqn, mod))
+    for alias, target in report["aliases"].items():
+        a_fqn, t_fqn = alias.rpartition(".")[0], target.rpartition(".")[0]
+        if t_fqn in done:
+            _set_module(model, a_fqn, done[t_fqn].tied_head() if isinstance(done[t_fqn], Q.QuantEmbedding)
+                        else done[t_fqn])
+        else:
+            _set_tensor(model, alias, model.get_parameter(target))
+    left = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if left:
+        raise ValueError(f"{folder}: {len(left)} weights were not in the export (e.g. {left[0]}); {_fix(folder)}")
     return model.eval()
 
 
@@ -486,16 +623,16 @@ def parse_budget(budget, fp32_bytes: int) -> int:
     return int(value * scale)
 
 
-def best_recipe(points: list[dict], budget_bytes: int) -> dict:
-    """The lowest-perplexity point whose bytes fit the budget (ties: fewer bytes). A budget below every point
-    raises BudgetError naming the smallest reachable point."""
-    fits = [p for p in points if p["bytes"] <= budget_bytes]
+def best_recipe(points: list[dict], budget_bytes: int, key: str = "bytes") -> dict:
+    """The lowest-perplexity point whose bytes (`key`: "bytes" on disk, "ram_bytes" once loaded) fit the budget
+    (ties: fewer bytes). A budget below every point raises BudgetError naming the smallest reachable point."""
+    fits = [p for p in points if p[key] <= budget_bytes]
     if not fits:
-        small = min(points, key=lambda p: p["bytes"])
+        small = min(points, key=lambda p: p[key])
         raise BudgetError(f"a budget of {budget_bytes:,} bytes is below anything reachable: the smallest point "
-                          f"found is '{small['name']}' at {small['bytes']:,} bytes (perplexity {small['ppl']:.1f}); "
+                          f"found is '{small['name']}' at {small[key]:,} bytes (perplexity {small['ppl']:.1f}); "
                           f"raise the budget to at least that")
-    return min(fits, key=lambda p: (p["ppl"], p["bytes"]))
+    return min(fits, key=lambda p: (p["ppl"], p[key]))
 
 
 def search_points(results: dict) -> list[dict]:
@@ -503,198 +640,8 @@ def search_points(results: dict) -> list[dict]:
     return [p for p in results["grid"] if "recipe" in p]
 
 
-# ----------------------------------------------------------------------------------------------- measuring
-class _Restorer:
-    """Keep a copy of the weights to put them back after each recipe (cheaper than reloading the model)."""
-
-    def __init__(self, model: nn.Module):
-        self.model = model
-        self.saved = {n: t.detach().clone() for n, t in _unique_state(model)[0].items()}
-
-    @torch.no_grad()
-    def restore(self):
-        state = self.model.state_dict()
-        for n, t in self.saved.items():
-            state[n].copy_(t)
-
-
-def _point(packed: "Compressed", ppl: float) -> dict:
-    r = packed.recipe
-    return {"name": r.name, "recipe": r.to_dict(), "techniques": r.techniques, "bytes": packed.nbytes(),
-            "stage_bytes": packed.stage_bytes, "ppl": ppl}
-
-
-DC_RECIPE = dict(sparsity=0.5, quant="kmeans", bits=4)     # the Deep Compression pipeline, as in notebook 04
-DC_ROW_RECIPE = dict(DC_RECIPE, codebook="row")            # the same with one codebook per row
-GRID = [dict(sparsity=0.3), dict(sparsity=0.5),
-        dict(quant="int", bits=8), dict(quant="int", bits=4), dict(quant="int", bits=4, group_size=64),
-        dict(quant="int", bits=3, group_size=64), dict(quant="kmeans", bits=4), dict(quant="kmeans", bits=3),
-        dict(quant="kmeans", bits=4, codebook="row"),
-        dict(sparsity=0.5, quant="int", bits=4, group_size=64), dict(sparsity=0.3, quant="kmeans", bits=4),
-        DC_RECIPE, DC_ROW_RECIPE, dict(sparsity=0.5, quant="kmeans", bits=3)]
-
-
-def grid_recipes() -> list[Recipe]:
-    """The recipes of make_results' grid: pruning levels, bit widths and group sizes, k-means sharing, and
-    combinations (each quantized one is also stored with zstd: same weights, fewer bytes)."""
-    return [Recipe(**g) for g in GRID]
-
-
-def deep_compression_stages(grid: list[dict], huffman: "Compressed", folder) -> list[dict]:
-    """Han et al.'s stages from grid points: fp32 → pruned (bitmap) → k-means shared (packed codes) → Huffman
-    (and zstd in its place), then the shared stage again with one codebook per row. The Huffman stage is written
-    to `folder` and its weights file measured on disk."""
-    r = Recipe(**DC_RECIPE)
-    by_name = {p["name"]: p for p in grid}
-    rows = [dict(stage=s, **{k: by_name[n][k] for k in ("name", "bytes", "ppl")}) for s, n in
-            (("fp32", "fp32"), ("pruned", Recipe(r.sparsity).name), ("shared", r.name))]
-    rep = export(huffman, folder)
-    rows.append(dict(stage="huffman", name=huffman.recipe.name, bytes=rep["bytes"]["weights_file"],
-                     ppl=rows[-1]["ppl"], bits_per_code=sum(e.get("n_bits", 0) for e in huffman.entries.values())
-                     / sum(math.prod(e["shape"]) for e in huffman.entries.values() if "n_bits" in e)))
-    z = replace(r, entropy="zstd").name
-    rows.append(dict(stage="zstd (instead of Huffman)", name=z, bytes=by_name[z]["bytes"], ppl=by_name[z]["ppl"]))
-    row = Recipe(**DC_ROW_RECIPE).name
-    if row in by_name:
-        rows.append(dict(stage="shared, a codebook per row", name=row, bytes=by_name[row]["bytes"],
-                         ppl=by_name[row]["ppl"]))
-    return rows
-
-
-def distilled_point(teacher_config, results: dict | None = None) -> dict | None:
-    """The distilled student of notebook 03 (data/results/distill.json), as a point: fp32 bytes of its
-    parameters and its own validation perplexity (its eval, not this grid's); None if there are no results."""
-    from .repro import load_results
-    try:
-        d = results or load_results("distill")
-        cfg = d["config"]["student"]
-        run = d["headline"]["kd_run"]
-        from .distill import StudentConfig, make_student
-        from .memory import model_bytes
-        sc = StudentConfig(**{k: v for k, v in cfg.items() if k in StudentConfig.__dataclass_fields__})
-        student = make_student(teacher_config, sc)
-        return {"name": f"distilled student ({run})", "techniques": ["distill"], "bytes": model_bytes(student),
-                "ppl": float(d["runs"][run]["val_ppl"]), "source": "data/results/distill.json",
-                "eval_tokens": d["config"]["eval_tokens"]}
-    except (FileNotFoundError, KeyError, TypeError, ValueError):
-        return None
-
-
-def make_results() -> dict:
-    """The cached sweep of notebook 07 (→ data/results/capstone.json via `python -m labkit results capstone`).
-
-    SmolLM2-135M, 1,024 validation tokens per perplexity (as notebook 02's sweep; lk's default 4,096 would take
-    ~1 minute per point on a busy 2-core CPU, and every point uses the same windows, so they compare): the grid of
-    recipes with the exact bytes of their safetensors file and perplexity; the Deep Compression stages, the
-    Huffman one written to disk and one layer decoded back to check it is lossless."""
-    import tempfile
-
-    from . import prune as P
-    from .evaluate import eval_tokens, perplexity
-    from .memory import model_bytes
-    from .models import load_model
-    from .repro import seed_everything
-    seed_everything(0)
-    t0 = time.perf_counter()
-    model, tok = load_model("smollm2-135m")
-    tokens = eval_tokens(tok)
-    grid = [_point(compress_(model, Recipe()), perplexity(model, tokens, max_tokens=EVAL_TOKENS))]
-    masks = {s: P.compute_masks(model, P.PruneConfig("magnitude", s)) for s in sorted({g.get("sparsity", 0)
-                                                                                     for g in GRID} - {0})}
-    log = [f"fp32 ppl {grid[0]['ppl']:.2f}, masks ready ({time.perf_counter() - t0:.0f} s)"]
-    print(log[-1], flush=True)
-    restorer = _Restorer(model)
-    for recipe in grid_recipes():
-        packed = compress_(model, recipe, masks.get(recipe.sparsity))
-        pts = [_point(packed, perplexity(model, tokens, max_tokens=EVAL_TOKENS))]
-        if recipe.quant != "none":                      # the same weights, codes entropy coded
-            pts.append(_point(recode(packed, "zstd"), pts[0]["ppl"]))
-        grid.extend(pts)
-        if recipe == Recipe(**DC_RECIPE):
-            huff = recode(packed, "huffman")
-            names = [n for n in huff.entries if n.endswith("mlp.gate_proj.weight")]
-            name = names[len(names) // 2]
-            lossless = name if torch.equal(decode_matrix(huff.entries[name]), model.state_dict()[name]) else None
-        restorer.restore()
-        log.append(" · ".join(f"{p['name']} {p['bytes'] / 1e6:.1f} MB" for p in pts)
-                   + f" · ppl {pts[0]['ppl']:.2f} ({time.perf_counter() - t0:.0f} s)")
-        print(log[-1], flush=True)
-    with tempfile.TemporaryDirectory() as tmp:          # after the grid: the per-row stage is a later recipe
-        stages = deep_compression_stages(grid, huff, tmp)
-    next(r for r in stages if r["stage"] == "huffman")["lossless_checked_on"] = lossless
-    del huff
-    student = distilled_point(model.config)
-    return {"model": "smollm2-135m", "eval": {"split": "validation", "max_tokens": EVAL_TOKENS, "seq_len": 256},
-            "fp32_bytes": grid[0]["bytes"], "fp32_model_bytes": model_bytes(model), "stages": stages, "grid": grid,
-            "others": [student] if student else [], "kmeans_sample": KMEANS_SAMPLE, "zstd_level": ZSTD_LEVEL,
-            "log": log, "seconds": round(time.perf_counter() - t0, 1)}
-
-
-def summary(results: dict) -> dict:
-    """The headline figures of a results dict: stage bytes and perplexity, the frontier, best perplexity at
-    25% and 12.5% of the fp32 bytes."""
-    pts = search_points(results)
-    fp32 = results["fp32_bytes"]
-    out = {"stages": {r["stage"]: {"bytes": r["bytes"], "ppl": round(r["ppl"], 2),
-                                   "x_smaller": round(results["stages"][0]["bytes"] / r["bytes"], 2)}
-                      for r in results["stages"]},
-           "frontier": [{"name": p["name"], "bytes": p["bytes"], "fraction_of_fp32": round(p["bytes"] / fp32, 4),
-                         "ppl": round(p["ppl"], 2)} for p in pareto_front(pts)],
-           "beyond_single": [p["name"] for p in beyond_single(pts)]}
-    for frac in (0.25, 0.125):
-        try:
-            b = best_recipe(pts, int(frac * fp32))
-            out[f"best_at_{frac:g}"] = {"name": b["name"], "bytes": b["bytes"], "ppl": round(b["ppl"], 2)}
-        except BudgetError as e:
-            out[f"best_at_{frac:g}"] = {"error": str(e)}
-    return out
-
-
-def bench() -> dict:
-    """Issue 7's figures from data/results/capstone.json (regenerate with `python -m labkit results capstone`,
-    ~10 minutes): Deep Compression stage bytes and perplexity, the frontier, best perplexity at 25% and 12.5%."""
-    from .repro import load_results
-    res = load_results("capstone")
-    return {"eval_tokens": res["eval"]["max_tokens"], "fp32_bytes": res["fp32_bytes"], **summary(res)}
-
-
 # ----------------------------------------------------------------------------------------------- command line
-def compress_for_budget(budget, out, results: dict | str | None = None, max_tokens: int | None = None,
-                        model_name: str = "smollm2-135m", prompt: str = "In the beginning God created",
-                        new_tokens: int = 16, log=print) -> dict:
-    """`python -m labkit compress --budget B --out DIR`: the best cached recipe that fits B, applied to the model,
-    exported with its report (recipe, bytes per stage, perplexity before/after, sha256 of every file), then
-    loaded back and checked to generate the same greedy tokens. A budget below every point raises BudgetError
-    before anything is loaded."""
-    from .evaluate import default_budget, eval_tokens, perplexity
-    from .models import load_model
-    from .repro import load_results
-    if results is None or isinstance(results, (str, Path)):
-        results = load_results("capstone") if results is None else json.loads(Path(results).read_text())
-    budget_bytes = parse_budget(budget, results["fp32_bytes"])
-    point = best_recipe(search_points(results), budget_bytes)
-    recipe = Recipe.from_dict(point["recipe"])
-    log(f"budget {budget_bytes:,} bytes → {recipe.name} (cached: {point['bytes']:,} bytes, ppl {point['ppl']:.2f})")
-    model, tok = load_model(model_name)
-    tokens = eval_tokens(tok)
-    ppl_fp32 = perplexity(model, tokens, max_tokens=max_tokens)
-    packed = compress_(model, recipe)
-    ppl = perplexity(model, tokens, max_tokens=max_tokens)
-    ids = tok(prompt, return_tensors="pt")
-    gen = dict(max_new_tokens=new_tokens, do_sample=False, pad_token_id=tok.pad_token_id or tok.eos_token_id)
-    with torch.inference_mode():
-        before = model.generate(**ids, **gen)
-    extra = {"budget": {"requested": str(budget), "bytes": budget_bytes},
-             "perplexity": {"fp32": ppl_fp32, "compressed": ppl, "split": "validation",
-                            "max_tokens": max_tokens or default_budget()},
-             "cached_point": {"bytes": point["bytes"], "ppl": point["ppl"], "eval_tokens": results["eval"]["max_tokens"]},
-             "generation": {"prompt": prompt, "greedy_tokens": before[0].tolist()}}
-    report = export(packed, out, tok, extra)
-    log(f"wrote {out}: weights {report['bytes']['weights_file']:,} bytes "
-        f"({report['bytes']['weights_file'] / report['bytes']['fp32']:.1%} of fp32), ppl {ppl_fp32:.2f} → {ppl:.2f}")
-    with torch.inference_mode():
-        after = load_compressed(out).generate(**ids, **gen)
-    if not torch.equal(before, after):
-        raise AssertionError(f"the model loaded from {out} generates different tokens than before export")
-    log(f"load_compressed({out}) generates the same {new_tokens} tokens")
-    return report
+def compress_for_budget(budget, out, results=None, max_tokens=None, log=print, **kwargs) -> dict:
+    """`python -m labkit compress`: see labkit.experiments.capstone.compress_for_budget (kept here for the CLI)."""
+    from .experiments.capstone import compress_for_budget as run
+    return run(budget, out, results=results, max_tokens=max_tokens, log=log, **kwargs)

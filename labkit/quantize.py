@@ -3,17 +3,17 @@
 Defined in notebook 02 (02_quantization.ipynb). Sections of the notebook → functions here:
   1 number formats ............ `float_formats`, `cast_error`
   2 quantizers + packing ...... `quantize`, `dequantize`, `QTensor`, `pack_bits`, `unpack_bits`, `save_qtensor`
-  3 quantized model ........... `QuantConfig`, `quantize_`, `QuantLinear`, `skip_tied`
+  3 quantized model ........... `QuantConfig`, `quantize_`, `QuantLinear` (packed in RAM, dequantized tile by tile),
+                                `QuantEmbedding`, `skip_tied`, `temporarily_quantized`
   4 the Q4_1 origin ........... `distinct_per_block`
   5 outliers (LLM.int8()) ..... `linear_input_stats`, `fake_quant_per_token`, `mixed_int8_matmul`
-  6 real libraries ............ `torchao_int8_weight`, `time_int8_paths`
-  7 physical limit ............ `bandwidth_limit`
-Heavy sweeps live in `make_results()` (→ data/results/quantize.json); headline figures in `bench()`.
+  6 real libraries ............ `torchao_int8_weight`, `torchao_config`, `torchao_quantize_` (int8 and int4 on a CPU)
+Kernel tables, the bandwidth limit, sweeps, make_results and bench live in labkit/experiments/quantize.py.
 """
 from __future__ import annotations
 
+import contextlib
 import math
-import time
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable
@@ -295,23 +295,36 @@ def quant_error(x: torch.Tensor, q: QTensor) -> dict:
 # --------------------------------------------------------------------------------------------------
 # 3. Quantized model: QuantLinear + quantize_ (notebook 02, "Quantize the model")
 # --------------------------------------------------------------------------------------------------
-@dataclass
+@dataclass(frozen=True)
 class QuantConfig:
-    """How to quantize each selected Linear weight (mirrors torchao's config objects)."""
+    """How to quantize each selected Linear weight (mirrors torchao's config objects; frozen, checked here).
+
+    granularity defaults to "group" when group_size is given and to "channel" otherwise."""
     bits: int = 8
-    granularity: str = "channel"     # "tensor" | "channel" | "group"
+    granularity: str | None = None   # "tensor" | "channel" | "group"
     group_size: int | None = None    # needed for "group"
     symmetric: bool = True
     scale_dtype: torch.dtype = torch.float16
 
     def __post_init__(self):
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int):
+            raise TypeError(f"QuantConfig.bits must be an int, got {self.bits!r}; e.g. QuantConfig(bits=4)")
         _check_bits(self.bits)
-        if self.group_size is not None and self.granularity != "group":
-            self.granularity = "group"
-        if self.granularity not in GRANULARITIES:
-            raise ValueError(f"granularity={self.granularity!r}; use one of {GRANULARITIES}")
-        if self.granularity == "group" and (self.group_size is None or int(self.group_size) < 1):
-            raise ValueError("granularity='group' needs group_size, e.g. QuantConfig(bits=4, group_size=64)")
+        if self.group_size is not None and (isinstance(self.group_size, bool) or not isinstance(self.group_size, int)):
+            raise TypeError(f"QuantConfig.group_size must be a whole number, got {self.group_size!r}; e.g. 32 or 64")
+        if not isinstance(self.symmetric, bool):
+            raise TypeError(f"QuantConfig.symmetric must be True or False, got {self.symmetric!r}")
+        if self.scale_dtype not in SCALE_DTYPES:
+            raise TypeError(f"QuantConfig.scale_dtype must be one of {SCALE_DTYPES}, got {self.scale_dtype!r}")
+        g = self.granularity
+        if g is None:   # normalised once, at construction (the object never changes afterwards)
+            object.__setattr__(self, "granularity", g := ("group" if self.group_size is not None else "channel"))
+        if g not in GRANULARITIES:
+            raise ValueError(f"granularity={g!r}; use one of {GRANULARITIES}")
+        if g == "group" and (self.group_size is None or self.group_size < 1):
+            raise ValueError("granularity='group' needs a positive group_size, e.g. QuantConfig(bits=4, group_size=64)")
+        if g != "group" and self.group_size is not None:
+            raise ValueError(f"group_size={self.group_size} conflicts with granularity={g!r}; drop one of them")
 
     @property
     def name(self) -> str:
@@ -319,11 +332,18 @@ class QuantConfig:
         return f"int{self.bits}-{g}" + ("" if self.symmetric else "-asym")
 
 
-class QuantLinear(nn.Module):
-    """A Linear whose weight is stored packed (codes + scales) and dequantized on every forward."""
+TILE_WEIGHTS = 1 << 18   # QuantLinear dequantizes at most this many weights at a time (1 MB of fp32)
 
-    def __init__(self, q: QTensor, bias: torch.Tensor | None):
+
+class QuantLinear(nn.Module):
+    """A Linear whose weight stays packed in RAM (codes + scales [+ zeros] as buffers): `forward` dequantizes one
+    tile of output rows at a time (≤ TILE_WEIGHTS weights), multiplies, and drops the tile. RAM = the formula
+    numel·bits/8 + groups·(scale [+ zero]) bytes, never the fp32 weight."""
+
+    def __init__(self, q: QTensor, bias: torch.Tensor | None = None):
         super().__init__()
+        if len(q.shape) != 2:
+            raise ValueError(f"QuantLinear needs a 2-D weight, got shape {q.shape}")
         self.bits, self.group_size, self.symmetric = q.bits, q.group_size, q.symmetric
         self.granularity, self.shape, self.orig_dtype = q.granularity, tuple(q.shape), q.dtype
         self.out_features, self.in_features = q.shape
@@ -331,6 +351,9 @@ class QuantLinear(nn.Module):
         self.register_buffer("scales", q.scales)
         self.register_buffer("zeros", q.zeros)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        row_bits = self.in_features * self.bits
+        # rows start on a byte boundary → a tile of rows is a slice of `packed` (else dequantize all at once)
+        self.tile_rows = max(1, TILE_WEIGHTS // self.in_features) if row_bits % 8 == 0 else self.out_features
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, config: QuantConfig) -> "QuantLinear":
@@ -342,17 +365,66 @@ class QuantLinear(nn.Module):
         return QTensor(self.packed, self.scales, self.zeros, self.bits, self.group_size, self.shape,
                        self.symmetric, self.granularity, self.orig_dtype)
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the packed weight (codes, scales, zeros), as the formula says."""
+        return self.qtensor().nbytes()
+
+    def rows(self, r0: int, r1: int) -> torch.Tensor:
+        """fp32 weight rows r0:r1, dequantized from the packed codes of those rows only."""
+        if (r0, r1) == (0, self.out_features):
+            return dequantize(self.qtensor()).float()
+        per_row = self.in_features * self.bits // 8
+        codes = unpack_bits(self.packed[r0 * per_row: r1 * per_row], self.bits, (r1 - r0) * self.in_features)
+        codes = codes.view(r1 - r0, -1, self.group_size if self.granularity == "group" else self.in_features).float()
+        sl = slice(None) if self.granularity == "tensor" else slice(r0, r1)
+        s = self.scales[sl].float().unsqueeze(-1)
+        w = (codes - 2 ** (self.bits - 1)) * s if self.symmetric else codes * s + self.zeros[sl].float().unsqueeze(-1)
+        return w.reshape(r1 - r0, self.in_features)
+
     def weight_dequantized(self) -> torch.Tensor:
         return dequantize(self.qtensor())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight_dequantized().to(x.dtype)
-        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+        n, step = self.out_features, self.tile_rows
+        y = torch.cat([F.linear(x, self.rows(r, min(r + step, n)).to(x.dtype)) for r in range(0, n, step)], -1)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
 
     def extra_repr(self) -> str:
         g = self.granularity if self.granularity != "group" else f"group={self.group_size}"
         return (f"in={self.in_features}, out={self.out_features}, bits={self.bits}, {g}, "
                 f"{'sym' if self.symmetric else 'asym'}")
+
+
+class QuantEmbedding(nn.Module):
+    """An embedding table kept packed (a QuantLinear's buffers): a lookup dequantizes only the rows it needs.
+    `tied_head()` returns the lm_head that shares these very buffers (SmolLM2 ties lm_head to the embedding)."""
+
+    def __init__(self, q: QTensor):
+        super().__init__()
+        self.table = QuantLinear(q)
+        self.num_embeddings, self.embedding_dim = q.shape
+
+    @property
+    def nbytes(self) -> int:
+        return self.table.nbytes
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        t = self.table
+        if t.tile_rows == t.out_features:   # rows not byte-aligned: whole table (small tables only)
+            return F.embedding(ids, t.weight_dequantized().float())
+        uniq, inv = torch.unique(ids, return_inverse=True)
+        rows = torch.stack([t.rows(int(r), int(r) + 1)[0] for r in uniq])
+        return rows[inv]
+
+    def tied_head(self) -> QuantLinear:
+        head = QuantLinear.__new__(QuantLinear)
+        nn.Module.__init__(head)
+        head.__dict__.update({k: v for k, v in self.table.__dict__.items() if not k.startswith("_")})
+        for name in ("packed", "scales", "zeros"):
+            head.register_buffer(name, getattr(self.table, name))   # the same tensors: no copy
+        head.bias = None
+        return head
 
 
 def _tied_weight_ids(model: nn.Module) -> set[int]:
@@ -368,31 +440,42 @@ def skip_tied(model: nn.Module) -> Callable[[nn.Module, str], bool]:
 
 def quantize_(model: nn.Module, config: QuantConfig,
               filter_fn: Callable[[nn.Module, str], bool] | None = None) -> nn.Module:
-    """In place: replace each selected nn.Linear by a QuantLinear (torchao's `quantize_` shape).
+    """In place: replace each selected nn.Linear by a QuantLinear (torchao's `quantize_` shape); returns the model.
 
     filter_fn(module, fqn) picks modules; default `skip_tied(model)`: all Linears except a lm_head tied to
-    the embedding (quantizing it would also change the embedding it shares storage with).
+    the embedding (quantizing it would also change the embedding it shares storage with). All or nothing: every
+    selected layer is checked and quantized before the first one is swapped, so an error changes nothing. A model
+    that already holds QuantLinear layers is refused (quantizing twice would compound the rounding); reload it.
     """
     if not isinstance(config, QuantConfig):
         raise TypeError(f"quantize_ expects a labkit QuantConfig, got {type(config).__name__}; "
                         f"e.g. QuantConfig(bits=4, group_size=64)")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"quantize_ expects an nn.Module, got {type(model).__name__}")
+    done = [fqn for fqn, m in model.named_modules() if isinstance(m, (QuantLinear, QuantEmbedding))]
+    if done:
+        raise ValueError(f"the model is already quantized ({len(done)} layers, e.g. {done[0]}); quantize_ works on "
+                         f"a float model — reload it (lk.load_model) or use temporarily_quantized for a sweep")
     filter_fn = filter_fn or skip_tied(model)
     chosen = [(fqn, m) for fqn, m in model.named_modules() if fqn and filter_fn(m, fqn)]
     for fqn, m in chosen:  # validate everything before changing anything
-        if isinstance(m, QuantLinear):
-            raise ValueError(f"{fqn} is already quantized ({m.extra_repr()}); reload the model first")
         if not isinstance(m, nn.Linear):
             raise TypeError(f"{fqn} is a {type(m).__name__}; quantize_ can only swap nn.Linear layers — "
                             f"make filter_fn return False for it")
-        if not m.weight.is_floating_point():
-            raise TypeError(f"{fqn}.weight is {m.weight.dtype}, not a float weight")
-        if config.granularity == "group" and m.in_features % int(config.group_size):
+        if not m.weight.is_floating_point() or m.weight.device.type == "meta":
+            raise TypeError(f"{fqn}.weight is {m.weight.dtype} on {m.weight.device}, not a loaded float weight")
+        if config.granularity == "group" and m.in_features % config.group_size:
             raise ValueError(f"{fqn}: group_size={config.group_size} does not divide in_features="
                              f"{m.in_features}; pick a divisor (e.g. 32 or 64) or granularity='channel'")
-    for fqn, m in chosen:
+    new = {}
+    for fqn, m in chosen:  # quantize every layer (may raise: NaN/inf, scale overflow) before swapping any
+        try:
+            new[fqn] = QuantLinear.from_linear(m, config)
+        except ValueError as e:
+            raise ValueError(f"{fqn}: {e} (nothing was changed)") from None
+    for fqn, q in new.items():
         parent_name, _, child = fqn.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, QuantLinear.from_linear(m, config))
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, q)
     return model
 
 
@@ -406,6 +489,24 @@ def quantized_linear_bytes(model: nn.Module) -> dict:
     return dict(layers=len(q), weights=n, codes_bytes=codes, scale_bytes=scales + zeros,
                 total_bytes=codes + scales + zeros, fp32_bytes=4 * n,
                 bits_per_weight=8 * (codes + scales + zeros) / max(n, 1))
+
+
+@contextlib.contextmanager
+def temporarily_quantized(model: nn.Module, config: QuantConfig,
+                          filter_fn: Callable[[nn.Module, str], bool] | None = None):
+    """Quantize `model` in place for the `with` block, then put the original Linear modules back.
+
+    Cheaper than deep-copying a 538 MB model for every point of a sweep.
+    """
+    filter_fn = filter_fn or skip_tied(model)
+    originals = [(fqn, m) for fqn, m in model.named_modules() if fqn and filter_fn(m, fqn)]
+    quantize_(model, config, filter_fn)
+    try:
+        yield model
+    finally:
+        for fqn, m in originals:
+            parent_name, _, child = fqn.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, m)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -509,6 +610,7 @@ def _quiet_torchao():
     import logging
     logging.getLogger("torchao").setLevel(logging.ERROR)
     logging.getLogger("torch._dynamo").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*KernelPreference.*")
 
 
 def torchao_int8_weight(linear: nn.Linear) -> dict:
@@ -523,346 +625,38 @@ def torchao_int8_weight(linear: nn.Linear) -> dict:
     return dict(module=m[0], qdata=w.qdata, scale=w.scale.reshape(-1), dequantized=w.dequantize())
 
 
-def try_int4_weight_only(linear: nn.Linear, group_size: int = 128) -> tuple[bool, str]:
-    """Try torchao Int4WeightOnlyConfig (its kernels need CUDA): (worked, message) — never raises."""
-    import copy
+TORCHAO_CPU = ("int8 weight-only", "int8 dynamic", "int4 weight-only")
+
+
+def torchao_config(kind: str, group_size: int = 64):
+    """The torchao 0.18 config that runs on a CPU for `kind` (one of TORCHAO_CPU).
+
+    int4 weight-only on a CPU is `torchao.prototype.quantization.int4.PrototypeInt4WeightOnlyConfig`: it needs a
+    bf16 Linear and packs it as an `Int4OpaqueTensor` (two codes per byte + bf16 scale and zero per group) for
+    `aten._weight_int4pack_mm_for_cpu`. (The non-prototype `Int4WeightOnlyConfig` packings target CUDA.)"""
     _quiet_torchao()
-    try:
-        from torchao.quantization import Int4WeightOnlyConfig
-        from torchao.quantization import quantize_ as ao_quantize_
-        m = nn.Sequential(copy.deepcopy(linear))
-        ao_quantize_(m, Int4WeightOnlyConfig(group_size=group_size))
-        m(torch.randn(1, linear.in_features, device=linear.weight.device))
-        return True, f"Int4WeightOnlyConfig ran on {linear.weight.device}"
-    except Exception as e:  # noqa: BLE001 — the point is to show the failure, not crash
-        return False, (f"Int4WeightOnlyConfig did not run here: its int4 kernels are CUDA-only in torchao 0.18 "
-                       f"({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+    if kind == "int8 weight-only":
+        from torchao.quantization import Int8WeightOnlyConfig
+        return Int8WeightOnlyConfig()
+    if kind == "int8 dynamic":
+        from torchao.quantization import Int8DynamicActivationInt8WeightConfig
+        return Int8DynamicActivationInt8WeightConfig()
+    if kind == "int4 weight-only":
+        from torchao.prototype.quantization.int4 import PrototypeInt4WeightOnlyConfig
+        return PrototypeInt4WeightOnlyConfig(group_size=group_size)
+    raise ValueError(f"kind={kind!r}; use one of {TORCHAO_CPU}")
 
 
-def _time(fn, reps: int, warmup: int = 2) -> float:
-    """Median seconds of fn() over reps runs."""
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    ts.sort()
-    return ts[len(ts) // 2]
-
-
-def time_int8_paths(in_features: int = 2048, out_features: int = 2048, batch: int = 1, reps: int = 20,
-                    compile: bool = False, threads: int = 1, seed: int = 0) -> dict:
-    """Time one Linear in fp32 and through int8 paths, in ONE run on `threads` threads; ratios vs fp32.
-
-    Paths: labkit QuantLinear (dequantize on the fly), torchao Int8WeightOnly, torchao Int8DynamicActivation-
-    Int8Weight (each optionally under torch.compile), torch.ao.quantization.quantize_dynamic (deprecated).
-    Returns {"ms": {path: ms}, "speedup": {path: fp32_ms / ms}, "max_rel_err": {path: vs fp32 output}}.
-    """
-    import copy
-    _quiet_torchao()
-    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig
+def torchao_quantize_(model: nn.Module, kind: str, group_size: int = 64,
+                      filter_fn: Callable[[nn.Module, str], bool] | None = None) -> nn.Module:
+    """torchao's quantize_ with the CPU config for `kind` on the Linears filter_fn picks (default skip_tied);
+    int4 converts the chosen Linears to bf16 first (the CPU int4 kernel takes bf16 activations). Returns model."""
     from torchao.quantization import quantize_ as ao_quantize_
-    g = torch.Generator().manual_seed(seed)
-    base = nn.Linear(in_features, out_features)
-    with torch.no_grad():
-        base.weight.copy_(torch.randn(out_features, in_features, generator=g) * 0.02)
-    x = torch.randn(batch, in_features, generator=g)
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        variants = {"fp32": nn.Sequential(copy.deepcopy(base))}
-        variants["labkit int8"] = quantize_(nn.Sequential(copy.deepcopy(base)), QuantConfig(8),
-                                            lambda m, f: isinstance(m, nn.Linear))
-        for name, cfg in (("torchao int8 weight-only", Int8WeightOnlyConfig()),
-                          ("torchao int8 dynamic", Int8DynamicActivationInt8WeightConfig())):
-            m = nn.Sequential(copy.deepcopy(base))
-            ao_quantize_(m, cfg)
-            variants[name] = m
-            if compile:
-                variants[name + " + compile"] = torch.compile(m)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch.ao.quantization is deprecated (kept as a baseline)
-            variants["quantize_dynamic (deprecated)"] = torch.ao.quantization.quantize_dynamic(
-                nn.Sequential(copy.deepcopy(base)), {nn.Linear}, dtype=torch.qint8)
-        ms, err = {}, {}
-        with torch.no_grad():
-            ref = variants["fp32"](x)
-            for name, m in variants.items():
-                y = m(x)  # warm-up (and compile, if any)
-                err[name] = float((y.float() - ref).norm() / ref.norm())
-                ms[name] = 1e3 * _time(lambda: m(x), reps)
-    finally:
-        torch.set_num_threads(old)
-    return dict(shape=[batch, in_features, out_features], threads=threads,
-                ms={k: round(v, 4) for k, v in ms.items()},
-                speedup={k: round(ms["fp32"] / v, 3) for k, v in ms.items()},
-                max_rel_err={k: round(v, 5) for k, v in err.items()})
-
-
-# --------------------------------------------------------------------------------------------------
-# 7. The physical limit: weight-bound matrix-vector products (notebook 02, "How fast can it be?")
-# --------------------------------------------------------------------------------------------------
-def bandwidth_limit(weight_mb: float = 256, reps: int = 5, threads: int = 1, seed: int = 0) -> dict:
-    """y = W·x with W of `weight_mb` MB in fp32 (and the same shape in bf16 and int8): achieved GB/s.
-
-    Achieved GB/s = bytes of W / time (W is read once per product). Compared with a measured copy
-    bandwidth (read + write bytes / time) over a buffer of the same size. bound_speedup = 32/bits is what
-    the bytes alone allow over fp32; achieved_speedup is what the run shows.
-    """
-    n = int(math.sqrt(weight_mb * 1e6 / 4))
-    n -= n % 64
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        g = torch.Generator().manual_seed(seed)
-        w32 = torch.empty(n, n).uniform_(-1, 1, generator=g)
-        x = torch.randn(1, n, generator=g)
-        res = {}
-        dst = torch.empty_like(w32)
-        t = _time(lambda: dst.copy_(w32), reps, warmup=1)
-        copy_gbs = 2 * w32.nbytes / t / 1e9
-        del dst
-        t = _time(lambda: torch.mv(w32, x[0]), reps, warmup=1)
-        res["fp32"] = dict(bits=32, bytes=w32.nbytes, ms=1e3 * t)
-        w16 = w32.to(torch.bfloat16)
-        x16 = x.to(torch.bfloat16)
-        t = _time(lambda: torch.mv(w16, x16[0]), reps, warmup=1)
-        res["bf16"] = dict(bits=16, bytes=w16.nbytes, ms=1e3 * t)
-        del w16
-        lin = nn.Linear(n, n, bias=False)
-        lin.weight.data = w32  # shares storage, no copy
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch.ao.quantization is deprecated; its fbgemm kernel is still fast
-            qlin = torch.ao.quantization.quantize_dynamic(nn.Sequential(lin), {nn.Linear}, dtype=torch.qint8)
-        del lin
-        t = _time(lambda: qlin(x), reps, warmup=1)
-        res["int8 (fbgemm, quantize_dynamic)"] = dict(bits=8, bytes=n * n, ms=1e3 * t)
-        del qlin
-        w8 = torch.clamp(torch.round(w32 * 127), -127, 127).to(torch.int8)
-        del w32
-        scales = torch.full((n,), 1 / 127, dtype=torch.bfloat16)
-        t = _time(lambda: torch.ops.aten._weight_int8pack_mm(x16, w8, scales), reps, warmup=1)
-        res["int8 weight-only (torchao's CPU kernel)"] = dict(bits=8, bytes=w8.nbytes, ms=1e3 * t)
-        del w8
-    finally:
-        torch.set_num_threads(old)
-    for k, r in res.items():
-        r["gb_per_s"] = r["bytes"] / (r["ms"] / 1e3) / 1e9
-        r["fraction_of_copy_bw"] = r["gb_per_s"] / copy_gbs
-        r["bound_speedup"] = 32 / r["bits"]
-        r["achieved_speedup"] = res["fp32"]["ms"] / r["ms"]
-        r["bound_ms"] = r["bytes"] / (copy_gbs * 1e9) * 1e3
-    return dict(n=n, weight_mb_fp32=round(res["fp32"]["bytes"] / 1e6, 1), threads=threads,
-                copy_gb_per_s=round(copy_gbs, 2),
-                paths={k: {kk: (round(v, 4) if isinstance(v, float) else v) for kk, v in r.items()}
-                       for k, r in res.items()})
-
-
-# --------------------------------------------------------------------------------------------------
-# 8. Sweeps on the real models (notebook 02, "Perplexity against bits"); make_results and bench
-# --------------------------------------------------------------------------------------------------
-import contextlib  # noqa: E402
-
-
-@contextlib.contextmanager
-def temporarily_quantized(model: nn.Module, config: QuantConfig,
-                          filter_fn: Callable[[nn.Module, str], bool] | None = None):
-    """Quantize `model` in place for the `with` block, then put the original Linear modules back.
-
-    Cheaper than deep-copying a 538 MB model for every point of a sweep.
-    """
+    cfg = torchao_config(kind, group_size)
     filter_fn = filter_fn or skip_tied(model)
-    originals = [(fqn, m) for fqn, m in model.named_modules() if fqn and filter_fn(m, fqn)]
-    quantize_(model, config, filter_fn)
-    try:
-        yield model
-    finally:
-        for fqn, m in originals:
-            parent_name, _, child = fqn.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, child, m)
-
-
-def kjv_sentences(n: int = 16, split: str = "validation") -> list[str]:
-    """n KJV verses spread evenly over a split's books (MiniLM's test sentences)."""
-    from .data import books, verses
-    wanted = set(books(split))
-    vs = [v["text"] for v in verses() if v["book"] in wanted]
-    step = max(1, len(vs) // n)
-    return vs[::step][:n]
-
-
-def embedding_cosine(model, tokenizer, sentences: list[str], config: QuantConfig | None,
-                     reference: torch.Tensor | None = None) -> dict:
-    """Mean/min cosine between MiniLM sentence embeddings under `config` and fp32 (config=None: fp32)."""
-    from .models import sentence_embeddings
-    ref = sentence_embeddings(model, tokenizer, sentences) if reference is None else reference
-    if config is None:
-        return dict(mean=1.0, min=1.0)
-    with temporarily_quantized(model, config) as m:
-        emb = sentence_embeddings(m, tokenizer, sentences)
-        nbytes = quantized_linear_bytes(m)
-    cos = (emb * ref).sum(-1)
-    return dict(mean=float(cos.mean()), min=float(cos.min()), linear_bytes=nbytes["total_bytes"],
-                bits_per_weight=nbytes["bits_per_weight"])
-
-
-def perplexity_point(model, tokens, config: QuantConfig | None | str, max_tokens: int) -> dict:
-    """Perplexity and bytes of `model` under one config (None → fp32, "bf16" → a bf16 copy)."""
-    from .evaluate import perplexity
-    from .memory import model_bytes
-    if config is None:
-        return dict(name="fp32", ppl=perplexity(model, tokens, max_tokens=max_tokens),
-                    model_bytes=model_bytes(model), bits_per_weight=32.0)
-    if config == "bf16":
-        import copy
-        m = copy.deepcopy(model).to(torch.bfloat16)
-        out = dict(name="bf16", ppl=perplexity(m, tokens, max_tokens=max_tokens), model_bytes=model_bytes(m),
-                   bits_per_weight=16.0)
-        del m
-        return out
-    with temporarily_quantized(model, config) as m:
-        b = quantized_linear_bytes(m)
-        return dict(name=config.name, ppl=perplexity(m, tokens, max_tokens=max_tokens), model_bytes=model_bytes(m),
-                    linear_bytes=b["total_bytes"], bits_per_weight=b["bits_per_weight"], bits=config.bits,
-                    granularity=config.granularity, group_size=config.group_size, symmetric=config.symmetric)
-
-
-SMOL_GROUPS = (None, 192, 64, 32)   # 576 and 1536 are multiples of 192, 64, 32 — but not of 128
-MINILM_GROUPS = (None, 128, 64, 32)  # 384 and 1536 are multiples of 128
-LIVE_CHECK = dict(config=dict(bits=4, group_size=64), max_tokens=256)
-
-
-def _configs(groups, bits_list=(8, 4, 3, 2)):
-    out = []
-    for bits in bits_list:
-        for g in groups:
-            out.append(QuantConfig(bits) if g is None else QuantConfig(bits, group_size=g))
-    return out
-
-
-def q41_origin(model) -> dict:
-    """SmolLM2's GGUF Q4_1 origin: distinct values per block of 32, and how exactly 4-bit g32 asymmetric
-    re-quantization reproduces each decoder Linear weight (relative error)."""
-    filt = skip_tied(model)
-    lin = [(fqn, m) for fqn, m in model.named_modules() if filt(m, fqn)]
-    distinct = torch.cat([distinct_per_block(m.weight, 32) for _, m in lin])
-    rel = {}
-    for fqn, m in lin:
-        w = m.weight.detach()
-        rel[fqn] = float((dequantize(quantize(w, 4, group_size=32, symmetric=False)) - w).norm() / w.norm())
-    emb = distinct_per_block(model.get_input_embeddings().weight, 32)
-    hist = torch.bincount(distinct, minlength=33)[:33]
-    return dict(blocks=int(distinct.numel()), max_distinct=int(distinct.max()),
-                mean_distinct=float(distinct.float().mean()), distinct_hist=hist.tolist(),
-                embedding_mean_distinct=float(emb.float().mean()), embedding_max_distinct=int(emb.max()),
-                requant_rel_error_max=max(rel.values()), requant_rel_error_mean=sum(rel.values()) / len(rel))
-
-
-def make_results() -> dict:
-    """The cached sweeps of notebook 02 (→ data/results/quantize.json via `python -m labkit results quantize`).
-
-    SmolLM2-135M perplexity at fp32/bf16 and bits × granularity (1,024 validation tokens, or 8,192 with
-    LABKIT_FULL=1); MiniLM cosine vs fp32 for the same grid; the live-check point the notebook recomputes;
-    int8 CPU timings incl. torch.compile; the bandwidth limit.
-    """
-    from .evaluate import eval_tokens
-    from .models import load_model
-    from .repro import full_mode, seed_everything
-    seed_everything(0)
-    t0 = time.time()
-    budget = 8192 if full_mode() else 1024
-    model, tok = load_model("smollm2-135m")
-    tokens = eval_tokens(tok)
-    smol = [perplexity_point(model, tokens, None, budget), perplexity_point(model, tokens, "bf16", budget)]
-    configs = _configs(SMOL_GROUPS) + [QuantConfig(4, group_size=32, symmetric=False),
-                                       QuantConfig(3, group_size=32, symmetric=False)]
-    for cfg in configs:
-        smol.append(perplexity_point(model, tokens, cfg, budget))
-        print(f"  {smol[-1]['name']:<16} ppl {smol[-1]['ppl']:.3f}  ({time.time() - t0:.0f} s)", flush=True)
-    live_cfg = QuantConfig(**LIVE_CHECK["config"])
-    live = dict(LIVE_CHECK, ppl=perplexity_point(model, tokens, live_cfg, LIVE_CHECK["max_tokens"])["ppl"],
-                fp32_ppl=perplexity_point(model, tokens, None, LIVE_CHECK["max_tokens"])["ppl"])
-    origin = q41_origin(model)
-    del model
-    enc, etok = load_model("minilm")
-    sents = kjv_sentences(16)
-    from .models import sentence_embeddings
-    ref = sentence_embeddings(enc, etok, sents)
-    mini = []
-    for cfg in _configs(MINILM_GROUPS) + [QuantConfig(4, group_size=32, symmetric=False)]:
-        mini.append(dict(name=cfg.name, bits=cfg.bits, granularity=cfg.granularity, group_size=cfg.group_size,
-                         symmetric=cfg.symmetric, **embedding_cosine(enc, etok, sents, cfg, ref)))
-    mini_origin = distinct_per_block(enc.encoder.layer[0].attention.self.query.weight, 32)
-    speed = time_int8_paths(2048, 2048, batch=1, reps=20, compile=True)
-    speed64 = time_int8_paths(2048, 2048, batch=64, reps=10, compile=True)
-    bw = bandwidth_limit(256)
-    return dict(tokens=budget, smollm2=smol, live_check=live, q41=origin, minilm=mini,
-                minilm_mean_distinct_per_32=float(mini_origin.float().mean()), sentences=len(sents),
-                speed_batch1=speed, speed_batch64=speed64, bandwidth=bw, seconds=round(time.time() - t0, 1))
-
-
-def bench() -> dict:
-    """Headline figures of notebook 02 (≈ 60–90 s): perplexity and bytes per format, MiniLM cosine, int8 CPU
-    speed ratios vs fp32 (one thread), achieved GB/s vs copy bandwidth. 512 validation tokens."""
-    from .evaluate import eval_tokens
-    from .models import load_model, sentence_embeddings
-    model, tok = load_model("smollm2-135m")
-    tokens = eval_tokens(tok)
-    out = {"tokens": 512, "note": "SmolLM2 dims (576) are not multiples of 128: g64 stands in for g128"}
-    points = [(None, "fp32"), ("bf16", "bf16"), (QuantConfig(8), "int8"), (QuantConfig(4, group_size=64), "int4_g64"),
-              (QuantConfig(4), "int4_per_channel"), (QuantConfig(3, group_size=64), "int3_g64")]
-    for cfg, key in points:
-        p = perplexity_point(model, tokens, cfg, 512)
-        out[f"ppl_{key}"] = round(p["ppl"], 2)
-        out[f"mb_{key}"] = round(p["model_bytes"] / 1e6, 1)
-    del model
-    enc, etok = load_model("minilm")
-    sents = kjv_sentences(16)
-    ref = sentence_embeddings(enc, etok, sents)
-    for cfg, key in ((QuantConfig(8), "int8"), (QuantConfig(4, group_size=128), "int4_g128"),
-                     (QuantConfig(4), "int4_per_channel")):
-        out[f"minilm_cosine_{key}"] = round(embedding_cosine(enc, etok, sents, cfg, ref)["mean"], 4)
-    sp = time_int8_paths(2048, 2048, batch=1, reps=10, compile=False)
-    out["speedup_vs_fp32_batch1"] = sp["speedup"]
-    bw = bandwidth_limit(256, reps=3)
-    out["copy_gb_per_s"] = bw["copy_gb_per_s"]
-    out["matvec_gb_per_s"] = {k: round(v["gb_per_s"], 2) for k, v in bw["paths"].items()}
-    out["matvec_speedup_vs_fp32"] = {k: round(v["achieved_speedup"], 2) for k, v in bw["paths"].items()}
-    return out
-
-
-# --------------------------------------------------------------------------------------------------
-# 9. "Try it" (notebook 02): one config → error histogram, perplexity, bytes
-# --------------------------------------------------------------------------------------------------
-def explore(model, tokens, bits: int = 4, group_size: int = 64, symmetric: bool = True,
-            layer: str = "model.layers.0.self_attn.q_proj", max_tokens: int = 256, fp32_ppl: float | None = None,
-            ) -> dict:
-    """Quantize every decoder Linear with (bits, group_size [0 = per channel], symmetric): the error histogram
-    of one layer's weights, perplexity on `max_tokens` tokens, and bytes of the Linear weights."""
-    from .evaluate import perplexity
-    cfg = QuantConfig(bits) if not group_size else QuantConfig(bits, group_size=int(group_size))
-    cfg.symmetric = bool(symmetric)
-    w = model.get_submodule(layer).weight.detach()
-    q = quantize(w, cfg.bits, cfg.granularity, cfg.group_size, cfg.symmetric)
-    err = (dequantize(q) - w).flatten()
-    if fp32_ppl is None:
-        fp32_ppl = perplexity(model, tokens, max_tokens=max_tokens)
-    with temporarily_quantized(model, cfg) as m:
-        ppl = perplexity(m, tokens, max_tokens=max_tokens)
-        b = quantized_linear_bytes(m)
-    return dict(name=cfg.name, layer=layer, errors=err, scale_max=float(q.scales.float().max()),
-                rel_error=float(err.norm() / w.norm()), ppl=ppl, fp32_ppl=fp32_ppl,
-                linear_bytes=b["total_bytes"], fp32_bytes=b["fp32_bytes"], bits_per_weight=b["bits_per_weight"])
-
-
-def layer_error_table(w: torch.Tensor, bits_list=(8, 4, 3, 2), groups=(None, 192, 64, 32)) -> list[dict]:
-    """Relative error and bytes of one weight matrix for each (bits, granularity), symmetric."""
-    rows = []
-    for bits in bits_list:
-        for g in groups:
-            q = quantize(w, bits) if g is None else quantize(w, bits, group_size=g)
-            rows.append(dict(bits=bits, granularity="per-channel" if g is None else f"g{g}",
-                             bits_per_weight=q.bits_per_value(), bytes=q.nbytes(), **quant_error(w, q)))
-    return rows
+    chosen = {fqn for fqn, m in model.named_modules() if fqn and filter_fn(m, fqn)}
+    if kind == "int4 weight-only":
+        for fqn in chosen:
+            model.get_submodule(fqn).to(torch.bfloat16)
+    ao_quantize_(model, cfg, filter_fn=lambda m, fqn: fqn in chosen)
+    return model

@@ -119,9 +119,23 @@ def test_export_load_generates_the_same_tokens(tmp_path, recipe):
     report = K.export(packed, tmp_path)
     loaded = K.load_compressed(tmp_path)
     assert torch.equal(_generate(loaded), before)
-    for (n, a), (_, b) in zip(sorted(model.state_dict().items()), sorted(loaded.state_dict().items())):
-        assert torch.equal(a, b), n
-    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight          # still tied
+    if recipe.quant == "int":          # packed in RAM: QuantLinear / QuantEmbedding, no fp32 copy of a weight matrix
+        assert not [n for n, p in loaded.named_parameters() if p.dim() == 2]
+        q = loaded.model.layers[0].mlp.up_proj
+        assert isinstance(q, Q.QuantLinear)
+        assert torch.equal(q.weight_dequantized(), model.model.layers[0].mlp.up_proj.weight)
+        assert loaded.lm_head.packed is loaded.model.embed_tokens.table.packed     # still tied, one copy
+        vectors = sum(p.numel() * 4 for p in loaded.parameters())
+        from labkit.memory import tensor_bytes
+        held = tensor_bytes([t for m in loaded.modules() if isinstance(m, Q.QuantLinear) for t in m.buffers()])
+        assert held + vectors == report["bytes"]["ram_formula"] < report["bytes"]["fp32"] / 3
+    else:
+        for (n, a), (_, b) in zip(sorted(model.state_dict().items()), sorted(loaded.state_dict().items())):
+            assert torch.equal(a, b), n
+        assert loaded.lm_head.weight is loaded.model.embed_tokens.weight      # still tied
+        assert report["bytes"]["ram_formula"] == report["bytes"]["fp32"]
+    naive = K.load_compressed(tmp_path, packed=False)                           # everything decoded to fp32
+    assert torch.equal(_generate(naive), before)
     assert report["bytes"]["weights_file"] == (tmp_path / K.WEIGHTS).stat().st_size == packed.nbytes()
     assert report["recipe"] == recipe.to_dict()
 
@@ -144,21 +158,53 @@ def test_corrupted_or_edited_export_is_detected(tmp_path):
     weights = tmp_path / K.WEIGHTS
     good = weights.read_bytes()
     weights.write_bytes(good[:-5] + bytes([good[-5] ^ 1]) + good[-4:])
-    with pytest.raises(ChecksumError, match="checksum mismatch in .*model.safetensors"):
+    with pytest.raises(ChecksumError, match="model.safetensors does not match its sha256"):
         K.load_compressed(tmp_path)
     weights.write_bytes(good)
     report_path = tmp_path / K.REPORT
     report = json.loads(report_path.read_text())
     report["recipe"]["bits"] = 4                                              # a hand edit
     report_path.write_text(json.dumps(report))
-    with pytest.raises(ChecksumError, match="changed after export"):
+    with pytest.raises(ChecksumError, match="report.json .*(sha256|bytes)"):
         K.load_compressed(tmp_path)
     report_path.write_text("{not json")
-    with pytest.raises(ValueError, match="not valid JSON"):
+    with pytest.raises(ChecksumError):
         K.load_compressed(tmp_path)
     report_path.unlink()
-    with pytest.raises(FileNotFoundError, match="not a complete labkit export"):
+    with pytest.raises(ChecksumError, match="missing"):
         K.load_compressed(tmp_path)
+    (tmp_path / K.MANIFEST).unlink()
+    with pytest.raises(ChecksumError, match="not a complete labkit"):
+        K.load_compressed(tmp_path)
+
+
+def test_export_is_atomic_and_never_touches_foreign_files(tmp_path, monkeypatch):
+    packed = K.compress_(tiny_llama(), K.Recipe(quant="int", bits=8))
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "notes.txt").write_text("my notes")
+    with pytest.raises(ValueError, match="not empty and is not a labkit export"):
+        K.export(packed, user)
+    assert [p.name for p in user.iterdir()] == ["notes.txt"]
+    with pytest.raises(ValueError, match="existing file"):
+        K.export(packed, user / "notes.txt")
+    out = tmp_path / "out"
+    K.export(packed, out)
+    good = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(ValueError, match="force=True"):
+        K.export(packed, out)
+    other = K.compress_(tiny_llama(), K.Recipe(quant="int", bits=4, group_size=32))
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt                                             # interrupted after writing, before the swap
+    monkeypatch.setattr(K, "read_report", boom)
+    with pytest.raises(KeyboardInterrupt):
+        K.export(other, out, force=True)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == good          # the old export, untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "out"]     # no temporary folder left behind
+    K.export(other, out, force=True)
+    assert K.read_report(out)["recipe_name"] == "int4-g32"
 
 
 def test_export_refuses_the_data_folder():
@@ -243,10 +289,16 @@ def test_compress_for_budget_exports_a_model_that_generates_the_same_tokens(tmp_
            "grid": [{"name": recipe.name, "bytes": model_bytes(tiny) // 5, "ppl": 1e3, "recipe": recipe.to_dict()},
                     {"name": "fp32", "bytes": model_bytes(tiny), "ppl": 9e2, "recipe": K.Recipe().to_dict()}]}
     logs = []
-    report = K.compress_for_budget(0.5, tmp_path / "out", results=res, max_tokens=64, model_name=str(folder),
+    for bad, err in ((dict(out=tmp_path / "tiny" / "config.json"), "existing file"),
+                     (dict(out=folder), "not empty"), (dict(max_tokens=64), "no full window"),
+                     (dict(max_tokens=256.0), "whole number"), (dict(kind="vram"), "kind")):
+        kw = dict(budget=0.5, out=tmp_path / "out", results=res, max_tokens=256, model_name="no-such-model") | bad
+        with pytest.raises((ValueError, TypeError), match=err):                 # refused before any model is loaded
+            K.compress_for_budget(**kw)
+    report = K.compress_for_budget(0.5, tmp_path / "out", results=res, max_tokens=256, model_name=str(folder),
                                    log=logs.append)
     assert report["recipe"] == recipe.to_dict() and report["recipe_name"] == recipe.name  # the best that fits 0.5
     assert any("generates the same" in line for line in logs)
     assert (tmp_path / "out" / "report.json").exists()
-    assert report["perplexity"]["max_tokens"] == 64 and math.isfinite(report["perplexity"]["compressed"])
+    assert report["perplexity"]["max_tokens"] == 256 and math.isfinite(report["perplexity"]["compressed"])
     assert K.load_compressed(tmp_path / "out").config.vocab_size == len(tok)

@@ -13,16 +13,17 @@ import importlib
 
 # name -> module that defines bench() (and make_results() where it caches results in data/results/<name>.json)
 EXPERIMENTS: dict[str, str] = {
-    "footprint": "labkit.footprint",
-    "prune": "labkit.prune",
-    "quantize": "labkit.quantize",
+    "footprint": "labkit.experiments.footprint",
+    "prune": "labkit.experiments.prune",
+    "quantize": "labkit.experiments.quantize",
     "distill": "labkit.distill",
     "sparse": "labkit.experiments.sparse",
     "compress": "labkit.experiments.compress",
     "pool": "labkit.experiments.pool",
     "kvcache": "labkit.experiments.kvcache",
-    "training": "labkit.training",
-    "capstone": "labkit.capstone",
+    "training": "labkit.experiments.training",
+    "capstone": "labkit.experiments.capstone",
+    "capstone_ram": "labkit.experiments.capstone_ram",
     "runtimes": "labkit.experiments.runtimes",
 }
 

@@ -1,0 +1,8 @@
+"""data/results/capstone_ram.json (`python -m labkit results capstone_ram`, ~10 minutes): every RAM recipe of
+notebook 07 loaded and run in a fresh process (labkit.experiments.capstone.measure_ram)."""
+from __future__ import annotations
+
+
+def make_results() -> dict:
+    from .capstone import measure_ram
+    return measure_ram()
