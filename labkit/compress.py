@@ -12,11 +12,13 @@ prune → share values (a small codebook, 4-bit indices) → Huffman-code the in
 from __future__ import annotations
 
 import heapq
-import math
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from .repro import ChecksumError
 
 MAX_CODE_LENGTH = 57  # decoding reads a window of this many bits into one uint64
 
@@ -45,8 +47,7 @@ def frequencies(symbols) -> dict[int, int]:
 
 def entropy(symbols=None, freqs: dict | None = None) -> float:
     """Shannon entropy H = −Σ p·log2 p in bits per symbol: the lower bound on any symbol-by-symbol code."""
-    if freqs is None:
-        freqs = frequencies(symbols)
+    freqs = frequencies(symbols) if freqs is None else _check_freqs(freqs)
     c = np.array(list(freqs.values()), dtype=np.float64)
     if c.size == 0 or c.sum() == 0:
         return 0.0
@@ -55,11 +56,21 @@ def entropy(symbols=None, freqs: dict | None = None) -> float:
 
 
 # ----------------------------------------------------------------------------------------------- Huffman
+def _check_freqs(freqs) -> dict:
+    if not isinstance(freqs, dict):
+        raise TypeError(f"freqs must be a dict {{symbol: count}} (e.g. lk.compress.frequencies(x)), got "
+                        f"{type(freqs).__name__}")
+    for s, c in freqs.items():
+        if isinstance(c, bool) or not isinstance(c, (int, np.integer)) or c < 0:
+            raise ValueError(f"freqs[{s!r}] = {c!r}: counts must be whole numbers ≥ 0")
+    return freqs
+
+
 def huffman_lengths(freqs: dict[int, int]) -> dict[int, int]:
     """Code length per symbol from a Huffman tree built with heapq (merge the two rarest, repeat).
 
     A single symbol gets length 1 (a code needs at least one bit)."""
-    items = [(int(c), s) for s, c in freqs.items() if c > 0]
+    items = [(int(c), s) for s, c in _check_freqs(freqs).items() if c > 0]
     if not items:
         raise ValueError("cannot build a Huffman code from no symbols")
     if len(items) == 1:
@@ -85,6 +96,10 @@ def canonical_codes(lengths: dict[int, int]) -> dict[int, tuple[int, int]]:
     """Canonical Huffman: sort by (length, symbol) and count upwards; {symbol: (code, length)}.
 
     Only the lengths need to be stored to rebuild the code."""
+    if not isinstance(lengths, dict) or not all(isinstance(L, (int, np.integer)) and L >= 1 for L in lengths.values()):
+        raise ValueError(f"lengths must be a dict {{symbol: code length ≥ 1}} (from huffman_lengths), got {lengths!r}"[:200])
+    if sum(2.0 ** -L for L in lengths.values()) > 1 + 1e-12:
+        raise ValueError("these code lengths break Kraft's inequality (Σ 2^-L > 1): no prefix code has them")
     code, prev = 0, 0
     out = {}
     for s, L in sorted(lengths.items(), key=lambda kv: (kv[1], kv[0])):
@@ -104,6 +119,7 @@ class HuffmanEncoded:
     dtype: str
     symbols: np.ndarray   # alphabet, sorted by (length, symbol)
     lengths: np.ndarray   # uint8 code lengths, same order
+    crc32: int | None = None   # of the payload: decode refuses a corrupted payload (a flipped bit decodes silently)
 
     @property
     def n_symbols(self) -> int:
@@ -122,8 +138,14 @@ class HuffmanEncoded:
 
 def mean_code_length(freqs: dict[int, int], lengths: dict[int, int]) -> float:
     """Σ p(s)·len(s): expected bits per symbol of the code."""
+    freqs = _check_freqs(freqs)
+    missing = [s for s, c in freqs.items() if c > 0 and s not in lengths]
+    if missing:
+        raise ValueError(f"lengths has no code for symbols {missing[:5]}; build them with huffman_lengths(freqs)")
     total = sum(freqs.values())
-    return sum(c * lengths[s] for s, c in freqs.items()) / total
+    if total == 0:
+        raise ValueError("freqs has no symbols (all counts are 0)")
+    return sum(c * lengths[s] for s, c in freqs.items() if c > 0) / total
 
 
 def huffman_encode(symbols, chunk: int = 1 << 18) -> HuffmanEncoded:
@@ -139,12 +161,12 @@ def huffman_encode(symbols, chunk: int = 1 << 18) -> HuffmanEncoded:
     if lmax > MAX_CODE_LENGTH:
         raise ValueError(f"a code length of {lmax} bits exceeds {MAX_CODE_LENGTH}; the distribution is too skewed "
                          f"for this decoder — code fewer distinct symbols")
-    # lookup tables indexed by symbol value
-    top = int(flat.max()) + 1
-    code_of = np.zeros(top, dtype=np.uint64)
-    len_of = np.zeros(top, dtype=np.int64)
-    for s, (c, L) in codes.items():
-        code_of[s], len_of[s] = c, L
+    # lookup tables indexed by the symbol's rank in the alphabet (symbol values can be huge)
+    alphabet, flat = np.unique(flat, return_inverse=True)
+    code_of = np.zeros(alphabet.size, dtype=np.uint64)
+    len_of = np.zeros(alphabet.size, dtype=np.int64)
+    for i, s in enumerate(alphabet.tolist()):
+        code_of[i], len_of[i] = codes[s]
     out, carry, n_bits = [], np.zeros(0, np.uint8), 0
     shifts = np.arange(lmax - 1, -1, -1, dtype=np.int64)          # MSB first
     for i in range(0, flat.size, chunk):
@@ -161,8 +183,9 @@ def huffman_encode(symbols, chunk: int = 1 << 18) -> HuffmanEncoded:
         carry = bits[full:]
     if carry.size:
         out.append(np.packbits(carry).tobytes())                   # zero-padded last byte
-    return HuffmanEncoded(b"".join(out), n_bits, a.shape, a.dtype.str,
-                          np.array(order, dtype=np.int64), np.array([codes[s][1] for s in order], dtype=np.uint8))
+    payload = b"".join(out)
+    return HuffmanEncoded(payload, n_bits, a.shape, a.dtype.str, np.array(order, dtype=np.int64),
+                          np.array([codes[s][1] for s in order], dtype=np.uint8), zlib.crc32(payload))
 
 
 def huffman_decode(enc: HuffmanEncoded) -> np.ndarray:
@@ -172,6 +195,11 @@ def huffman_decode(enc: HuffmanEncoded) -> np.ndarray:
        (canonical codes: the code length is found by comparing the window with per-length limits).
     2. The real codeword starts are 0, next(0), next(next(0)), ... with next(p) = p + len(p); compute that chain
        for all n symbols at once by pointer doubling (log2 n vectorized steps)."""
+    if not isinstance(enc, HuffmanEncoded):
+        raise TypeError(f"huffman_decode needs the HuffmanEncoded that huffman_encode returned, got {type(enc).__name__}")
+    if enc.crc32 is not None and zlib.crc32(enc.payload) != enc.crc32:
+        raise ChecksumError(f"the Huffman payload ({len(enc.payload):,} bytes) does not match its crc32: it was "
+                            "corrupted or truncated after encoding; encode the symbols again")
     n = enc.n_symbols
     dtype = np.dtype(enc.dtype)
     if n == 0 or enc.n_bits == 0:
@@ -217,9 +245,31 @@ def huffman_decode(enc: HuffmanEncoded) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------- weights → symbols
+def _check_weights(w, who: str) -> torch.Tensor:
+    """A finite real tensor as fp32, or a clear TypeError/ValueError."""
+    if not isinstance(w, torch.Tensor):
+        raise TypeError(f"{who} needs a torch.Tensor of weights, got {type(w).__name__}; use torch.as_tensor(x)")
+    if w.is_complex() or w.dtype == torch.bool:
+        raise TypeError(f"{who} needs real weights, got {w.dtype}")
+    w = w.detach().float()
+    if not torch.isfinite(w).all():
+        raise ValueError(f"{who}: the weights hold {int((~torch.isfinite(w)).sum())} NaN/inf values; "
+                         "clustering them gives NaN centroids — fix or mask them first")
+    return w
+
+
+def _check_k(k) -> int:
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"k must be a whole number of centroids, got {k!r}")
+    if k < 1:
+        raise ValueError(f"k must be ≥ 1, got {k}")
+    return k
+
+
 def kmeans_1d(values: torch.Tensor, k: int, iters: int = 15) -> torch.Tensor:
     """Sorted centroids of a 1-D k-means with linear initialisation (min..max), as in Deep Compression."""
-    v = values.detach().float().reshape(-1)
+    v = _check_weights(values, "kmeans_1d").reshape(-1)
+    _check_k(k)
     if v.numel() == 0:
         raise ValueError("no values to cluster")
     c = torch.linspace(float(v.min()), float(v.max()), k)
@@ -236,11 +286,11 @@ def kmeans_rows(w: torch.Tensor, k: int, iters: int = 15) -> torch.Tensor:
     part): the same algorithm as kmeans_1d (linear initialisation from the row's min to its max, so the row's
     largest weights keep a centroid), vectorised over rows. Returns sorted centroids [rows, k]; a row with no
     nonzeros gets k zeros."""
+    w = _check_weights(w, "kmeans_rows")
     if w.dim() != 2:
         raise ValueError(f"kmeans_rows needs a 2-D weight, got shape {tuple(w.shape)}")
-    if k < 1:
-        raise ValueError(f"k must be ≥ 1, got {k}")
-    w = w.detach().float().contiguous()
+    _check_k(k)
+    w = w.contiguous()
     nz = w != 0
     lo = torch.where(nz, w, torch.inf).amin(1)
     hi = torch.where(nz, w, -torch.inf).amax(1)
@@ -260,9 +310,8 @@ def share_weights(w: torch.Tensor, bits: int = 4, iters: int = 15) -> tuple[np.n
     """Weight sharing: zeros (pruned) get symbol 0; nonzeros get 1..2^bits−1 from a k-means codebook.
 
     Returns (symbols as uint8 numpy array, codebook with codebook[0] = 0)."""
-    if not 1 <= bits <= 8:
-        raise ValueError(f"bits must be in 1..8, got {bits}")
-    w = w.detach().float()
+    _check_bits(bits)
+    w = _check_weights(w, "share_weights")
     nz = w != 0
     k = 2 ** bits - 1
     cent = kmeans_1d(w[nz], k, iters) if nz.any() else torch.zeros(k)

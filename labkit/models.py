@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -46,6 +47,8 @@ def package_dir(package: str, install: str) -> Path:
 
 def source_file(name: str) -> Path:
     """The packaged weights file of a registered model."""
+    if name not in REGISTRY:
+        raise ValueError(f"unknown model {name!r}; registered: {sorted(REGISTRY)}")
     entry = REGISTRY[name]
     folder = package_dir(entry["package"], entry["install"]) / entry.get("folder", "")
     path = folder / entry["file"]
@@ -111,7 +114,7 @@ def prepare(name: str = "smollm2-135m", force: bool = False) -> Path:
     The copy is built in a temporary folder beside the cache and moved in whole, with a manifest of
     sha256 checksums; a partial or corrupted cache fails the check and is rebuilt.
     """
-    if name not in REGISTRY:
+    if not isinstance(name, str) or name not in REGISTRY:
         raise ValueError(f"unknown model {name!r}; registered: {sorted(REGISTRY)}")
     entry = REGISTRY[name]
     if entry["kind"] == "encoder":  # shipped as safetensors already: verify and use in place
@@ -168,6 +171,17 @@ def load_model(name_or_path: str = "smollm2-135m", dtype: torch.dtype = torch.fl
     chooses the head for a folder or hub id (default: causal if the config says it can generate).
     """
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise TypeError(f"load_model needs a registered name ({', '.join(REGISTRY)}), a folder or a hub id (str), "
+                        f"got {type(name_or_path).__name__}")
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"dtype must be a torch dtype such as torch.float32 or torch.bfloat16, got {dtype!r}")
+    if not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating-point dtype (torch.float32, torch.bfloat16, torch.float16), got "
+                         f"{dtype}; quantize after loading with lk.quantize")
+    if kind not in (None, "causal", "encoder"):
+        raise ValueError(f"kind must be None, 'causal' or 'encoder', got {kind!r}")
+    name_or_path = str(name_or_path)
     source, found_kind = resolve(name_or_path)
     kind = kind or found_kind
     try:
@@ -193,6 +207,16 @@ def tiny_llama(seed: int = 0, vocab_size: int = 256, hidden_size: int = 64, laye
                kv_heads: int = 2, intermediate_size: int = 128, tie: bool = True):
     """A tiny randomly initialised LlamaForCausalLM (same code paths as SmolLM2) for fast tests."""
     from transformers import LlamaConfig, LlamaForCausalLM
+    sizes = dict(vocab_size=vocab_size, hidden_size=hidden_size, layers=layers, heads=heads, kv_heads=kv_heads,
+                 intermediate_size=intermediate_size, seed=seed)
+    for k, v in sizes.items():
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"tiny_llama: {k} must be a whole number, got {v!r}")
+        if v < (0 if k == "seed" else 1):
+            raise ValueError(f"tiny_llama: {k} must be ≥ 1, got {v}")
+    if hidden_size % heads or heads % kv_heads or (hidden_size // heads) % 2:
+        raise ValueError(f"tiny_llama: hidden_size ({hidden_size}) must split into `heads` ({heads}) heads of an even "
+                         f"size, and heads into kv_heads ({kv_heads}) groups")
     cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=layers,
                       num_attention_heads=heads, num_key_value_heads=kv_heads,
                       intermediate_size=intermediate_size, max_position_embeddings=512,
@@ -204,6 +228,10 @@ def tiny_llama(seed: int = 0, vocab_size: int = 256, hidden_size: int = 64, laye
 @torch.inference_mode()
 def generate(model, tokenizer, prompt: str, max_new_tokens: int = 20) -> str:
     """Greedy continuation of prompt (deterministic); returns only the new text."""
+    if not isinstance(prompt, str):
+        raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a whole number ≥ 1, got {max_new_tokens!r}")
     ids = tokenizer(prompt, return_tensors="pt")
     out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
                          pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
@@ -213,6 +241,12 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int = 20) -> str:
 @torch.inference_mode()
 def sentence_embeddings(model, tokenizer, sentences: list[str]) -> torch.Tensor:
     """Mean-pooled, L2-normalised sentence embeddings (how all-MiniLM-L6-v2 is meant to be used)."""
+    if isinstance(sentences, str):
+        sentences = [sentences]
+    if not isinstance(sentences, (list, tuple)) or not all(isinstance(s, str) for s in sentences):
+        raise TypeError("sentences must be a list of str")
+    if not sentences:
+        raise ValueError("sentences is empty; pass at least one sentence")
     batch = tokenizer(sentences, padding=True, truncation=True, max_length=256, return_tensors="pt")
     hidden = model(**batch).last_hidden_state
     mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)

@@ -34,7 +34,7 @@ def _elsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def _check_matrix(dense, what: str = "dense") -> torch.Tensor:
+def check_matrix(dense, what: str = "dense") -> torch.Tensor:
     """A 2-D floating-point tensor, or a clear TypeError/ValueError."""
     if not isinstance(dense, torch.Tensor):
         raise TypeError(f"{what} must be a torch.Tensor, got {type(dense).__name__}; "
@@ -62,16 +62,49 @@ def _check_fits(n: int, index_dtype: torch.dtype, what: str) -> None:
 
 
 def check_block(shape, blocksize) -> tuple[int, int]:
-    if isinstance(blocksize, int):
+    """(br, bc) from an int or a pair of positive ints that divide the matrix shape."""
+    if isinstance(blocksize, int) and not isinstance(blocksize, bool):
         blocksize = (blocksize, blocksize)
-    br, bc = (int(b) for b in blocksize)
+    if not isinstance(blocksize, (tuple, list)) or len(blocksize) != 2 or \
+            not all(isinstance(b, int) and not isinstance(b, bool) for b in blocksize):
+        raise TypeError(f"blocksize must be an int or a pair of ints (rows, cols), e.g. (4, 4); got {blocksize!r}")
+    br, bc = blocksize
     if br < 1 or bc < 1:
         raise ValueError(f"blocksize must be positive, got {blocksize}")
-    rows, cols = shape
+    rows, cols = check_shape(shape)
     if rows % br or cols % bc:
         raise ValueError(f"shape {tuple(shape)} is not divisible by blocksize {(br, bc)}; pick a block size that "
                          f"divides both dimensions (e.g. {math.gcd(rows, 16)}×{math.gcd(cols, 16)}) or pad the matrix")
     return br, bc
+
+
+def check_shape(shape) -> tuple[int, int]:
+    """(rows, cols) as two whole numbers ≥ 0, or a clear error."""
+    if isinstance(shape, torch.Size):
+        shape = tuple(shape)
+    if not isinstance(shape, (tuple, list)) or len(shape) != 2:
+        raise ValueError(f"shape must be (rows, cols), got {shape!r}")
+    if not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
+        raise TypeError(f"shape must hold two whole numbers, got {shape!r}")
+    if min(shape) < 0:
+        raise ValueError(f"shape must not be negative, got {tuple(shape)}")
+    return int(shape[0]), int(shape[1])
+
+
+def _check_count(n, what: str, most: int | None = None) -> int:
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
+        raise TypeError(f"{what} must be a whole number, got {n!r}")
+    if n < 0 or (most is not None and n > most):
+        raise ValueError(f"{what} = {n} is out of range [0, {most}]" if most is not None else f"{what} must be ≥ 0, got {n}")
+    return int(n)
+
+
+def _check_density(density) -> float:
+    if isinstance(density, bool) or not isinstance(density, (int, float)):
+        raise TypeError(f"density must be a number in [0, 1], got {density!r}")
+    if not 0.0 <= density <= 1.0:
+        raise ValueError(f"density must be in [0, 1], got {density}")
+    return float(density)
 
 
 # The index work below runs in NumPy (single-threaded, fast on a busy 2-core machine). Values are moved as
@@ -109,7 +142,7 @@ class Dense:
 
     @classmethod
     def from_dense(cls, dense: torch.Tensor) -> "Dense":
-        return cls(_check_matrix(dense).contiguous().clone())
+        return cls(check_matrix(dense).contiguous().clone())
 
     def to_dense(self) -> torch.Tensor:
         return self.values.clone()
@@ -144,7 +177,7 @@ class COO:
 
     @classmethod
     def from_dense(cls, dense: torch.Tensor, index_dtype=torch.int64) -> "COO":
-        dense = _check_matrix(dense)
+        dense = check_matrix(dense)
         _check_fits(max(dense.shape), _check_index_dtype(index_dtype), "largest dimension")
         flat = _flat_nonzero(dense)                          # row-major order, like torch's coalesced COO
         idx = np.stack([flat // dense.shape[1], flat % dense.shape[1]])
@@ -184,7 +217,7 @@ class CSR:
 
     @classmethod
     def from_dense(cls, dense: torch.Tensor, index_dtype=torch.int64) -> "CSR":
-        dense = _check_matrix(dense)
+        dense = check_matrix(dense)
         rows, cols = dense.shape
         flat = _flat_nonzero(dense)
         _check_fits(flat.size, _check_index_dtype(index_dtype), "nnz")
@@ -234,7 +267,7 @@ class BSR:
 
     @classmethod
     def from_dense(cls, dense: torch.Tensor, blocksize=(4, 4), index_dtype=torch.int64) -> "BSR":
-        dense = _check_matrix(dense)
+        dense = check_matrix(dense)
         br, bc = check_block(dense.shape, blocksize)
         _check_index_dtype(index_dtype)
         R, C = dense.shape[0] // br, dense.shape[1] // bc
@@ -298,7 +331,7 @@ class Bitmap:
 
     @classmethod
     def from_dense(cls, dense: torch.Tensor) -> "Bitmap":
-        dense = _check_matrix(dense)
+        dense = check_matrix(dense)
         m = dense != 0
         return cls(pack_bits(m, 1), _gather(dense, np.flatnonzero(m.numpy())), tuple(dense.shape))
 
@@ -336,7 +369,7 @@ class TwoFour:
 
     @classmethod
     def from_dense(cls, dense: torch.Tensor) -> "TwoFour":
-        dense = _check_matrix(dense)
+        dense = check_matrix(dense)
         rows, cols = dense.shape
         if cols % 4:
             raise ValueError(f"2:4 needs the number of columns to be a multiple of 4, got shape {(rows, cols)}; "
@@ -402,10 +435,10 @@ FORMAT_CLASSES = {"dense": Dense, "coo": COO, "csr": CSR, "bsr": BSR, "bitmap": 
 
 def to_format(dense: torch.Tensor, fmt: str, index_dtype=torch.int64, blocksize=(4, 4)):
     """Convert a dense matrix to one of FORMATS ("csr32" = CSR with int32 indices)."""
+    if not isinstance(fmt, str) or fmt not in FORMATS:
+        raise ValueError(f"unknown format {fmt!r}; choose one of {FORMATS}")
     if fmt == "csr32":
         fmt, index_dtype = "csr", torch.int32
-    if fmt not in FORMAT_CLASSES:
-        raise ValueError(f"unknown format {fmt!r}; choose one of {FORMATS}")
     cls = FORMAT_CLASSES[fmt]
     if fmt in ("coo", "csr"):
         return cls.from_dense(dense, index_dtype=index_dtype)
@@ -417,6 +450,12 @@ def to_format(dense: torch.Tensor, fmt: str, index_dtype=torch.int64, blocksize=
 def formula_bytes(fmt: str, shape, nnz: int, value_dtype=torch.float32, index_dtype=torch.int64,
                   blocksize=(4, 4), n_blocks: int | None = None) -> int:
     """Exact bytes of `fmt` for a matrix of `shape` with `nnz` nonzeros (BSR needs n_blocks)."""
+    rows, cols = check_shape(shape)
+    if nnz is not None:
+        _check_count(nnz, "nnz", rows * cols)
+    if value_dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        raise TypeError(f"value_dtype must be a floating-point torch dtype, got {value_dtype}")
+    _check_index_dtype(index_dtype)
     if fmt == "csr32":
         fmt, index_dtype = "csr", torch.int32
     if fmt in ("dense", "bitmap", "2:4"):
@@ -435,14 +474,22 @@ def bytes_per_nonzero(fmt: str, value_dtype=torch.float32, index_dtype=torch.int
     if fmt == "csr32":
         fmt, index_dtype = "csr", torch.int32
     v, i = _elsize(value_dtype), _elsize(index_dtype)
-    return {"coo": 2 * i + v, "csr": i + v, "bitmap": v}[fmt]
+    per = {"coo": 2 * i + v, "csr": i + v, "bitmap": v}
+    if fmt not in per:
+        raise ValueError(f"bytes_per_nonzero is defined for 'coo', 'csr', 'csr32' and 'bitmap', got {fmt!r} (dense and "
+                         f"2:4 cost the same whatever the nonzeros: use formula_bytes)")
+    return per[fmt]
 
 
 def storage_break_even(fmt: str, shape=(4096, 4096), value_dtype=torch.float32, index_dtype=torch.int64,
                        blocksize=(4, 4)) -> float:
     """Largest density at which `fmt` is no bigger than dense, from the exact formulas (BSR: random sparsity
     is assumed — a block is kept when any of its br·bc values is nonzero)."""
-    rows, cols = shape
+    rows, cols = check_shape(shape)
+    if rows < 1 or cols < 1:
+        raise ValueError(f"storage_break_even needs a non-empty shape, got {tuple(shape)}")
+    if fmt not in FORMATS or fmt == "dense":
+        raise ValueError(f"storage_break_even compares a sparse format with dense: choose one of {FORMATS[1:]}, got {fmt!r}")
     n = rows * cols
     dense = Dense.formula_bytes(shape, value_dtype=value_dtype)
     if fmt == "2:4":
@@ -466,8 +513,9 @@ def storage_break_even(fmt: str, shape=(4096, 4096), value_dtype=torch.float32, 
 # ----------------------------------------------------------------------------------------------- random matrices
 def random_sparse(shape, density: float, seed: int = 0, blocksize=None, dtype=torch.float32) -> torch.Tensor:
     """A random dense matrix with a fraction `density` of nonzeros (whole blocks kept if blocksize is given)."""
-    if not 0.0 <= density <= 1.0:
-        raise ValueError(f"density must be in [0, 1], got {density}")
+    _check_density(density)
+    check_shape(shape)
+    _check_count(seed, "seed")
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(shape, generator=g, dtype=dtype)
     if blocksize is None:
@@ -481,9 +529,10 @@ def random_sparse(shape, density: float, seed: int = 0, blocksize=None, dtype=to
 
 def nm_sparse(shape, n: int = 2, m: int = 4, seed: int = 0) -> torch.Tensor:
     """A random matrix with exactly n nonzeros in every group of m along each row (magnitude top-n)."""
+    _check_count(n, "n"), _check_count(m, "m"), _check_count(seed, "seed")
     if not 0 < n < m:
         raise ValueError(f"N:M needs 0 < N < M, got {n}:{m}")
-    rows, cols = shape
+    rows, cols = check_shape(shape)
     if cols % m:
         raise ValueError(f"columns ({cols}) must be a multiple of M={m}")
     w = torch.randn(shape, generator=torch.Generator().manual_seed(seed))

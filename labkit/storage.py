@@ -178,6 +178,8 @@ def save_sparse(model: nn.Module, folder, fmt: str = "bitmap", chunk_bytes: int 
 
 def checkpoint_bytes(folder) -> int:
     """Bytes on disk of all chunks (the index is a few kB more)."""
+    if not Path(folder).is_dir():
+        raise FileNotFoundError(f"{folder} is not a folder; pass the folder given to lk.storage.save_sparse")
     return sum(p.stat().st_size for p in Path(folder).glob("chunk-*.safetensors"))
 
 
@@ -377,6 +379,9 @@ def load_lazy(folder, layers_fqn: str = "model.layers") -> nn.Module:
     """A model whose decoder layers stay on the meta device (no memory) until their forward: a pre-hook reads
     that layer's weights from its memory-mapped chunk and densifies them, a post-hook frees them again.
     Everything outside the layers (embedding, final norm) is loaded at once. Peak ≈ embedding + one layer."""
+    if not isinstance(layers_fqn, str):
+        raise TypeError(f"layers_fqn must be the name of the ModuleList of blocks (str), e.g. 'model.layers'; "
+                        f"got {layers_fqn!r}")
     ck = SparseCheckpoint.open(folder)
     model = _empty_model(ck.index)
     layers = _layer_list(model, layers_fqn)

@@ -46,6 +46,8 @@ def matmul_times(density: float, n: int = 4096, k: int = 64, blocksize=(16, 16),
 
 def crossover(densities, ratios) -> float:
     """Density where a ratio (sparse / dense) crosses 1, interpolated linearly; nan if it never does."""
+    if len(densities) != len(ratios):
+        raise ValueError(f"crossover needs one ratio per density, got {len(densities)} densities and {len(ratios)} ratios")
     pts = sorted(zip(densities, ratios))
     for (d0, r0), (d1, r1) in zip(pts, pts[1:]):
         if r0 <= 1.0 < r1 or r0 >= 1.0 > r1:
@@ -56,6 +58,8 @@ def crossover(densities, ratios) -> float:
 def speed_sweep(densities=(0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5), n: int = 4096, k: int = 64,
                 blocksize=(16, 16), min_run_time: float = 0.1, seed: int = 0) -> dict:
     """Time dense vs CSR vs BSR matmul at each density in one run (one thread); ratios and crossovers."""
+    for d in densities:
+        S.random_sparse((1, 1), d)                                    # checks each density before any timing
     rows = [dict(density=d, **matmul_times(d, n, k, blocksize, min_run_time, seed)) for d in densities]
     for r in rows:
         r["csr_ratio"], r["bsr_ratio"] = r["csr"] / r["dense"], r["bsr"] / r["dense"]
@@ -69,7 +73,9 @@ def storage_curves(densities, shape=(4096, 4096), formats=("coo", "csr", "csr32"
                    blocksize=(16, 16)) -> dict[str, list[float]]:
     """Bytes relative to dense at each density from the exact formulas (BSR assumes block sparsity: n_blocks =
     density · all blocks; 2:4 only exists at density ≤ 0.5)."""
-    rows, cols = shape
+    rows, cols = S.check_shape(shape)
+    for d in densities:
+        S.random_sparse((1, 1), d)                                    # a density in [0, 1], or a clear error
     dense = S.Dense.formula_bytes(shape)
     out = {}
     for fmt in formats:
@@ -95,6 +101,51 @@ def density_report(density: float, n: int = 1024, k: int = 64, min_run_time: flo
     out = {fmt: S.formula_bytes(fmt, (n, n), nnz) for fmt in ("dense", "coo", "csr", "csr32", "bitmap")}
     out["2:4"] = S.TwoFour.formula_bytes((n, n)) if density <= 0.5 else None
     return {"density": density, "bytes": out, "seconds": matmul_times(density, n, k, (16, 16), min_run_time)}
+
+
+# ----------------------------------------------------------------------------------------------- signature chart
+def relative_error(w: torch.Tensor, approx: torch.Tensor) -> float:
+    """‖w − approx‖ / ‖w‖ (Frobenius): 0 for a lossless format."""
+    return float((w - approx).norm() / w.norm().clamp(min=1e-30))
+
+
+def storage_points(w: torch.Tensor, sparsities=(0.5, 0.7, 0.9), formats=("csr32", "bitmap"), bits: int = 4) -> list[dict]:
+    """Points for lk.plots.memory_quality(memory="storage", quality="relative error"): one weight matrix stored
+    every way — lossless (dense fp32, zstd on its bytes) on the error-0 line; magnitude-pruned at each sparsity in
+    each sparse format (bytes measured from the tensors, error = what pruning removed); 2:4; and pruned 50% +
+    `bits`-bit shared values (fixed-length indices packed with lk.compress.pack_bits, then Huffman-coded)."""
+    import zstandard
+
+    from .. import compress as C
+    from ..prune import magnitude_mask, nm_mask
+    w = S.check_matrix(w, "w").float()
+    pts = [{"bytes": S.Dense.from_dense(w).nbytes, "quality": 0.0, "technique": "dense", "label": "dense fp32",
+            "reference": True},
+           {"bytes": len(zstandard.ZstdCompressor(level=19).compress(w.numpy().tobytes())), "quality": 0.0,
+            "technique": "zstd", "label": "zstd (lossless)", "annotate": True}]
+    for sp in sparsities:
+        wp = w * magnitude_mask(w, sp)
+        err = relative_error(w, wp)
+        for fmt in formats:
+            s = S.to_format(wp, fmt)
+            tech = "csr" if fmt.startswith("csr") else fmt
+            pts.append({"bytes": s.nbytes, "quality": err, "technique": tech, "label": f"{fmt} {sp:.0%} pruned",
+                        "sparsity": sp, "format": fmt, "formula": S.formula_bytes(fmt, wp.shape, s.nnz),
+                        "annotate": fmt == "bitmap"})
+    if w.shape[1] % 4 == 0:
+        w24 = w * nm_mask(w, 2, 4)
+        pts.append({"bytes": S.TwoFour.from_dense(w24).nbytes, "quality": relative_error(w, w24), "technique": "2:4",
+                    "label": "2:4", "sparsity": 0.5, "format": "2:4", "annotate": True})
+    wp = w * magnitude_mask(w, 0.5)
+    sym, book = C.share_weights(wp, bits=bits)
+    err = relative_error(w, book[torch.from_numpy(sym).long()])
+    fixed = C.pack_bits(sym, bits).numel() + book.numel() * 4
+    enc = C.huffman_encode(sym)
+    pts += [{"bytes": fixed, "quality": err, "technique": "kmeans", "label": f"50% + {bits}-bit shared",
+             "sparsity": 0.5, "format": f"{bits}-bit indices"},
+            {"bytes": enc.nbytes + book.numel() * 4, "quality": err, "technique": "huffman",
+             "label": f"50% + {bits}-bit + Huffman", "sparsity": 0.5, "format": "huffman"}]
+    return pts
 
 
 # ----------------------------------------------------------------------------------------------- bench

@@ -1,0 +1,582 @@
+"""Bad inputs, as a careless learner or a hostile user would give them, to every public entry point of
+labkit.sparse, compress, storage, data, models (and their experiments), the CLI, and — read-only — the shared
+helpers of other modules (evaluate, memory, repro).
+
+Each case must end in a *clear labkit error*: the expected exception type (TypeError, ValueError, ChecksumError,
+FileNotFoundError), raised from labkit's own code (not from deep inside torch/numpy/transformers) with a message,
+or — for degenerate but valid input — a correct result. Cases that touch files check that every file is left
+exactly as it was (sha256 of the folder before and after). Random byte flips in every file format these modules
+read must be detected (hypothesis).
+
+`CASES` is a plain table so that the counts in the developer notes can be recomputed:
+    python -c "import tests.test_bad_inputs as t; t.summary()"
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import traceback
+from pathlib import Path
+
+import hypothesis.strategies as st
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+
+import labkit as lk
+from labkit import compress as C
+from labkit import data as D
+from labkit import models as Mo
+from labkit import repro as R
+from labkit import sparse as S
+from labkit import storage as ST
+from labkit.experiments import compress as XC
+from labkit.experiments import sparse as XS
+from labkit.repro import ChecksumError
+
+LABKIT_DIR = str(Path(lk.__file__).resolve().parent)
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def raised_in_labkit(exc: BaseException) -> bool:
+    """True when the innermost frame of the traceback is labkit's own code (a check that names the mistake)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    return bool(frames) and frames[-1].filename.startswith(LABKIT_DIR)
+
+
+def clear_error(fn, exc_types) -> BaseException:
+    """Run fn; it must raise one of exc_types, from labkit code, with a non-trivial message."""
+    with pytest.raises(exc_types) as info:
+        fn()
+    e = info.value
+    assert raised_in_labkit(e), f"raised from outside labkit: {traceback.format_exception(e)[-3:]}"
+    assert len(str(e)) >= 20, f"message too short to say how to fix it: {e!r}"
+    return e
+
+
+def folder_hash(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def flip(path: Path, pos: int, mask: int = 0xFF) -> bytes:
+    """Flip bits of one byte of a file; return the original bytes."""
+    good = path.read_bytes()
+    b = bytearray(good)
+    b[pos % len(b)] ^= mask
+    path.write_bytes(bytes(b))
+    return good
+
+
+W = torch.tensor([[0.0, 1.5, 0.0, -2.0], [3.0, 0.0, 0.0, 0.0]])
+
+# ----------------------------------------------------------------------------------------------- the table
+# (id, call, expected exception types); a call that must *succeed* correctly lives in the tests further down.
+TE, VE, FNF, CE = TypeError, ValueError, FileNotFoundError, ChecksumError
+CASES: list[tuple[str, object, tuple]] = [
+    # sparse: formats
+    ("sparse.to_format None", lambda: S.to_format(None, "csr"), (TE,)),
+    ("sparse.to_format list", lambda: S.to_format([[1.0, 0.0]], "csr"), (TE,)),
+    ("sparse.to_format numpy", lambda: S.to_format(np.ones((2, 4)), "bitmap"), (TE,)),
+    ("sparse.to_format int dtype", lambda: S.to_format(torch.ones(2, 4, dtype=torch.int64), "coo"), (TE,)),
+    ("sparse.to_format bool dtype", lambda: S.to_format(torch.ones(2, 4, dtype=torch.bool), "bitmap"), (TE,)),
+    ("sparse.to_format 1-D", lambda: S.to_format(torch.ones(8), "csr"), (VE,)),
+    ("sparse.to_format 3-D", lambda: S.to_format(torch.ones(2, 2, 4), "2:4"), (VE,)),
+    ("sparse.to_format sparse layout", lambda: S.to_format(W.to_sparse(), "csr"), (TE,)),
+    ("sparse.to_format unknown fmt", lambda: S.to_format(W, "ell"), (VE,)),
+    ("sparse.to_format fmt not str", lambda: S.to_format(W, 3), (VE, TE)),
+    ("sparse.COO index_dtype int16", lambda: S.COO.from_dense(W, index_dtype=torch.int16), (TE,)),
+    ("sparse.CSR index_dtype str", lambda: S.CSR.from_dense(W, index_dtype="int32"), (TE,)),
+    ("sparse.BSR blocksize 0", lambda: S.BSR.from_dense(W, blocksize=(0, 4)), (VE,)),
+    ("sparse.BSR blocksize negative", lambda: S.BSR.from_dense(W, blocksize=-2), (VE,)),
+    ("sparse.BSR blocksize float", lambda: S.BSR.from_dense(W, blocksize=(2.5, 2)), (TE,)),
+    ("sparse.BSR blocksize str", lambda: S.BSR.from_dense(W, blocksize="2"), (TE,)),
+    ("sparse.BSR blocksize 3 values", lambda: S.BSR.from_dense(W, blocksize=(1, 2, 2)), (VE, TE)),
+    ("sparse.BSR not divisible", lambda: S.BSR.from_dense(torch.zeros(10, 12), blocksize=(4, 4)), (VE,)),
+    ("sparse.TwoFour cols % 4", lambda: S.TwoFour.from_dense(torch.zeros(4, 6)), (VE,)),
+    ("sparse.TwoFour not 2:4", lambda: S.TwoFour.from_dense(torch.ones(4, 8)), (VE,)),
+    # sparse: formulas
+    ("sparse.formula_bytes unknown fmt", lambda: S.formula_bytes("ell", (4, 4), 3), (VE,)),
+    ("sparse.formula_bytes negative nnz", lambda: S.formula_bytes("csr", (4, 4), -1), (VE,)),
+    ("sparse.formula_bytes nnz > size", lambda: S.formula_bytes("coo", (4, 4), 17), (VE,)),
+    ("sparse.formula_bytes float nnz", lambda: S.formula_bytes("csr", (4, 4), 2.5), (TE,)),
+    ("sparse.formula_bytes bad shape", lambda: S.formula_bytes("csr", (4,), 2), (VE, TE)),
+    ("sparse.formula_bytes negative shape", lambda: S.formula_bytes("dense", (-4, 4), 0), (VE,)),
+    ("sparse.formula_bytes bsr no n_blocks", lambda: S.formula_bytes("bsr", (4, 4), 2), (VE,)),
+    ("sparse.formula_bytes index dtype", lambda: S.formula_bytes("csr", (4, 4), 2, index_dtype=torch.float32), (TE,)),
+    ("sparse.bytes_per_nonzero dense", lambda: S.bytes_per_nonzero("dense"), (VE,)),
+    ("sparse.bytes_per_nonzero unknown", lambda: S.bytes_per_nonzero("ell"), (VE,)),
+    ("sparse.storage_break_even dense", lambda: S.storage_break_even("dense"), (VE,)),
+    ("sparse.storage_break_even unknown", lambda: S.storage_break_even("ell"), (VE,)),
+    ("sparse.storage_break_even bad shape", lambda: S.storage_break_even("csr", shape=(0, 4)), (VE,)),
+    ("sparse.random_sparse density 1.5", lambda: S.random_sparse((4, 4), 1.5), (VE,)),
+    ("sparse.random_sparse density nan", lambda: S.random_sparse((4, 4), float("nan")), (VE,)),
+    ("sparse.random_sparse density str", lambda: S.random_sparse((4, 4), "0.5"), (TE,)),
+    ("sparse.random_sparse negative shape", lambda: S.random_sparse((-1, 4), 0.5), (VE,)),
+    ("sparse.random_sparse seed str", lambda: S.random_sparse((4, 4), 0.5, seed="a"), (TE,)),
+    ("sparse.nm_sparse n >= m", lambda: S.nm_sparse((4, 8), n=4, m=4), (VE,)),
+    ("sparse.nm_sparse float n", lambda: S.nm_sparse((4, 8), n=1.5, m=4), (TE,)),
+    ("sparse.nm_sparse cols % m", lambda: S.nm_sparse((4, 6), 2, 4), (VE,)),
+    # compress
+    ("compress.entropy floats", lambda: C.entropy(np.array([0.5, 1.5])), (TE,)),
+    ("compress.entropy negative", lambda: C.entropy(np.array([-1, 2])), (VE,)),
+    ("compress.entropy negative count", lambda: C.entropy(freqs={1: -3, 2: 5}), (VE,)),
+    ("compress.entropy str", lambda: C.entropy("abc"), (TE,)),
+    ("compress.frequencies None", lambda: C.frequencies(None), (TE,)),
+    ("compress.huffman_lengths empty", lambda: C.huffman_lengths({}), (VE,)),
+    ("compress.huffman_lengths negative", lambda: C.huffman_lengths({1: -2, 2: 3}), (VE,)),
+    ("compress.huffman_lengths not dict", lambda: C.huffman_lengths([1, 2, 3]), (TE,)),
+    ("compress.canonical_codes zero length", lambda: C.canonical_codes({1: 0, 2: 1}), (VE,)),
+    ("compress.mean_code_length missing", lambda: C.mean_code_length({1: 3, 2: 1}, {1: 1}), (VE,)),
+    ("compress.huffman_encode floats", lambda: C.huffman_encode(np.array([0.5])), (TE,)),
+    ("compress.huffman_encode negative", lambda: C.huffman_encode(np.array([-1, 3])), (VE,)),
+    ("compress.huffman_encode float tensor", lambda: C.huffman_encode(torch.randn(5)), (TE,)),
+    ("compress.huffman_decode not encoded", lambda: C.huffman_decode(b"\x00\x01"), (TE,)),
+    ("compress.huffman_decode truncated", lambda: C.huffman_decode(_truncated_huffman()), (VE, CE)),
+    ("compress.huffman_decode flipped", lambda: C.huffman_decode(_flipped_huffman()), (CE,)),
+    ("compress.kmeans_1d k=0", lambda: C.kmeans_1d(torch.randn(10), 0), (VE,)),
+    ("compress.kmeans_1d k float", lambda: C.kmeans_1d(torch.randn(10), 2.5), (TE,)),
+    ("compress.kmeans_1d empty", lambda: C.kmeans_1d(torch.zeros(0), 3), (VE,)),
+    ("compress.kmeans_1d nan", lambda: C.kmeans_1d(torch.tensor([1.0, float("nan")]), 2), (VE,)),
+    ("compress.kmeans_1d list", lambda: C.kmeans_1d([1.0, 2.0], 2), (TE,)),
+    ("compress.kmeans_rows 1-D", lambda: C.kmeans_rows(torch.randn(5), 3), (VE,)),
+    ("compress.kmeans_rows k=0", lambda: C.kmeans_rows(torch.randn(3, 5), 0), (VE,)),
+    ("compress.kmeans_rows inf", lambda: C.kmeans_rows(torch.tensor([[1.0, float("inf")]]), 2), (VE,)),
+    ("compress.share_weights bits 0", lambda: C.share_weights(torch.randn(8), bits=0), (VE,)),
+    ("compress.share_weights bits float", lambda: C.share_weights(torch.randn(8), bits=4.0), (TE,)),
+    ("compress.share_weights nan", lambda: C.share_weights(torch.tensor([1.0, float("nan")])), (VE,)),
+    ("compress.share_weights numpy", lambda: C.share_weights(np.ones(4)), (TE,)),
+    ("compress.pack_bits bits 9", lambda: C.pack_bits(torch.tensor([1]), 9), (VE,)),
+    ("compress.pack_bits bits float", lambda: C.pack_bits(torch.tensor([1]), 4.0), (TE,)),
+    ("compress.pack_bits floats", lambda: C.pack_bits(torch.tensor([1.0]), 4), (TE,)),
+    ("compress.pack_bits too big", lambda: C.pack_bits(torch.tensor([16]), 4), (VE,)),
+    ("compress.pack_bits negative", lambda: C.pack_bits(torch.tensor([-1]), 4), (VE,)),
+    ("compress.pack_bits list", lambda: C.pack_bits([1, 2], 4), (TE,)),
+    ("compress.unpack_bits too few bytes", lambda: C.unpack_bits(torch.zeros(1, dtype=torch.uint8), 4, 3), (VE,)),
+    ("compress.unpack_bits int64", lambda: C.unpack_bits(torch.zeros(2, dtype=torch.int64), 4, 3), (TE,)),
+    ("compress.unpack_bits negative n", lambda: C.unpack_bits(torch.zeros(2, dtype=torch.uint8), 4, -1), (VE,)),
+    # experiments of notebook 04
+    ("xsparse.bytes_table int", lambda: XS.bytes_table(torch.ones(4, 4, dtype=torch.int32)), (TE,)),
+    ("xsparse.bytes_table unknown fmt", lambda: XS.bytes_table(W, formats=("ell",)), (VE,)),
+    ("xsparse.storage_points 1-D", lambda: XS.storage_points(torch.ones(8)), (VE,)),
+    ("xsparse.crossover lengths", lambda: XS.crossover([0.1, 0.2], [1.0]), (VE,)),
+    ("xsparse.speed_sweep density 2", lambda: XS.speed_sweep(densities=(2.0,), n=64), (VE,)),
+    ("xsparse.storage_curves density -1", lambda: XS.storage_curves([-1.0], shape=(64, 64)), (VE,)),
+    ("xcompress.compare floats", lambda: XC.compare(np.array([0.5, 1.0])), (TE,)),
+    ("xcompress.compare empty", lambda: XC.compare(np.zeros(0, dtype=np.int64)), (VE,)),
+    ("xcompress.compare bits too small", lambda: XC.compare(np.array([0, 200]), bits=4), (VE,)),
+    ("xcompress.compressed_sizes str", lambda: XC.compressed_sizes("abc"), (TE,)),
+    # storage (no files needed)
+    ("storage.save_sparse model str", lambda: ST.save_sparse("model", "/tmp/x-never-written"), (TE,)),
+    ("storage.load_full missing", lambda: ST.load_full("/nonexistent/labkit-checkpoint"), (FNF,)),
+    ("storage.load_full folder int", lambda: ST.load_full(42), (TE,)),
+    ("storage.load_lazy missing", lambda: ST.load_lazy("/nonexistent/labkit-checkpoint"), (FNF,)),
+    ("storage.checkpoint_bytes missing", lambda: ST.checkpoint_bytes("/nonexistent/labkit-checkpoint"), (FNF,)),
+    # data
+    ("data.books bad split", lambda: D.books("dev"), (VE,)),
+    ("data.texts split int", lambda: D.texts(3), (VE, TE)),
+    ("data.tokens bad split", lambda: D.tokens("training", None), (VE,)),
+    ("data.tokens tokenizer str", lambda: D.tokens("validation", "gpt2"), (TE,)),
+    ("data.text_tokens int", lambda: D.text_tokens(123, _tok()), (TE,)),
+    ("data.text_tokens empty", lambda: D.text_tokens("   ", _tok()), (VE,)),
+    ("data.text_tokens too short", lambda: D.text_tokens("Too short.", _tok()), (VE,)),
+    ("data.text_tokens missing file", lambda: D.text_tokens(Path("/nonexistent/a.txt"), _tok()), (FNF,)),
+    ("data.text_tokens min_tokens 0", lambda: D.text_tokens("a b c " * 200, _tok(), min_tokens=0), (VE,)),
+    ("data.text_tokens list of int", lambda: D.text_tokens([1, 2], _tok()), (TE,)),
+    # models
+    ("models.load_model int", lambda: Mo.load_model(123), (TE,)),
+    ("models.load_model dtype str", lambda: Mo.load_model("smollm2-135m", dtype="float16"), (TE,)),
+    ("models.load_model dtype int", lambda: Mo.load_model("smollm2-135m", dtype=torch.int8), (VE,)),
+    ("models.load_model bad kind", lambda: Mo.load_model("smollm2-135m", kind="decoder"), (VE,)),
+    ("models.load_model folder without config", lambda: Mo.load_model(str(Path(lk.__file__).parent)), (FNF,)),
+    ("models.prepare unknown", lambda: Mo.prepare("llama-70b"), (VE,)),
+    ("models.prepare int", lambda: Mo.prepare(7), (VE, TE)),
+    ("models.source_file unknown", lambda: Mo.source_file("llama-70b"), (VE,)),
+    ("models.tiny_llama heads", lambda: Mo.tiny_llama(hidden_size=30, heads=4), (VE,)),
+    ("models.tiny_llama kv_heads", lambda: Mo.tiny_llama(heads=4, kv_heads=3), (VE,)),
+    ("models.tiny_llama layers 0", lambda: Mo.tiny_llama(layers=0), (VE,)),
+    ("models.tiny_llama float", lambda: Mo.tiny_llama(hidden_size=64.5), (TE,)),
+    ("models.generate prompt int", lambda: Mo.generate(Mo.tiny_llama(vocab_size=49152), _tok(), 123), (TE,)),
+    ("models.generate max_new_tokens -1", lambda: Mo.generate(Mo.tiny_llama(vocab_size=49152), _tok(), "Hi",
+                                                              max_new_tokens=-1), (VE,)),
+    ("models.sentence_embeddings empty", lambda: Mo.sentence_embeddings(None, _tok(), []), (VE,)),
+    ("models.sentence_embeddings not str", lambda: Mo.sentence_embeddings(None, _tok(), [1, 2]), (TE,)),
+]
+
+# Other modules (read-only here): failures are reported to their owners, marked xfail(strict=True) below.
+OTHER_CASES: list[tuple[str, object, tuple]] = [
+    ("evaluate.perplexity max_tokens 0", lambda: lk.perplexity(_tiny(), torch.arange(600), max_tokens=0), (VE,)),
+    ("evaluate.perplexity max_tokens -1000", lambda: lk.perplexity(_tiny(), torch.arange(600), max_tokens=-1000), (VE,)),
+    ("evaluate.perplexity max_tokens float", lambda: lk.perplexity(_tiny(), torch.arange(600), max_tokens=300.5), (TE, VE)),
+    ("evaluate.perplexity max_tokens str", lambda: lk.perplexity(_tiny(), torch.arange(600), max_tokens="512"), (TE,)),
+    ("evaluate.perplexity tokens list", lambda: lk.perplexity(_tiny(), list(range(600)), max_tokens=256), (TE,)),
+    ("evaluate.perplexity tokens float", lambda: lk.perplexity(_tiny(), torch.rand(600), max_tokens=256), (TE,)),
+    ("evaluate.perplexity tokens 2-D", lambda: lk.perplexity(_tiny(), torch.zeros(2, 600, dtype=torch.long),
+                                                              max_tokens=256), (VE,)),
+    ("evaluate.perplexity too few tokens", lambda: lk.perplexity(_tiny(), torch.arange(100), max_tokens=256), (VE,)),
+    ("evaluate.perplexity id >= vocab", lambda: lk.perplexity(_tiny(), torch.full((600,), 10_000),
+                                                              max_tokens=256), (VE,)),
+    ("evaluate.perplexity model str", lambda: lk.perplexity("smollm2", torch.arange(600), max_tokens=256), (TE,)),
+    ("evaluate.gap_closed str", lambda: lk.evaluate.gap_closed("30", 40.0, 35.0), (TE,)),
+    ("evaluate.gap_closed no gap", lambda: lk.evaluate.gap_closed(30.0, 30.0, 35.0), (VE,)),
+    ("evaluate.gap_closed below 1", lambda: lk.evaluate.gap_closed(0.5, 40.0, 35.0), (VE,)),
+    ("evaluate.gap_closed nan", lambda: lk.evaluate.gap_closed(30.0, 40.0, float("nan")), (VE,)),
+    ("memory.fmt_bytes str", lambda: lk.fmt_bytes("12"), (TE,)),
+    ("memory.fmt_bytes negative", lambda: lk.fmt_bytes(-5), (VE,)),
+    ("memory.tensor_bytes str", lambda: lk.tensor_bytes("weights"), (TE,)),
+    ("memory.count_params None", lambda: lk.count_params(None), (TE,)),
+    ("memory.model_bytes tensor", lambda: lk.model_bytes(torch.ones(3)), (TE,)),
+    ("memory.estimate_kv_cache_bytes negative", lambda: lk.estimate_kv_cache_bytes(_tiny().config, -1, 10), (VE,)),
+    ("memory.estimate_kv_cache_bytes float", lambda: lk.estimate_kv_cache_bytes(_tiny().config, 1.5, 10), (TE,)),
+    ("memory.estimate_kv_cache_bytes config dict", lambda: lk.estimate_kv_cache_bytes({}, 1, 10), (TE, VE)),
+    ("repro.threads 0", lambda: R.threads(0).__enter__(), (VE,)),
+    ("repro.threads float", lambda: R.threads(1.5).__enter__(), (VE, TE)),
+    ("repro.time_call not callable", lambda: R.time_call(3), (TE,)),
+    ("repro.time_call min_run_time -1", lambda: R.time_call(lambda: None, min_run_time=-1), (VE,)),
+    ("repro.load_results unknown", lambda: R.load_results("no-such-results"), (FNF,)),
+    ("repro.load_results path traversal", lambda: R.load_results("../../etc/passwd"), (VE, FNF)),
+    ("repro.atomic_write_json not serialisable", lambda: R.atomic_write_json("/tmp/lk-never.json", {"a": object()}), (TE,)),
+    ("repro.read_verified missing", lambda: R.read_verified("/nonexistent/x.bin", "k", "fix it"), (CE, FNF)),
+    ("repro.read_manifest missing", lambda: R.read_manifest("/nonexistent/folder", "k", "fix it"), (CE, FNF)),
+    ("repro.write_verified str data", lambda: R.write_verified("/tmp/lk-never.bin", "text", "k"), (TE,)),
+    ("repro.seed_everything str", lambda: R.seed_everything("zero"), (TE,)),
+    ("plots.memory_quality no bytes", lambda: lk.plots.memory_quality([{"quality": 1.0}]), (VE,)),
+]
+# entry points of other modules that fail today: id -> reason (reported in the developer notes)
+OTHER_XFAIL: dict[str, str] = {
+    "evaluate.perplexity tokens list": "a list of ids is scored without a check (a 1-D LongTensor is expected)",
+    "evaluate.perplexity tokens 2-D": "a 2-D token tensor is flattened/scored silently instead of refused",
+    "evaluate.perplexity id >= vocab": "ids ≥ vocab size end in an IndexError inside torch's embedding",
+    "evaluate.perplexity model str": "a non-module model ends in an AttributeError",
+    "memory.fmt_bytes str": "fmt_bytes('12') formats a string as bytes (float('12'))",
+    "memory.fmt_bytes negative": "fmt_bytes(-5) prints '-5 B' instead of refusing a negative size",
+    "memory.tensor_bytes str": "tensor_bytes('weights') returns 0 instead of a TypeError",
+    "memory.count_params None": "count_params(None) ends in an AttributeError",
+    "memory.model_bytes tensor": "model_bytes(tensor) returns a number for a tensor that is not a module",
+    "memory.estimate_kv_cache_bytes float": "batch=1.5 is accepted (a fractional byte count)",
+    "repro.time_call min_run_time -1": "a negative min_run_time is accepted",
+    "repro.atomic_write_json not serialisable": "json's own TypeError from inside the json module (no file is written)",
+    "repro.seed_everything str": "seed_everything('zero') fails inside numpy",
+}
+
+_CACHE: dict = {}
+
+
+def _tok():
+    if "tok" not in _CACHE:
+        from transformers import AutoTokenizer
+        _CACHE["tok"] = AutoTokenizer.from_pretrained(str(Mo.prepare("smollm2-135m")))
+    return _CACHE["tok"]
+
+
+def _tiny():
+    if "tiny" not in _CACHE:
+        _CACHE["tiny"] = Mo.tiny_llama(seed=0)
+    return _CACHE["tiny"]
+
+
+def _huffman():
+    rng = np.random.default_rng(0)
+    return C.huffman_encode(rng.geometric(0.3, size=500))
+
+
+def _truncated_huffman():
+    enc = _huffman()
+    return C.HuffmanEncoded(enc.payload[: len(enc.payload) // 2], enc.n_bits, enc.shape, enc.dtype, enc.symbols,
+                            enc.lengths, enc.crc32)
+
+
+def _flipped_huffman():
+    enc = _huffman()
+    p = bytearray(enc.payload)
+    p[len(p) // 2] ^= 0x10
+    return C.HuffmanEncoded(bytes(p), enc.n_bits, enc.shape, enc.dtype, enc.symbols, enc.lengths, enc.crc32)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_gives_a_clear_labkit_error(case):
+    _, call, exc = case
+    clear_error(call, exc)
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.xfail(strict=True, reason=OTHER_XFAIL[c[0]]))
+                                  if c[0] in OTHER_XFAIL else c for c in OTHER_CASES],
+                         ids=[c[0] for c in OTHER_CASES])
+def test_other_modules_bad_input(case):
+    _, call, exc = case
+    clear_error(call, exc)
+
+
+# ----------------------------------------------------------------------------------------------- degenerate but valid
+@pytest.mark.parametrize("fmt", S.FORMATS)
+@pytest.mark.parametrize("shape", [(0, 8), (4, 0), (1, 4)])
+def test_empty_and_tiny_matrices_round_trip(fmt, shape):
+    w = torch.zeros(shape)
+    s = S.to_format(w, fmt, blocksize=(1, 4) if shape[1] else (1, 1))
+    assert s.to_dense().shape == w.shape and torch.equal(s.to_dense(), w)
+
+
+@pytest.mark.parametrize("fmt", ["dense", "coo", "csr", "csr32", "bsr", "bitmap"])
+def test_nan_and_inf_are_stored_exactly(fmt):
+    w = torch.tensor([[float("nan"), 0.0, float("inf"), -float("inf")], [0.0, -0.0, 1e-45, 3.0]])
+    back = S.to_format(w, fmt, blocksize=(1, 4)).to_dense()
+    assert torch.equal(back.view(torch.int32), w.view(torch.int32)) or fmt in ("coo", "csr", "csr32", "bitmap") \
+        and torch.equal(back.nan_to_num(7.0), w.nan_to_num(7.0))      # -0.0 is a zero: sparse formats drop it
+
+
+def test_bf16_and_fp16_values_round_trip():
+    for dt in (torch.bfloat16, torch.float16):
+        w = S.random_sparse((8, 16), 0.3).to(dt)
+        for fmt in ("coo", "csr", "bitmap", "bsr"):
+            assert torch.equal(S.to_format(w, fmt, blocksize=(4, 4)).to_dense(), w)
+
+
+def test_huge_symbol_values_do_not_allocate_a_table_per_value():
+    x = np.array([0, 2**40, 2**40, 5], dtype=np.int64)
+    enc = C.huffman_encode(x)
+    assert np.array_equal(C.huffman_decode(enc), x)
+
+
+def test_empty_symbols():
+    enc = C.huffman_encode(np.zeros(0, dtype=np.int64))
+    assert C.huffman_decode(enc).size == 0 and C.entropy(np.zeros(0, dtype=np.int64)) == 0.0
+    assert C.pack_bits(torch.zeros(0, dtype=torch.uint8), 3).numel() == 0
+
+
+# ----------------------------------------------------------------------------------------------- files
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    model = Mo.tiny_llama(seed=0)
+    lk.prune.prune_(model, lk.prune.PruneConfig(method="nm", n=2, m=4))
+    folder = tmp_path_factory.mktemp("ck") / "tiny-2of4"
+    ST.save_sparse(model, folder, fmt="2:4", chunk_bytes=30_000)
+    return model, folder
+
+
+def _load_both(folder):
+    ST.load_full(folder)
+    m = ST.load_lazy(folder)
+    with torch.no_grad():
+        m(torch.zeros(1, 4, dtype=torch.long))
+
+
+def test_storage_bad_arguments_change_no_file(checkpoint, tmp_path):
+    model, folder = checkpoint
+    before = folder_hash(folder)
+    for call, exc in [(lambda: ST.save_sparse(model, folder, fmt="ell"), VE),
+                      (lambda: ST.save_sparse(model, folder, chunk_bytes=0), VE),
+                      (lambda: ST.save_sparse(model, folder, chunk_bytes=2.5), TE),
+                      (lambda: ST.save_sparse(model, folder, sparse_names={"nope.weight"}), VE),
+                      (lambda: ST.save_sparse(model, folder, sparse_names="model.layers.0.mlp.up_proj.weight"), TE),
+                      (lambda: ST.save_sparse(Mo.tiny_llama(seed=3), folder, fmt="2:4"), VE),
+                      (lambda: ST.save_sparse(model, folder / "index.json"), VE),
+                      (lambda: ST.save_sparse(model, 3.5), TE),
+                      (lambda: ST.save_sparse(ST.load_lazy(folder), tmp_path / "new"), VE),
+                      (lambda: ST.load_lazy(folder, layers_fqn="model.nope"), VE),
+                      (lambda: ST.load_lazy(folder, layers_fqn=3), TE)]:
+        clear_error(call, exc)
+    assert folder_hash(folder) == before
+    assert not (tmp_path / "new").exists()
+    assert [p.name for p in folder.parent.iterdir()] == [folder.name]   # no temporary folder left
+
+
+def test_a_user_folder_is_never_touched(checkpoint, tmp_path):
+    model, _ = checkpoint
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "index.json").write_text("my own index")
+    (user / "chunk-00001.safetensors").write_bytes(b"my own chunk")
+    (user / "notes.md").write_text("notes")
+    before = folder_hash(user)
+    clear_error(lambda: ST.save_sparse(model, user), VE)
+    clear_error(lambda: ST.load_full(user), CE)
+    assert folder_hash(user) == before
+
+
+@pytest.mark.parametrize("damage", ["truncate-chunk", "empty-chunk", "delete-chunk", "foreign-chunk", "index-not-json",
+                                    "index-foreign-json", "index-other-kind", "index-newer-version", "index-edited",
+                                    "index-escapes-folder", "index-empty"])
+def test_damaged_checkpoint_is_refused(checkpoint, tmp_path, damage):
+    import shutil
+    _, src = checkpoint
+    folder = tmp_path / "ck"
+    shutil.copytree(src, folder)
+    chunk = sorted(folder.glob("chunk-*.safetensors"))[1]
+    index_path = folder / "index.json"
+    index = json.loads(index_path.read_text())
+    if damage == "truncate-chunk":
+        chunk.write_bytes(chunk.read_bytes()[:-100])
+    elif damage == "empty-chunk":
+        chunk.write_bytes(b"")
+    elif damage == "delete-chunk":
+        chunk.unlink()
+    elif damage == "foreign-chunk":
+        from safetensors.torch import save_file
+        save_file({"x": torch.zeros(3)}, str(chunk))
+    elif damage == "index-not-json":
+        index_path.write_text("{not json")
+    elif damage == "index-foreign-json":
+        index_path.write_text('{"weights": [1, 2, 3]}')
+    elif damage == "index-other-kind":
+        index_path.write_text(json.dumps(dict(index, kind="labkit-compressed-export")))
+    elif damage == "index-newer-version":
+        index_path.write_text(json.dumps(dict(index, version=99)))
+    elif damage == "index-edited":
+        name = next(iter(index["tensors"]))
+        index["tensors"][name]["dtype"] = "float16"
+        index_path.write_text(json.dumps(index))
+    elif damage == "index-escapes-folder":
+        index["files"]["../outside.safetensors"] = index["files"].pop(chunk.name)
+        index_path.write_text(json.dumps(index))
+    elif damage == "index-empty":
+        index_path.write_text("")
+    before = folder_hash(folder)
+    for loader in (ST.load_full, _load_both, lambda f: ST.SparseCheckpoint.open(f).state_dict()):
+        clear_error(lambda: loader(folder), (CE,))
+    assert folder_hash(folder) == before
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(which=st.integers(0, 10_000), pos=st.integers(0, 10**9), mask=st.integers(1, 255))
+def test_random_byte_flips_in_a_checkpoint_are_detected(checkpoint, which, pos, mask):
+    model, folder = checkpoint
+    files = sorted(folder.iterdir())
+    victim = files[which % len(files)]
+    good = flip(victim, pos, mask)
+    try:
+        try:
+            sd = ST.SparseCheckpoint.open(folder).state_dict()
+        except ChecksumError as e:
+            assert raised_in_labkit(e)
+        else:   # only a flip that changes nothing the index means (e.g. JSON whitespace) may load — and loads right
+            ref = model.state_dict()
+            assert all(torch.equal(sd[k], ref[k]) for k in ref)
+    finally:
+        victim.write_bytes(good)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(pos=st.integers(0, 10**9), mask=st.integers(1, 255), sidecar=st.booleans())
+def test_random_byte_flips_in_a_token_cache_are_rebuilt(tmp_path_factory, monkeypatch, pos, mask, sidecar):
+    monkeypatch.setenv("LABKIT_CACHE", str(tmp_path_factory.mktemp("cache")))
+    tok = _tok()
+    good = D.tokens("validation", tok)
+    path = D.token_cache_path("validation", tok)
+    flip(path.with_name(path.name + ".sha256.json") if sidecar else path, pos, mask)
+    again = D.tokens("validation", tok)
+    assert torch.equal(again, good)
+    R.read_verified(path, D.KIND, "rebuilt")                           # the cache on disk is good again
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(which=st.integers(0, 100), pos=st.integers(0, 10**9), mask=st.integers(1, 255))
+def test_random_byte_flips_in_a_model_cache_are_detected(tmp_path_factory, which, pos, mask):
+    folder = tmp_path_factory.mktemp("model")
+    for name, data in {"config.json": b'{"a": 1}', "model.safetensors": bytes(range(256)) * 4}.items():
+        (folder / name).write_bytes(data)
+    R.write_manifest(folder, Mo.KIND, name=Mo.MANIFEST, extra={"source": "x", "source_sha256": "0" * 64})
+    files = sorted(folder.iterdir())
+    victim = files[which % len(files)]
+    flip(victim, pos, mask)
+    if victim.name == Mo.MANIFEST:      # a flip inside the manifest's own JSON: refused unless it changed nothing
+        try:
+            m = json.loads(victim.read_text())
+            ok = m["files"] == {f.name: R.file_entry(f) for f in files if f.name != Mo.MANIFEST} and m["kind"] == Mo.KIND
+        except (ValueError, KeyError, TypeError):
+            ok = False
+        assert ok or not Mo._cache_ok(folder, "smollm2-135m")      # accepted only if it still describes the files
+    else:
+        assert not Mo._cache_ok(folder, "smollm2-135m")
+
+
+def test_interrupted_token_cache_write_leaves_no_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LABKIT_CACHE", str(tmp_path))
+    tok = _tok()
+    real = R.os.replace
+
+    def dies(a, b):
+        raise KeyboardInterrupt()
+    monkeypatch.setattr(R.os, "replace", dies)
+    with pytest.raises(KeyboardInterrupt):
+        D.tokens("validation", tok)
+    monkeypatch.setattr(R.os, "replace", real)
+    assert not [p for p in (tmp_path / "tokens").iterdir() if not p.name.startswith(".")]
+    assert not list((tmp_path / "tokens").iterdir())                    # no temp file left either
+    assert len(D.tokens("validation", tok)) > 0
+
+
+def test_text_file_is_only_read(tmp_path):
+    f = tmp_path / "story.txt"
+    f.write_text("Once upon a time there was a small model that wanted to remember everything. " * 20)
+    before = folder_hash(tmp_path)
+    D.text_tokens(f, _tok())
+    clear_error(lambda: D.text_tokens(tmp_path, _tok()), (FNF, TE, VE))
+    assert folder_hash(tmp_path) == before
+
+
+# ----------------------------------------------------------------------------------------------- the CLI
+CLI_CASES = [
+    ["prepare", "--bogus"],
+    ["clean", "/nonexistent/notebook.ipynb"],
+    ["clean", "--check", "/nonexistent/notebook.ipynb"],
+    ["execute"],
+    ["execute", "/nonexistent/notebook.ipynb"],
+    ["execute", "README.md"],
+    ["student", "--bogus"],
+    ["nope"],
+]
+
+
+CLI_XFAIL = {  # labkit/__main__.py (coordinator): a raw traceback instead of a one-line error
+    "clean /nonexistent/notebook.ipynb": "clean: a missing notebook ends in a raw FileNotFoundError traceback",
+    "clean --check /nonexistent/notebook.ipynb": "clean --check: a missing notebook ends in a raw FileNotFoundError",
+    "execute /nonexistent/notebook.ipynb": "execute: a missing notebook ends in a raw FileNotFoundError traceback",
+    "execute README.md": "execute: a file that is not a notebook ends in a raw JSONDecodeError traceback",
+}
+
+
+@pytest.mark.parametrize("argv", [pytest.param(a, marks=pytest.mark.xfail(strict=True, reason=CLI_XFAIL[" ".join(a)]))
+                                  if " ".join(a) in CLI_XFAIL else a for a in CLI_CASES],
+                         ids=[" ".join(a) for a in CLI_CASES])
+def test_cli_bad_arguments(argv, capsys):
+    from labkit.__main__ import main
+    root = Path(lk.__file__).resolve().parent.parent
+    before = folder_hash(root / "notebooks")
+    try:
+        try:
+            code = main(argv)
+        except SystemExit as e:          # argparse: usage + message on stderr, exit status 2
+            code = e.code
+    finally:
+        assert folder_hash(root / "notebooks") == before
+    err = capsys.readouterr().err
+    assert code not in (0, None), f"{argv} succeeded"
+    assert "Traceback" not in err and len(err.strip()) > 10, err[-500:]
+    assert folder_hash(root / "notebooks") == before
+
+
+# ----------------------------------------------------------------------------------------------- counts for the notes
+def summary() -> dict:
+    """Run every table case outside pytest and count the outcomes (for the developer notes)."""
+    rows = {"cases": 0, "clear": 0, "wrong type / raw": []}
+    for name, call, exc in CASES + OTHER_CASES:
+        rows["cases"] += 1
+        try:
+            call()
+            rows["wrong type / raw"].append(f"{name}: no error")
+        except exc as e:
+            if raised_in_labkit(e) and len(str(e)) >= 20:
+                rows["clear"] += 1
+            else:
+                rows["wrong type / raw"].append(f"{name}: {type(e).__name__} from outside labkit: {str(e)[:80]}")
+        except BaseException as e:   # noqa: BLE001 - counting
+            rows["wrong type / raw"].append(f"{name}: {type(e).__name__}: {str(e)[:80]}")
+    return rows
+
+
+if __name__ == "__main__":
+    print(json.dumps(summary(), indent=1))
+    print(math.nan)
