@@ -242,7 +242,7 @@ def slot_map(slots, width: int = 128, title: str = "", ax=None):
     ax.set_yticks([])
     ax.set_title(title, fontsize=9)
     ax.legend(handles=[Patch(color=c, label=l) for c, l in zip(colors, ["free", "reserved, empty", "token"])],
-              fontsize=7, loc="lower right", framealpha=0.9)
+              fontsize=7, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=3, frameon=False)  # below the map
     return ax
 
 
@@ -258,7 +258,8 @@ def serving_bars(comparison: dict, ax=None):
         for xi, v in zip(x, vals):
             ax.text(xi + (i - 0.5) * 0.38, v, f"{v:.1f}", ha="center", va="bottom", fontsize=7)
     ax.set_xticks(x, [m for _, m in metrics])
-    ax.legend(fontsize=8)
+    ax.set_ylim(0, ax.get_ylim()[1] * 1.3)           # headroom: the legend sits above the bars
+    ax.legend(fontsize=8, loc="upper left", ncol=2, frameon=False)
     return ax
 
 
@@ -291,8 +292,64 @@ def waste_vs_block_size(runs: list, anchors: dict | None = None, ax=None):
     ax.set_xscale("log", base=2)
     ax.set_xlabel("block size (tokens)")
     ax.set_ylabel("waste (% of reserved slots)")
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0, frameon=False)
     return ax
+
+
+def copied_bytes_per_step(copies: dict, per_token: int | None = None, ax=None):
+    """Bytes a KV cache copies in one decode step against the context length: the gathering cache (a contiguous
+    copy of every cached token, every layer) vs attention that reads the blocks in place (the new token only)."""
+    ax = new_axes(ax)
+    for i, (mode, label) in enumerate((("gather", "gather: contiguous copy per step"),
+                                       ("paged", "in place: the new token only"))):
+        xs = sorted(int(k) for k in copies[mode])
+        ys = [copies[mode][k] if k in copies[mode] else copies[mode][str(k)] for k in xs]
+        ax.plot(xs, ys, "o-", color=PALETTE[3 if mode == "gather" else 2], label=label)
+        for x, y in zip(xs, ys):
+            ax.annotate(bytes_formatter(y), (x, y), fontsize=7, xytext=(0, 5), textcoords="offset points",
+                        ha="center")
+    if per_token:
+        ax.axhline(per_token, color="grey", lw=0.8, ls=":")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(xs, [f"{x:,}" for x in xs])
+    ax.set_ylim(min(ys) / 3, max(max(copies["gather"].values()) * 4, min(ys) * 10))
+    log_bytes_axis(ax, "y")
+    ax.set_xlabel("tokens already cached (context)")
+    ax.set_ylabel("bytes copied per decode step")
+    ax.set_title("Bytes a decode step copies (all layers, batch 1)")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0, frameon=False)
+    return ax
+
+
+def kv_memory_quality(points: list[dict], layouts: dict | None = None, tokens: int | None = None,
+                      budget_bytes: float = 1e9, seq_len: int = 1024, quality: str = "perplexity",
+                      higher_is_better: bool = False):
+    """Notebook 05's signature chart: KV-cache bytes per token against quality (memory_quality), with the bytes
+    other attention layouts would need marked as dotted lines (`layouts` {label: bytes per token}); beside it
+    the serving view: how many sequences of `seq_len` tokens fit in `budget_bytes` of KV cache at each point."""
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), gridspec_kw={"width_ratios": [1.45, 1]})
+    ax = memory_quality(points, memory="KV cache", quality=quality, tokens=tokens, higher_is_better=higher_is_better,
+                        ax=axes[0], title="KV cache per token against quality", legend=False)
+    xs = [p["bytes"] for p in points] + list((layouts or {}).values())
+    ax.set_xlim(min(xs) / 1.5, max(xs) * 1.5)
+    log_bytes_axis(ax, "x")
+    for label, b in (layouts or {}).items():
+        ax.axvline(b, color=technique_color(label.split()[0]), ls=":", lw=1.2)
+        ax.text(b, 0.55, label, rotation=90, va="center", ha="right", fontsize=7, color="#444444",
+                transform=ax.get_xaxis_transform(), bbox=dict(boxstyle="round,pad=0.1", fc="white", ec="none", alpha=0.8))
+    ax.set_xlabel("KV cache per token (bytes, log scale)")
+    ax.legend(fontsize=7.5, loc="upper left", bbox_to_anchor=(0.0, -0.16), ncol=3, frameon=False)
+    fits = [int(budget_bytes // (p["bytes"] * seq_len)) for p in points]
+    names = [str(p.get("label", p.get("technique"))) for p in points]
+    bars = axes[1].barh(names, fits, color=[("#222222" if p.get("reference") else technique_color(p.get("technique", "")))
+                                            for p in points])
+    axes[1].bar_label(bars, [f"{f:,}" for f in fits], fontsize=8, padding=3)
+    axes[1].invert_yaxis()
+    axes[1].set_xlim(0, max(fits) * 1.2)
+    axes[1].set_xlabel(f"sequences of {seq_len:,} tokens in {bytes_formatter(budget_bytes)} of KV cache")
+    axes[1].set_title("Serving view: sequences that fit")
+    fig.tight_layout()
+    return axes
 
 
 # --- distillation (notebook 03) ---
@@ -310,9 +367,9 @@ def distill_softened(dist: dict, ax=None):
     return ax
 
 
-def distill_curves(runs: dict, names=None, key: str = "val_ppl_curve", teacher_ppl: float | None = None,
-                   ax=None, title: str = ""):
-    """Validation perplexity against step for stored/live runs ({name: {key: [[step, ppl], ...]}}), log scale."""
+def distill_curves(runs: dict, names=None, key: str = "select_ppl_curve", teacher_ppl: float | None = None,
+                   ax=None, title: str = "", ylabel: str = "perplexity, test books (selection split)"):
+    """Perplexity against step for stored/live runs ({name: {key: [[step, ppl], ...]}}), log scale."""
     ax = new_axes(ax)
     for i, name in enumerate(names or list(runs)):
         pts = runs[name][key]
@@ -322,7 +379,7 @@ def distill_curves(runs: dict, names=None, key: str = "val_ppl_curve", teacher_p
         ax.axhline(teacher_ppl, color="black", ls="--", lw=1, label="teacher")
     ax.set_yscale("log")
     ax.set_xlabel("training step")
-    ax.set_ylabel("validation perplexity")
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.legend(fontsize=8)
     return ax
@@ -336,21 +393,6 @@ def distill_loss_curves(runs: dict, names=None, series: str = "ce", ax=None, tit
         ax.plot(range(1, len(ys) + 1), ys, color=PALETTE[i % len(PALETTE)], label=name, lw=1)
     ax.set_xlabel("training step")
     ax.set_ylabel({"ce": "training cross-entropy (nats)", "loss": "training loss"}.get(series, series))
-    ax.set_title(title)
-    ax.legend(fontsize=8)
-    return ax
-
-
-def distill_final_ppl(names, ppls, teacher_ppl: float, ax=None, title: str = ""):
-    """Bars of final validation perplexity per run, with the teacher's as a dashed line (log scale)."""
-    ax = new_axes(ax)
-    ax.bar(range(len(names)), ppls, color=[PALETTE[i % len(PALETTE)] for i in range(len(names))])
-    ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
-    for i, v in enumerate(ppls):
-        ax.text(i, v, f"{v:.0f}", ha="center", va="bottom", fontsize=8)
-    ax.axhline(teacher_ppl, color="black", ls="--", lw=1, label=f"teacher {teacher_ppl:.1f}")
-    ax.set_yscale("log")
-    ax.set_ylabel("validation perplexity")
     ax.set_title(title)
     ax.legend(fontsize=8)
     return ax
@@ -581,16 +623,18 @@ def feature_absmax(absmax, threshold: float = 6.0, title: str = "", ax=None):
 
 
 def bandwidth_bars(bw: dict, ax=None):
-    """Achieved GB/s of each weight-bound matrix-vector path against the measured copy bandwidth."""
-    ax = new_axes(ax, figsize=(7.5, 3.6))
+    """Achieved GB/s of weights read by each matrix-vector path against the read bandwidth of the same run
+    (lk.experiments.quantize.bandwidth)."""
+    ax = new_axes(ax, figsize=(8.5, 3.8))
     names = list(bw["paths"])
     vals = [bw["paths"][k]["gb_per_s"] for k in names]
     ax.barh(names, vals, color=[PALETTE[i % 8] for i in range(len(names))])
-    ax.axvline(bw["copy_gb_per_s"], color="k", ls="--", lw=1, label=f"copy {bw['copy_gb_per_s']:.1f} GB/s")
+    ax.axvline(bw["read_gb_per_s"], color="k", ls="--", lw=1, label=f"read bandwidth {bw['read_gb_per_s']:.1f} GB/s")
     for i, k in enumerate(names):
         p = bw["paths"][k]
-        ax.annotate(f"{p['achieved_speedup']:.2f}× (bound {p['bound_speedup']:.0f}×)", (vals[i], i), fontsize=8,
+        ax.annotate(f"{p['achieved_speedup']:.2f}× (bound {p['bound_speedup']:.1f}×)", (vals[i], i), fontsize=8,
                     xytext=(3, -3), textcoords="offset points")
+    ax.set_xlim(0, 1.45 * max(vals + [bw["read_gb_per_s"]]))
     ax.invert_yaxis()
     ax.set_xlabel("weight bytes read per second (GB/s)")
     ax.set_title(f"y = W·x, W = {bw['weight_mb_fp32']:.0f} MB in fp32, {bw['threads']} thread")
@@ -620,22 +664,6 @@ def quant_dashboard(res: dict):
 
 
 # --- distillation (notebook 03), continued ---
-
-def distill_ppl_vs_memory(points: list[dict], ax=None, title: str = "Perplexity vs memory"):
-    """Validation perplexity against fp32 weight bytes, one labelled point per model ({name, bytes, ppl})."""
-    ax = new_axes(ax)
-    for i, p in enumerate(points):
-        ax.scatter(_mb(p["bytes"]), p["ppl"], s=40, color=PALETTE[i % len(PALETTE)], label=p["name"], zorder=3)
-        ax.annotate(f"{p['ppl']:.0f}", (_mb(p["bytes"]), p["ppl"]), xytext=(5, 4), textcoords="offset points",
-                    fontsize=8)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("weights (MB, fp32)")
-    ax.set_ylabel("validation perplexity")
-    ax.set_title(title)
-    ax.legend(fontsize=8)
-    return ax
-
 
 def distill_cache_bytes(rows: dict, ax=None, title: str = "Teacher targets per training token"):
     """Horizontal bars of bytes per token for each way of storing the teacher's logits ({label: bytes}), log x."""
