@@ -186,22 +186,39 @@ class KVQuantizedLM(torch.nn.Module):
         return self.model(input_ids, past_key_values=cache, use_cache=True, **kwargs)
 
 
+_REFERENCES: dict = {}   # fp32 greedy continuations, per (model, prompts, lengths): generated once per session
+
+
 @torch.inference_mode()
 def greedy_agreement(model, tokenizer, kv_dtype: str, group_size: int = 64, n_prompts: int = 4,
                      prompt_len: int = 64, new_tokens: int = 64, reference=None) -> tuple[float, torch.Tensor]:
     """Share of `new_tokens` greedy steps where the model reading a `kv_dtype` cache picks the same next token as
     with fp32 K/V, given the same (fp32-greedy) prefix; prompts from the held-out tokens. Returns (agreement,
     the fp32 continuation — pass it back as `reference` to skip regenerating it)."""
+    key = (id(model), n_prompts, prompt_len, new_tokens)
+    if reference is None and key in _REFERENCES:
+        reference = _REFERENCES[key]
     toks = eval_tokens(tokenizer)
     step = len(toks) // n_prompts
     prompts = torch.stack([toks[i * step: i * step + prompt_len] for i in range(n_prompts)])
     if reference is None:
-        reference = model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new_tokens,
+        reference = _REFERENCES[key] = model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new_tokens,
                                    min_new_tokens=new_tokens, do_sample=False,
                                    pad_token_id=model.generation_config.pad_token_id or 0)
     logits = KVQuantizedLM(model, kv_dtype, group_size)(reference[:, :-1]).logits
     pred = logits[:, prompt_len - 1:].argmax(-1)
     return (pred == reference[:, prompt_len:]).float().mean().item(), reference
+
+
+def kv_quant_point(model, tokenizer, bits: int = 8, group_size: int = 64) -> dict:
+    """One point of the KV-quantization widget: bytes per token and greedy agreement with fp32 (bits 32 = fp32)."""
+    if bits not in (32, 8, 4):
+        raise ValueError(f"bits must be 32, 8 or 4, got {bits!r}")
+    dt = {32: "fp32", 8: "int8", 4: "int4"}[bits]
+    agree = 1.0 if bits == 32 else greedy_agreement(model, tokenizer, dt, group_size)[0]
+    label = "fp32 KV" if bits == 32 else f"int{bits}, g{group_size}"
+    return {"bytes": kv_token_bytes(model.config, dt, group_size), "quality": agree, "technique": f"kv {dt}",
+            "label": label, "reference": bits == 32}
 
 
 def kv_quality(model, tokenizer, kv_dtypes=tuple(KV_DTYPES), max_tokens: int = HEADLINE_TOKENS,
