@@ -1,0 +1,333 @@
+"""One second-order solver for GPTQ and SparseGPT: the OBS update with the Cholesky of the inverse Hessian.
+
+Defined in notebook 01 ("SparseGPT") and notebook 02 ("After round-to-nearest"). A Linear layer with weight W
+[out, in] sees inputs X [n, in]; its layer-wise loss ‖WXᵀ − ŴXᵀ‖² has the Hessian H = 2XᵀX (shared by every
+output row). Optimal Brain Surgeon: when column j is rounded (GPTQ) or zeroed (SparseGPT) with error δ, the
+columns not yet processed absorb it: W[:, F] −= δ/[H_F⁻¹]_00 · [H_F⁻¹]_0,:, where F = {j, j+1, …}. Frantar et al.
+noticed that row j of the upper Cholesky factor U of H⁻¹ is exactly [H_F⁻¹]_0,: / √[H_F⁻¹]_00, so one Cholesky
+replaces a fresh inverse per column, and the updates can be applied lazily, one block of 128 columns at a time.
+
+GPTQ: Frantar, Ashkboos, Hoefler, Alistarh 2022, https://arxiv.org/abs/2210.17323
+SparseGPT: Frantar & Alistarh 2023, https://arxiv.org/abs/2301.00774
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .quantize import QTensor, pack_bits, quantize
+from .repro import threads
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Hessian of the layer-wise loss
+# ---------------------------------------------------------------------------------------------------------
+class HessianAccumulator:
+    """Running H = 2/n · Σ xxᵀ over every input row x of a Linear (float64, [in, in])."""
+
+    def __init__(self, in_features: int):
+        self.H = torch.zeros(in_features, in_features, dtype=torch.float64)
+        self.n = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).double()
+        if x.shape[1] != self.H.shape[0]:
+            raise ValueError(f"inputs have {x.shape[1]} features, the Hessian {self.H.shape[0]}")
+        if not torch.isfinite(x).all():
+            raise ValueError("calibration inputs contain NaN or inf; check the model and the tokens")
+        t = x.shape[0]
+        self.H *= self.n / (self.n + t)
+        self.n += t
+        self.H += (2.0 / self.n) * (x.T @ x)
+
+    @property
+    def hessian(self) -> torch.Tensor:
+        if self.n == 0:
+            raise ValueError("no calibration inputs were seen; run the calibration tokens through the model")
+        return self.H
+
+
+def hessian(x: torch.Tensor) -> torch.Tensor:
+    """H = 2/n · XᵀX for inputs x [..., in] (float64)."""
+    acc = HessianAccumulator(x.shape[-1])
+    acc.add(x)
+    return acc.hessian
+
+
+def prepare_hessian(H: torch.Tensor, weight: torch.Tensor, damp: float = 0.01):
+    """Dead inputs (H_jj = 0) get H_jj = 1 and their weights 0; then H += λI with λ = damp · mean(diag H).
+    Returns (H', W') as float64 copies."""
+    if not (0.0 <= float(damp) < 1.0):
+        raise ValueError(f"damp={damp!r}: use a small fraction of the mean diagonal, e.g. 0.01")
+    H = H.detach().double().clone()
+    W = weight.detach().double().clone()
+    if H.shape != (W.shape[1], W.shape[1]):
+        raise ValueError(f"Hessian {tuple(H.shape)} does not match weight {tuple(W.shape)} (needs [in, in])")
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    H += float(damp) * torch.mean(torch.diag(H)) * torch.eye(H.shape[0], dtype=H.dtype)
+    return H, W
+
+
+def inverse_cholesky(H: torch.Tensor) -> torch.Tensor:
+    """Upper Cholesky factor U of H⁻¹ (H⁻¹ = UᵀU); row j holds the OBS update for column j."""
+    L = torch.linalg.cholesky(H)
+    return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The quantization grid (labkit.quantize's conventions) for one group of columns
+# ---------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Grid:
+    """bits and symmetry as in labkit.quantize: symmetric codes in [−qmax, qmax] with fp16 scale = max|w|/qmax;
+    asymmetric codes in [0, 2**bits − 1] with fp16 zero = min(w) and scale = (max − zero)/(2**bits − 1)."""
+    bits: int = 4
+    group_size: int | None = None   # None = per output channel (one scale per row)
+    symmetric: bool = True
+
+    def __post_init__(self):
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int):
+            raise TypeError(f"Grid.bits must be an int (2, 3, 4 or 8), got {self.bits!r}")
+        if self.bits not in (2, 3, 4, 8):
+            raise ValueError(f"Grid.bits={self.bits} is not packed by labkit.quantize; use 2, 3, 4 or 8")
+        if self.group_size is not None and (isinstance(self.group_size, bool) or not isinstance(self.group_size, int)
+                                            or self.group_size < 1):
+            raise TypeError(f"Grid.group_size must be a positive int or None (per channel), got {self.group_size!r}")
+        if not isinstance(self.symmetric, bool):
+            raise TypeError(f"Grid.symmetric must be True or False, got {self.symmetric!r}")
+
+    def params(self, w: torch.Tensor):
+        """(scale [rows, 1], zero [rows, 1] or None) of the grid for the columns w [rows, g] — the same values
+        labkit.quantize.quantize computes for that group."""
+        q = quantize(w.float(), self.bits, "channel", symmetric=self.symmetric)
+        return q.scales, q.zeros
+
+    def codes(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:
+        """Unsigned codes of w (any shape broadcastable with scale)."""
+        s = scale.double()
+        if self.symmetric:
+            qmax = 2 ** (self.bits - 1) - 1
+            return torch.clamp(torch.round(w / s), -qmax, qmax) + 2 ** (self.bits - 1)
+        return torch.clamp(torch.round((w - zero.double()) / s), 0, 2 ** self.bits - 1)
+
+    def value(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:
+        if self.symmetric:
+            return (codes - 2 ** (self.bits - 1)) * scale.double()
+        return codes * scale.double() + zero.double()
+
+    def round(self, w, scale, zero):
+        return self.value(self.codes(w, scale, zero), scale, zero)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The solver
+# ---------------------------------------------------------------------------------------------------------
+@dataclass
+class SolveResult:
+    weight: torch.Tensor                 # Ŵ, float32 [out, in]
+    mask: torch.Tensor | None = None     # keep-mask (SparseGPT)
+    codes: torch.Tensor | None = None    # unsigned codes [out, in] (GPTQ)
+    scales: torch.Tensor | None = None   # [out, groups]
+    zeros: torch.Tensor | None = None    # [out, groups] or None
+
+
+def obs_solve(weight: torch.Tensor, H: torch.Tensor, *, grid: Grid | None = None, sparsity: float | None = None,
+              nm: tuple[int, int] | None = None, mask_rows: bool = False, blocksize: int = 128, damp: float = 0.01,
+              act_order: bool = False, dtype: torch.dtype = torch.float32) -> SolveResult:
+    """Process the columns of W left to right (or by decreasing H_jj with act_order), rounding each to `grid`
+    (GPTQ) or zeroing the pruned ones (SparseGPT: `sparsity` chosen per block of columns by w²/[U]_jj², or `nm`),
+    and spreading each column's error over the columns not yet processed (lazy batched OBS updates).
+    Runs on one thread: the loop is many small operations, which extra threads only slow down."""
+    with threads(1):
+        return _obs_solve(weight, H, grid, sparsity, nm, mask_rows, blocksize, damp, act_order, dtype)
+
+
+def _obs_solve(weight, H, grid, sparsity, nm, mask_rows, blocksize, damp, act_order, dtype) -> SolveResult:
+    if grid is None and sparsity is None and nm is None:
+        raise ValueError("obs_solve needs grid=Grid(...) (GPTQ), sparsity=… or nm=(2, 4) (SparseGPT)")
+    if weight.dim() != 2:
+        raise ValueError(f"obs_solve needs a 2-D weight [out, in], got {tuple(weight.shape)}")
+    if not torch.isfinite(weight).all() or not torch.isfinite(H).all():
+        raise ValueError("obs_solve: the weight or the Hessian contains NaN or inf")
+    if sparsity is not None and not (0.0 <= float(sparsity) < 1.0):
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity!r}")
+    rows, cols = weight.shape
+    gs = None if grid is None else (grid.group_size or cols)
+    if gs is not None and cols % gs:
+        raise ValueError(f"group_size={gs} does not divide in_features={cols}")
+    if nm is not None and (cols % nm[1] or not 0 < nm[0] < nm[1]):
+        raise ValueError(f"N:M={nm} needs 0 < N < M and M dividing in_features={cols}")
+    if gs is not None and gs < cols:
+        blocksize = max(gs, blocksize // gs * gs)        # a group never straddles two blocks
+    if nm is not None:
+        blocksize = max(nm[1], blocksize // nm[1] * nm[1])
+    H, W = prepare_hessian(H, weight, damp)
+    W_orig = W.clone()
+    perm = torch.arange(cols)
+    if act_order:
+        perm = torch.argsort(torch.diag(H), descending=True)
+        W, H = W[:, perm], H[perm][:, perm]
+    U = inverse_cholesky(H).to(dtype)
+    W = W.to(dtype)
+    prune_mask = torch.zeros(rows, cols, dtype=torch.bool)      # True = pruned
+    codes = torch.zeros(rows, cols, dtype=torch.float64) if grid else None
+    n_groups = 1 if gs is None else cols // gs
+    scales = torch.zeros(rows, n_groups, dtype=torch.float16) if grid else None
+    zeros = torch.zeros(rows, n_groups, dtype=torch.float16) if grid and not grid.symmetric else None
+    static = act_order and grid is not None                  # with act_order, groups are fixed from the start
+    if static:
+        for g in range(n_groups):
+            s, z = grid.params(W_orig[:, g * gs:(g + 1) * gs])
+            scales[:, g:g + 1] = s
+            if zeros is not None:
+                zeros[:, g:g + 1] = z
+
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
+        Q1, E1 = torch.zeros_like(W1), torch.zeros_like(W1)
+        d = torch.diag(U1)
+        m1 = torch.zeros_like(W1, dtype=torch.bool)
+        if sparsity is not None and nm is None:
+            score = W1 ** 2 / d.view(1, -1) ** 2
+            if mask_rows:
+                k = int(round(float(sparsity) * (i2 - i1)))
+                if k:
+                    m1.scatter_(1, torch.topk(score, k, dim=1, largest=False).indices, True)
+            else:
+                k = int(round(float(sparsity) * score.numel()))
+                if k:
+                    m1.view(-1)[torch.topk(score.reshape(-1), k, largest=False).indices] = True
+        for i in range(i2 - i1):
+            col = i1 + i
+            w = W1[:, i]
+            if nm is not None and i % nm[1] == 0:
+                score = W1[:, i:i + nm[1]] ** 2 / d[i:i + nm[1]].view(1, -1) ** 2
+                m1.scatter_(1, i + torch.topk(score, nm[1] - nm[0], dim=1, largest=False).indices, True)
+            q = w.clone()
+            if grid is not None:
+                g = int(perm[col]) // gs
+                if not static and col % gs == 0:
+                    # groups fit in a block; a per-channel grid is set at column 0, before any update
+                    src = W1[:, i:i + gs] if i + gs <= i2 - i1 else W[:, col:col + gs]
+                    s, z = grid.params(src)
+                    scales[:, g:g + 1] = s
+                    if zeros is not None:
+                        zeros[:, g:g + 1] = z
+                s = scales[:, g].double()
+                z = None if zeros is None else zeros[:, g].double()
+                c = grid.codes(w.double(), s, z)
+                codes[:, col] = c
+                q = grid.value(c, s, z).to(dtype)
+            q[m1[:, i]] = 0.0
+            Q1[:, i] = q
+            err = (w - q) / d[i]
+            W1[:, i:] -= err.unsqueeze(1) @ U1[i, i:].unsqueeze(0)
+            E1[:, i] = err
+        W[:, i1:i2] = Q1
+        prune_mask[:, i1:i2] = m1
+        W[:, i2:] -= E1 @ U[i1:i2, i2:]
+
+    inv = torch.argsort(perm)
+    out = SolveResult(weight=W[:, inv].float())
+    if sparsity is not None or nm is not None:
+        out.mask = ~prune_mask[:, inv]
+    if grid is not None:
+        out.codes, out.scales, out.zeros = codes[:, inv].to(torch.uint8), scales, zeros
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# GPTQ and SparseGPT on one weight
+# ---------------------------------------------------------------------------------------------------------
+def gptq(weight: torch.Tensor, H: torch.Tensor, grid: Grid, *, act_order: bool = False, blocksize: int = 128,
+         damp: float = 0.01) -> QTensor:
+    """GPTQ: quantize W column by column to `grid`, correcting the rest with OBS. Returns a packed QTensor with
+    the same layout, scales and bytes as labkit.quantize.quantize (so bits per weight are equal to RTN's)."""
+    if not isinstance(grid, Grid):
+        raise TypeError(f"gptq needs a Grid, got {type(grid).__name__}; e.g. Grid(bits=3, group_size=64)")
+    r = obs_solve(weight, H, grid=grid, act_order=act_order, blocksize=blocksize, damp=damp)
+    rows, cols = weight.shape
+    gs = grid.group_size or cols
+    return QTensor(packed=pack_bits(r.codes.reshape(-1), grid.bits), scales=r.scales, zeros=r.zeros,
+                   bits=grid.bits, group_size=gs, shape=tuple(weight.shape), symmetric=grid.symmetric,
+                   granularity="channel" if gs == cols else "group", dtype=weight.dtype)
+
+
+def sparsegpt(weight: torch.Tensor, H: torch.Tensor, sparsity: float = 0.5, *, nm: tuple[int, int] | None = None,
+              mask_rows: bool = False, blocksize: int = 128, damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+    """SparseGPT: prune W to `sparsity` (or N:M) choosing the mask block by block by w²/[U]_jj² and updating the
+    kept weights with OBS. Returns (Ŵ, keep-mask)."""
+    r = obs_solve(weight, H, sparsity=None if nm else sparsity, nm=nm, mask_rows=mask_rows,
+                  blocksize=blocksize, damp=damp)
+    return r.weight, r.mask
+
+
+def layer_error(weight: torch.Tensor, new_weight: torch.Tensor, x: torch.Tensor) -> float:
+    """Relative layer-wise error ‖XWᵀ − XŴᵀ‖_F / ‖XWᵀ‖_F on inputs x [..., in]."""
+    x = x.reshape(-1, x.shape[-1]).float()
+    ref = x @ weight.detach().float().T
+    return float((ref - x @ new_weight.detach().float().T).norm() / ref.norm())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Whole model, one decoder layer at a time (inputs come from the already-processed layers before it)
+# ---------------------------------------------------------------------------------------------------------
+class _Stop(Exception):
+    pass
+
+
+@torch.no_grad()
+def sequential_(model: nn.Module, batches: torch.Tensor, solve: Callable[[str, nn.Linear, torch.Tensor], None],
+                filter_fn: Callable[[nn.Module, str], bool] | None = None) -> nn.Module:
+    """Run `batches` [B, T] to the first decoder layer, then for each layer: collect H for its Linears (forward
+    hooks), call solve(fqn, linear, H) — which changes the linear in place — and feed the layer's new outputs
+    to the next layer. Returns the model. Works for Llama-style models (model.model.layers)."""
+    layers = model.model.layers
+    filter_fn = filter_fn or (lambda m, fqn: isinstance(m, nn.Linear))
+    caught = {}
+
+    def catch(mod, args, kwargs):
+        caught["x"], caught["kw"] = args[0] if args else kwargs.pop("hidden_states"), kwargs
+        raise _Stop
+
+    was_training = model.training
+    model.eval()
+    h = layers[0].register_forward_pre_hook(catch, with_kwargs=True)
+    xs, kw = [], None
+    try:
+        for b in batches.split(4):
+            try:
+                model(b, use_cache=False)
+            except _Stop:
+                xs.append(caught["x"])
+                kw = caught["kw"]
+    finally:
+        h.remove()
+    prefix = {id(l): n for n, l in model.named_modules()}
+    try:
+        for layer in layers:
+            lname = prefix[id(layer)]
+            linears = {f"{lname}.{n}": m for n, m in layer.named_modules()
+                       if isinstance(m, nn.Linear) and filter_fn(m, f"{lname}.{n}")}
+            accs = {n: HessianAccumulator(m.in_features) for n, m in linears.items()}
+            hooks = [m.register_forward_hook(lambda mod, a, o, n=n: accs[n].add(a[0])) for n, m in linears.items()]
+            try:
+                for x in xs:
+                    layer(x, **kw)
+            finally:
+                for hk in hooks:
+                    hk.remove()
+            for n, m in linears.items():
+                solve(n, m, accs[n].hessian)
+            del accs
+            xs = [layer(x, **kw) for x in xs]
+            xs = [x[0] if isinstance(x, tuple) else x for x in xs]
+    finally:
+        model.train(was_training)
+    return model
