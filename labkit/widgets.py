@@ -165,17 +165,18 @@ def sparse_density_widget(n: int = 1024, k: int = 64):
 # --- quantization (notebook 02) ---
 
 def quantize_widget(model, tokens, max_tokens: int = 256, fp32_ppl: float | None = None):
-    """Bits, group size (0 = per channel), symmetric → error histogram, perplexity and bytes (lk.quantize.explore)."""
+    """Bits, group size (0 = per channel), symmetric → error histogram, perplexity and bytes (lk.experiments.quantize.explore)."""
     import ipywidgets as w
 
-    from . import plots, quantize
+    from . import plots
     from .evaluate import perplexity
+    from .experiments import quantize as xq
 
     if fp32_ppl is None:
         fp32_ppl = perplexity(model, tokens, max_tokens=max_tokens)
 
     def draw(bits, group_size, symmetric):
-        return plots.quant_dashboard(quantize.explore(model, tokens, bits, group_size, symmetric,
+        return plots.quant_dashboard(xq.explore(model, tokens, bits, group_size, symmetric,
                                                       max_tokens=max_tokens, fp32_ppl=fp32_ppl))
 
     return interact_chart(draw, bits=w.Dropdown(options=[8, 4, 3, 2], value=4),
@@ -219,26 +220,27 @@ def training_memory_widget(reference: dict | None = None):
 # --- capstone (notebook 07) ---
 
 def capstone_budget_widget(results: dict):
-    """Budget slider (fraction of fp32 bytes) → the best cached recipe that fits, on the memory-vs-perplexity
-    chart (lk.capstone.best_recipe; a budget below every point prints the smallest reachable one)."""
+    """Disk or RAM? + a budget slider (fraction of the fp32 bytes) → the best cached recipe that fits that kind of
+    budget (lk.capstone.best_recipe), on the memory_quality chart of the same kind."""
     import ipywidgets as w
 
     from . import capstone, plots
+    from .experiments.capstone import chart_points
 
-    points = capstone.search_points(results)
-    front = capstone.pareto_front(points)
-
-    def draw(fraction=0.125):
+    def draw(kind="disk", fraction=0.125):
+        key = "bytes" if kind == "disk" else "ram_bytes"
         budget = int(fraction * results["fp32_bytes"])
         try:
-            chosen = capstone.best_recipe(points, budget)
-            print(f"budget {budget / 1e6:.1f} MB → {chosen['name']}: {chosen['bytes'] / 1e6:.1f} MB, "
+            chosen = capstone.best_recipe(capstone.search_points(results), budget, key=key)
+            print(f"{kind} budget {budget / 1e6:.1f} MB → {chosen['name']}: {chosen[key] / 1e6:.1f} MB {kind}, "
                   f"perplexity {chosen['ppl']:.2f}")
         except capstone.BudgetError as e:
-            chosen = None
             print(e)
-        return plots.capstone_frontier(points, front, results.get("others"), results["fp32_bytes"], budget, chosen)
+        return plots.memory_quality(chart_points(results, kind), memory="disk" if kind == "disk" else "RAM",
+                                    tokens=results["eval"]["max_tokens"], budget=budget,
+                                    title=f"SmolLM2-135M recipes: {kind} bytes against perplexity")
 
-    return interact_chart(draw, fraction=w.FloatLogSlider(value=0.125, base=2, min=-6, max=0, step=0.25,
-                                                          description="budget ×fp32", readout_format=".3f",
-                                                          continuous_update=False))
+    return interact_chart(draw, kind=w.ToggleButtons(options=["disk", "ram"], value="disk", description="budget of"),
+                          fraction=w.FloatLogSlider(value=0.125, base=2, min=-6, max=0, step=0.25,
+                                                    description="budget × fp32", readout_format=".3f",
+                                                    continuous_update=False, style={"description_width": "initial"}))

@@ -416,3 +416,27 @@ def compress_for_budget(budget, out, results: dict | str | None = None, max_toke
     return report
 
 
+
+
+# ----------------------------------------------------------------------------------------------- charts, widget
+def _tech(p: dict) -> str:
+    r = p.get("recipe", {})
+    if r.get("quant") == "int":
+        return f"int{r['bits']}"
+    if r.get("quant") == "kmeans":
+        return "kmeans"
+    return "magnitude" if r.get("sparsity") else "fp32"
+
+
+def chart_points(results: dict, kind: str = "disk", max_ppl: float = 3000.0) -> list[dict]:
+    """The grid as lk.plots.memory_quality points on `kind` bytes ("disk": the file; "ram": once loaded by
+    load_compressed); entropy-coded recipes are triangles. Points above max_ppl are left off the chart."""
+    key = {"disk": "bytes", "ram": "ram_bytes"}[kind]
+    pts = []
+    for p in search_points(results):
+        if p["ppl"] > max_ppl:
+            continue
+        pts.append({"bytes": p[key], "quality": p["ppl"], "technique": _tech(p), "label": p["name"],
+                    "reference": p["name"] == "fp32", "marker": "^" if "entropy" in p["techniques"] else "o",
+                    "name": p["name"], "ppl": p["ppl"], key: p[key]})
+    return pts
