@@ -421,25 +421,19 @@ def prune_sweep(results: dict, live: dict | None = None, ax=None, title: str = "
     return ax
 
 
-def prune_widget_chart(result: dict, dense_ppl: float, axes=None):
-    """Two panels for the pruning widget: perplexity dense vs pruned, and bytes of the pruned weights as
-    stored (dense) vs a CSR copy. `result` comes from lk.prune.prune_and_measure."""
-    if axes is None:
-        _, axes = plt.subplots(1, 2, figsize=(8.5, 3.0))
-    ax1, ax2 = axes
-    label = f"{result['method']} {result['sparsity']:.0%}"
-    ax1.bar(["dense", label], [dense_ppl, result["perplexity"]], color=PALETTE[:2])
-    ax1.set_yscale("log")
-    ax1.set_ylabel("perplexity")
-    ax1.set_title("accuracy")
-    vals = [_mb(result["dense_bytes"]), _mb(result["csr_bytes"])]
-    ax2.bar(["as stored\n(dense fp32)", "CSR copy\n(fp32 + int32)"], vals, color=PALETTE[2:4])
-    for i, v in enumerate(vals):
-        ax2.text(i, v, f"{v:.0f}", ha="center", va="bottom", fontsize=8)
-    ax2.set_ylabel("MB of decoder Linear weights")
-    ax2.set_title("memory")
-    ax1.figure.tight_layout()
-    return axes
+def prune_widget_chart(results: list[dict], dense_ppl, dense_model_bytes: int, ax=None):
+    """The pruning widget's signature chart: each pruned setting tried (labkit.experiments.prune.prune_and_measure)
+    at the whole model's RAM bytes with its pruned weights in their best storage format, against perplexity on
+    the widget's budget; the dense model as the reference."""
+    tokens = getattr(dense_ppl, "tokens", None)
+    pts = [{"bytes": dense_model_bytes, "quality": float(dense_ppl), "technique": "dense", "label": "dense",
+            "reference": True}]
+    for r in results:
+        tech = "2:4" if r["method"].startswith("2:4") else r["method"].split("_")[0]
+        pts.append({"bytes": dense_model_bytes - r["dense_bytes"] + r["best_bytes"], "quality": float(r["perplexity"]),
+                    "technique": tech, "label": f"{r['method']} {r['sparsity']:.0%}"})
+    return memory_quality(pts, memory="RAM", tokens=tokens, ax=ax, log_y=True,
+                          title="pruned model in its best storage format")
 
 
 # --- sparse storage and compression (notebook 04) ---

@@ -1,4 +1,4 @@
-"""Pruning: magnitude, Wanda and N:M masks, an in-place `prune_`, structured MLP-neuron pruning, recovery.
+"""Pruning: magnitude, Wanda, SparseGPT and N:M masks, an in-place `prune_`, structured MLP pruning, recovery.
 
 Defined in notebook 01 (01_pruning.ipynb); notebook 04 (sparse storage) imports the masks from here.
 
@@ -9,7 +9,6 @@ rule as `torch.nn.utils.prune` (so our masks equal torch's on the same weights).
 from __future__ import annotations
 
 import contextlib
-import time
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -17,7 +16,8 @@ import numpy as np
 import torch
 from torch import nn
 
-METHODS = ("magnitude", "wanda", "nm")
+METHODS = ("magnitude", "wanda", "sparsegpt", "nm")
+SCORES = ("magnitude", "wanda", "sparsegpt")
 SCOPES = ("layer", "global", "row")
 
 FilterFn = Callable[[nn.Module, str], bool]
@@ -26,16 +26,18 @@ FilterFn = Callable[[nn.Module, str], bool]
 # ---------------------------------------------------------------------------------------------------------
 # Config and validation
 # ---------------------------------------------------------------------------------------------------------
-@dataclass
+@dataclass(frozen=True)
 class PruneConfig:
-    """What `prune_` does (notebook 01 §1).
+    """What `prune_` does (notebook 01 §1). Frozen: build a new one to change a field.
 
-    method: "magnitude" (score |W|), "wanda" (score |W|·‖X‖₂, needs calibration) or "nm" (N of every M kept).
+    method: "magnitude" (score |W|), "wanda" (score |W|·‖X‖₂, needs calibration), "sparsegpt" (mask by
+        w²/[H⁻¹]_jj per block of columns and the kept weights updated by OBS, needs calibration; notebook 01 §6)
+        or "nm" (N of every M kept).
     sparsity: fraction of weights to zero, in [0, 1) (ignored by "nm": there it is 1 − n/m).
-    scope: which weights compete: "layer" (within each matrix), "global" (all selected matrices together) or
-        "row" (within each output row, as in the Wanda paper).
+    scope: which weights compete: "layer" (within each matrix; SparseGPT: within each block of 128 columns),
+        "global" (all selected matrices together) or "row" (within each output row, as in the Wanda paper).
     n, m: the N:M pattern for method "nm" (2:4 = keep 2 of every 4 consecutive input weights).
-    score: the importance that "nm" ranks by inside each group: "magnitude" or "wanda".
+    score: what "nm" ranks by inside each group: "magnitude", "wanda" or "sparsegpt".
     """
 
     method: str = "magnitude"
@@ -46,19 +48,31 @@ class PruneConfig:
     score: str = "magnitude"
 
     def __post_init__(self):
+        for field in ("method", "scope", "score"):
+            if not isinstance(getattr(self, field), str):
+                raise TypeError(f"PruneConfig.{field} must be a string, got {getattr(self, field)!r}")
         if self.method not in METHODS:
             raise ValueError(f"PruneConfig.method={self.method!r} is unknown; use one of {METHODS}")
         if self.scope not in SCOPES:
             raise ValueError(f"PruneConfig.scope={self.scope!r} is unknown; use one of {SCOPES}")
-        if self.score not in ("magnitude", "wanda"):
-            raise ValueError(f"PruneConfig.score={self.score!r} is unknown; use 'magnitude' or 'wanda'")
-        check_sparsity(self.sparsity)
+        if self.score not in SCORES:
+            raise ValueError(f"PruneConfig.score={self.score!r} is unknown; use one of {SCORES}")
+        if self.method == "sparsegpt" and self.scope == "global":
+            raise ValueError("SparseGPT chooses its mask within each layer; use scope='layer' or 'row'")
+        if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)):
+            raise TypeError(f"PruneConfig.sparsity must be a number in [0, 1), got {self.sparsity!r}")
+        object.__setattr__(self, "sparsity", check_sparsity(self.sparsity))
         check_nm(self.n, self.m)
 
     @property
     def needs_calibration(self) -> bool:
         """True when the score uses activation norms (Wanda)."""
-        return self.method == "wanda" or (self.method == "nm" and self.score == "wanda")
+        return self.method in ("wanda", "sparsegpt") or (self.method == "nm" and self.score != "magnitude")
+
+    @property
+    def second_order(self) -> bool:
+        """True for SparseGPT (weights updated by the OBS solver, not just masked)."""
+        return self.method == "sparsegpt" or (self.method == "nm" and self.score == "sparsegpt")
 
     @property
     def target_sparsity(self) -> float:
@@ -88,7 +102,7 @@ def check_sparsity(sparsity) -> float:
 
 def check_nm(n, m) -> None:
     """Raise a ValueError unless 0 < n < m are integers."""
-    if not (isinstance(n, int) and isinstance(m, int)):
+    if isinstance(n, bool) or isinstance(m, bool) or not (isinstance(n, int) and isinstance(m, int)):
         raise TypeError(f"N:M needs integers n and m, got n={n!r}, m={m!r}")
     if not (0 < n < m):
         raise ValueError(
@@ -177,6 +191,10 @@ def wanda_scores(weight: torch.Tensor, input_norm: torch.Tensor) -> torch.Tensor
     if weight.dim() != 2 or input_norm.shape != (weight.shape[1],):
         raise ValueError(f"wanda_scores needs weight [out, in] and input_norm [in]; got {tuple(weight.shape)} "
                          f"and {tuple(input_norm.shape)} — collect the norms with collect_input_norms(model, tokens)")
+    if not torch.isfinite(input_norm).all():
+        raise ValueError(f"input norms contain {int((~torch.isfinite(input_norm)).sum())} NaN/inf values: the "
+                         "calibration run overflowed or the model is broken; recollect them with collect_input_norms "
+                         "on a healthy model (Wanda would otherwise prune by garbage scores)")
     return weight.detach().abs() * input_norm.to(weight.dtype).view(1, -1)
 
 
@@ -271,7 +289,11 @@ def collect_input_norms(model: nn.Module, tokens: torch.Tensor, filter_fn: Filte
 # ---------------------------------------------------------------------------------------------------------
 def compute_masks(model: nn.Module, config: PruneConfig, filter_fn: FilterFn | None = None,
                   input_norms: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """{fqn: keep-mask} for the selected Linear weights, without changing the model."""
+    """{fqn: keep-mask} for the selected Linear weights, without changing the model (not for SparseGPT, whose
+    masks depend on the weight updates: use prune_ / pruned)."""
+    if config.second_order:
+        raise ValueError("SparseGPT's masks come with weight updates; call prune_(model, config, calib_tokens=…) "
+                         "or `with pruned(model, config, calib_tokens=…) as masks:`")
     linears = select_linears(model, filter_fn)
     if not linears:
         raise ValueError("filter_fn selected no nn.Linear modules; check the names with "
@@ -297,30 +319,82 @@ def compute_masks(model: nn.Module, config: PruneConfig, filter_fn: FilterFn | N
 
 
 @torch.no_grad()
-def apply_masks_(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
-    """Zero the pruned weights in place (weight *= mask)."""
+def apply_masks_(model: nn.Module, masks: dict[str, torch.Tensor]) -> nn.Module:
+    """Zero the pruned weights in place (weight *= mask); every mask is checked before any weight changes."""
     modules = dict(model.named_modules())
     for name, mask in masks.items():
+        if name not in modules or not hasattr(modules[name], "weight"):
+            raise ValueError(f"mask {name!r} names no module with a weight in this model")
+        if mask.shape != modules[name].weight.shape or mask.dtype != torch.bool:
+            raise ValueError(f"mask {name!r} must be a bool tensor of shape {tuple(modules[name].weight.shape)}")
+    for name, mask in masks.items():
         modules[name].weight.mul_(mask.to(modules[name].weight.dtype))
+    return model
+
+
+@torch.no_grad()
+def sparsegpt_(model: nn.Module, config: PruneConfig, calib_tokens: torch.Tensor,
+               filter_fn: FilterFn | None = None) -> dict[str, torch.Tensor]:
+    """SparseGPT on every selected Linear, one decoder layer at a time (inputs from the layers already pruned);
+    returns the keep-masks. All-or-nothing: the weights are restored if anything fails (notebook 01 §6)."""
+    from .second_order import sequential_, sparsegpt
+    linears = select_linears(model, filter_fn)
+    if not linears:
+        raise ValueError("filter_fn selected no nn.Linear modules")
+    if config.method == "nm":
+        bad = [n for n, m in linears.items() if m.in_features % config.m]
+        if bad:
+            raise ValueError(f"N:M with M={config.m} needs in_features divisible by {config.m}: {bad[:3]}")
+    batches = calib_tokens if torch.as_tensor(calib_tokens).dim() == 2 else calibration_batches(calib_tokens)
+    saved = {n: mod.weight.detach().clone() for n, mod in linears.items()}
+    masks = {}
+
+    def solve(name, lin, H):
+        nm = (config.n, config.m) if config.method == "nm" else None
+        w, keep = sparsegpt(lin.weight, H, config.sparsity, nm=nm, mask_rows=config.scope == "row")
+        lin.weight.copy_(w.to(lin.weight.dtype))
+        masks[name] = keep
+
+    try:
+        sequential_(model, batches, solve, lambda m, fqn: fqn in linears)
+    except BaseException:
+        for n, mod in linears.items():
+            mod.weight.copy_(saved[n])
+        raise
+    return masks
+
+
+def prune_with_masks_(model: nn.Module, config: PruneConfig, filter_fn: FilterFn | None = None, *,
+                      calib_tokens: torch.Tensor | None = None,
+                      input_norms: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """prune_ that returns the {fqn: keep-mask} it used instead of the model."""
+    if not isinstance(config, PruneConfig):
+        raise TypeError(f"prune_ needs a PruneConfig, got {type(config).__name__}; "
+                        "e.g. prune_(model, PruneConfig(method='magnitude', sparsity=0.5))")
+    if config.second_order:
+        if calib_tokens is None:
+            raise ValueError(f"{config.label} needs calibration tokens: pass calib_tokens=<1-D train tokens>")
+        return sparsegpt_(model, config, calib_tokens, filter_fn)
+    if config.needs_calibration and input_norms is None and calib_tokens is not None:
+        input_norms = collect_input_norms(model, calib_tokens, filter_fn)
+    masks = compute_masks(model, config, filter_fn, input_norms)   # every mask before any weight changes
+    apply_masks_(model, masks)
+    return masks
 
 
 def prune_(model: nn.Module, config: PruneConfig, filter_fn: FilterFn | None = None, *,
            calib_tokens: torch.Tensor | None = None,
-           input_norms: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
-    """Prune the selected Linear weights of `model` in place; return the {fqn: keep-mask} used (notebook 01 §2).
+           input_norms: dict[str, torch.Tensor] | None = None) -> nn.Module:
+    """Prune the selected Linear weights of `model` in place and return the model (notebook 01 §2).
 
     Like torchao's `quantize_(model, config, filter_fn)`: filter_fn(module, fqn) -> bool picks the layers
-    (default: every Linear but lm_head). Wanda needs `calib_tokens` (1-D train tokens) or `input_norms`.
-    The weights stay dense tensors with zeros in them: this alone saves no memory and no time.
-    """
-    if not isinstance(config, PruneConfig):
-        raise TypeError(f"prune_ needs a PruneConfig, got {type(config).__name__}; "
-                        "e.g. prune_(model, PruneConfig(method='magnitude', sparsity=0.5))")
-    if config.needs_calibration and input_norms is None and calib_tokens is not None:
-        input_norms = collect_input_norms(model, calib_tokens, filter_fn)
-    masks = compute_masks(model, config, filter_fn, input_norms)
-    apply_masks_(model, masks)
-    return masks
+    (default: every Linear but lm_head). Wanda needs `calib_tokens` (1-D train tokens) or `input_norms`;
+    SparseGPT needs `calib_tokens`. All-or-nothing: every mask is computed (or every SparseGPT update done, with
+    a roll-back on failure) before the model is left changed. The weights stay dense tensors with zeros in
+    them: this alone saves no memory and no time. Pruning twice prunes the already-pruned weights again (the
+    zeros are the smallest scores, so a second magnitude pass at the same sparsity changes nothing)."""
+    prune_with_masks_(model, config, filter_fn, calib_tokens=calib_tokens, input_norms=input_norms)
+    return model
 
 
 @contextlib.contextmanager
@@ -329,7 +403,7 @@ def pruned(model: nn.Module, config: PruneConfig, filter_fn: FilterFn | None = N
     linears = select_linears(model, filter_fn)
     saved = {n: mod.weight.detach().clone() for n, mod in linears.items()}
     try:
-        yield prune_(model, config, filter_fn, **kwargs)
+        yield prune_with_masks_(model, config, filter_fn, **kwargs)
     finally:
         with torch.no_grad():
             for n, mod in linears.items():
@@ -450,160 +524,3 @@ def state_dict_bytes(module: nn.Module) -> int:
             seen.add(key)
             total += t.numel() * t.element_size()
     return total
-
-
-def csr_bytes(weight: torch.Tensor, index_bytes: int = 4) -> int:
-    """Bytes a CSR copy of a 2-D weight would take: nnz values + nnz column indices + (rows+1) row pointers."""
-    nnz = int((weight != 0).sum())
-    return nnz * (weight.element_size() + index_bytes) + (weight.shape[0] + 1) * index_bytes
-
-
-@torch.no_grad()
-def time_forward(model: nn.Module, batch: torch.Tensor, repeats: int = 3) -> float:
-    """Best-of-`repeats` seconds for one forward pass (time it in one run, as ratios, on one thread)."""
-    model(batch)  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        model(batch)
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The sweep on SmolLM2-135M (cached by `python -m labkit results prune`), bench, and the widget's function
-# ---------------------------------------------------------------------------------------------------------
-SWEEP_METHODS = ("magnitude", "wanda")          # unstructured: magnitude per layer, Wanda per output row
-SWEEP_SPARSITIES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
-EVAL_TOKENS = 4096                              # validation tokens per perplexity (fixed, not LABKIT_FULL)
-CALIB = {"n_samples": 8, "seq_len": 128}        # 1,024 train tokens for Wanda's ‖X‖
-RECOVERY = {"steps": 10, "lr": 1e-4, "seq_len": 128, "batch_size": 4}
-STRUCTURED_SPARSITIES = (0.25, 0.5)
-
-
-def sweep_config(method: str, sparsity: float = 0.5) -> PruneConfig:
-    """The config the notebook means by a method name: 'magnitude' (per layer, as in SparseGPT's baseline),
-    'wanda' (|W|·‖X‖ per output row, as in the Wanda paper), '2:4' (magnitude) or '2:4 wanda'."""
-    if method == "magnitude":
-        return PruneConfig("magnitude", sparsity, scope="layer")
-    if method == "wanda":
-        return PruneConfig("wanda", sparsity, scope="row")
-    if method in ("2:4", "2:4 magnitude"):
-        return PruneConfig("nm", n=2, m=4, score="magnitude")
-    if method == "2:4 wanda":
-        return PruneConfig("nm", n=2, m=4, score="wanda")
-    raise ValueError(f"unknown method {method!r}; use 'magnitude', 'wanda', '2:4' or '2:4 wanda'")
-
-
-def pruned_perplexity(model, eval_tokens, config: PruneConfig, input_norms=None, max_tokens: int = EVAL_TOKENS,
-                      filter_fn: FilterFn | None = None) -> float:
-    """Perplexity of `model` pruned by `config`; the dense weights are restored afterwards."""
-    from .evaluate import perplexity
-    with pruned(model, config, filter_fn, input_norms=input_norms):
-        return perplexity(model, eval_tokens, max_tokens=max_tokens)
-
-
-def _setup(model_name: str = "smollm2-135m"):
-    from .data import tokens
-    from .evaluate import eval_tokens
-    from .models import load_model
-    model, tok = load_model(model_name)
-    return model, tok, eval_tokens(tok), tokens("train", tok)
-
-
-def make_results() -> dict:
-    """The sweep behind notebook 01, written to data/results/prune.json by `python -m labkit results prune`
-    (several minutes on 2 cores): perplexity vs sparsity for magnitude, Wanda and 2:4; structured MLP
-    pruning; a short recovery fine-tune."""
-    from .evaluate import perplexity
-    from .memory import model_bytes
-    from .repro import seed_everything
-    seed_everything(0)
-    t0 = time.perf_counter()
-    model, tok, ev, train = _setup()
-    norms = collect_input_norms(model, train, **CALIB)
-    ppl = lambda m: round(perplexity(m, ev, max_tokens=EVAL_TOKENS), 4)  # noqa: E731
-    out = {"model": "smollm2-135m", "eval": {"split": "validation", "max_tokens": EVAL_TOKENS, "seq_len": 256},
-           "calibration": {"split": "train", **CALIB}, "pruned_layers": "every Linear in the decoder blocks; "
-           "embeddings and (tied) lm_head dense", "dense": ppl(model), "sweep": {}}
-    for method in SWEEP_METHODS:
-        out["sweep"][method] = {f"{s:.2f}": round(pruned_perplexity(model, ev, sweep_config(method, s), norms), 4)
-                                for s in SWEEP_SPARSITIES}
-    out["nm_2_4"] = {score: round(pruned_perplexity(model, ev, sweep_config(f"2:4 {score}"), norms), 4)
-                     for score in ("magnitude", "wanda")}
-
-    # recovery: magnitude 50%, then a few masked AdamW steps; the dense model gets the same steps for reference
-    rec = {**RECOVERY, "config": "magnitude 50%"}
-    masks = prune_(model, sweep_config("magnitude", 0.5))
-    rec["before"] = ppl(model)
-    rec["losses"] = [round(x, 4) for x in recovery_finetune_(model, train, masks, **RECOVERY)]
-    rec["after"] = ppl(model)
-    rec["sparsity_after"] = round(sparsity_of([model.get_submodule(n) for n in masks]), 6)
-    del model, masks
-    model, *_ = _setup()  # a fresh dense copy (reloading is cheaper in memory than keeping a clone)
-    recovery_finetune_(model, train, None, **RECOVERY)
-    rec["dense_after_same_steps"] = ppl(model)
-    out["recovery"] = rec
-    del model
-
-    # structured: whole MLP neurons removed (activation-aware score), the matrices really shrink
-    out["structured"] = {}
-    for s in STRUCTURED_SPARSITIES:
-        model = None
-        model, *_ = _setup()
-        before = model_bytes(model)
-        prune_mlp_neurons_(model, s, norms)
-        out["structured"][f"{s:.2f}"] = {"perplexity": ppl(model), "intermediate_size": model.config.intermediate_size,
-                                         "bytes_before": before, "bytes_after": model_bytes(model)}
-    out["seconds"] = round(time.perf_counter() - t0, 1)
-    return out
-
-
-def bench() -> dict:
-    """Perplexity at 0/30/50/70% sparsity (magnitude, Wanda) and 2:4, MEASURED on a small budget of
-    512 validation tokens (the notebook's sweep uses 4,096; see data/results/prune.json)."""
-    from .evaluate import perplexity
-    model, tok, ev, train = _setup()
-    norms = collect_input_norms(model, train, n_samples=4, seq_len=128)
-    budget = 512
-    res = {"dense": round(perplexity(model, ev, max_tokens=budget), 2)}
-    for method in SWEEP_METHODS:
-        for s in (0.3, 0.5, 0.7):
-            res[f"{method}_{int(s * 100)}"] = round(pruned_perplexity(model, ev, sweep_config(method, s), norms, budget), 2)
-    for score in ("magnitude", "wanda"):
-        res[f"2:4_{score}"] = round(pruned_perplexity(model, ev, sweep_config(f"2:4 {score}"), norms, budget), 2)
-    return {"ppl_512_val_tokens": res, "eval_tokens": budget}
-
-
-def prune_and_measure(model, tokenizer, eval_tokens, method: str = "magnitude", sparsity: float = 0.5,
-                      input_norms=None, max_tokens: int = 512, prompt: str = "In the beginning",
-                      max_new_tokens: int = 12) -> dict:
-    """What the widget shows: perplexity, bytes and a greedy sample of the pruned model (weights restored after).
-
-    Bytes: what the pruned Linear weights take as they are (dense fp32 — zeros cost as much as any number)
-    and what a CSR copy (fp32 values + int32 indices) would take."""
-    from .evaluate import perplexity
-    from .models import generate
-    config = sweep_config(method, sparsity)
-    with pruned(model, config, input_norms=input_norms) as masks:
-        mods = [model.get_submodule(n) for n in masks]
-        return {"method": method, "sparsity": round(sparsity_of(masks), 4),
-                "perplexity": perplexity(model, eval_tokens, max_tokens=max_tokens),
-                "dense_bytes": sum(m.weight.numel() * m.weight.element_size() for m in mods),
-                "csr_bytes": sum(csr_bytes(m.weight) for m in mods),
-                "sample": generate(model, tokenizer, prompt, max_new_tokens)}
-
-
-def compare_times(fns: dict, repeats: int = 15) -> dict:
-    """Best-of-`repeats` seconds of each zero-argument callable, run round-robin so that a busy machine slows
-    them all alike (compare the ratios, on one thread; never trust one absolute time)."""
-    best = {k: float("inf") for k in fns}
-    with torch.no_grad():
-        for f in fns.values():
-            f()  # warm-up
-        for _ in range(repeats):
-            for k, f in fns.items():
-                t0 = time.perf_counter()
-                f()
-                best[k] = min(best[k], time.perf_counter() - t0)
-    return best

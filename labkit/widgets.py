@@ -106,41 +106,57 @@ def distill_temperature(model, tokenizer, prompt: str = "And God said, Let there
 
 
 def distill_runs(results: dict):
-    """α and temperature sliders → the stored runs' validation curves (nearest stored run against hard labels)."""
+    """α and T sliders → the nearest stored seed-0 run: its test-books curve beside CE's, and its point on the
+    memory-vs-perplexity chart (lk.experiments.distill.nearest_run; stored runs only, nothing is trained)."""
     import ipywidgets as w
+    import matplotlib.pyplot as plt
 
     from . import plots
-    from .distill import nearest_run
+    from .experiments.distill import chart_points, nearest_run
+
+    runs = results["grid_seed0"]
 
     def draw(alpha, temperature):
         name = nearest_run(results, alpha, temperature)
-        return plots.distill_curves(results["runs"], ["hard", name] if name != "hard" else ["hard"],
-                                    teacher_ppl=results["teacher"]["val_ppl"], title=f"stored run: {name}")
+        _, axes = plt.subplots(1, 2, figsize=(12, 3.8), gridspec_kw={"width_ratios": [1, 1.3]})
+        plots.distill_curves(runs, ["ce", name] if name != "ce" else ["ce"], teacher_ppl=results["teacher"]["select_ppl"],
+                             ax=axes[0], title=f"seed 0, stored run: {name}")
+        moved = {"bytes": results["depth"]["bytes"], "quality": runs[name]["val_ppl"], "marker": "X",
+                 "technique": "ce" if name == "ce" else "kd", "label": f"seed 0: {name}", "annotate": True}
+        return plots.memory_quality(chart_points(results) + [moved], memory="RAM", tokens=results["eval"]["val_tokens"],
+                                    ax=axes[1], title="the chosen run on the memory chart")
 
-    return interact_chart(draw, alpha=w.FloatSlider(value=1.0, min=0.0, max=1.0, step=0.25),
-                          temperature=w.FloatSlider(value=1.0, min=1.0, max=4.0, step=1.0))
+    style = {"description_width": "initial"}
+    return interact_chart(draw, alpha=w.FloatSlider(value=1.0, min=0.0, max=1.0, step=0.5, description="alpha", style=style),
+                          temperature=w.FloatSlider(value=1.0, min=1.0, max=2.0, step=1.0, description="temperature",
+                                                    style=style))
 
 
 # --- pruning (notebook 01) ---
 
 def prune_widget(model, tokenizer, eval_tokens, input_norms, max_tokens: int = 512):
-    """Sparsity slider + method → perplexity and bytes redrawn, and a greedy sample of the pruned model
-    beside the dense one (lk.prune.prune_and_measure; the dense weights are restored after each move)."""
+    """Sparsity slider + method → the pruned model's perplexity against its bytes in the best storage format
+    (every setting tried stays on the chart, with the frontier), and a greedy sample beside the dense one
+    (labkit.experiments.prune.prune_and_measure; the dense weights are restored after each move)."""
     import ipywidgets as w
 
-    from . import plots, prune
+    from . import plots
     from .evaluate import perplexity
+    from .experiments.prune import prune_and_measure
+    from .memory import model_bytes
     from .models import generate
     dense_ppl = perplexity(model, eval_tokens, max_tokens=max_tokens)
     dense_sample = generate(model, tokenizer, "In the beginning", 12)
+    history = {}
 
     def draw(method="magnitude", sparsity=0.5):
-        r = prune.prune_and_measure(model, tokenizer, eval_tokens, method, sparsity, input_norms, max_tokens)
-        print(f"dense : ppl {dense_ppl:7.1f} | In the beginning{dense_sample}")
-        print(f"pruned: ppl {r['perplexity']:7.1f} | In the beginning{r['sample']}")
-        return plots.prune_widget_chart(r, dense_ppl)
+        r = prune_and_measure(model, tokenizer, eval_tokens, method, sparsity, input_norms, max_tokens)
+        history[(method, r["sparsity"])] = r
+        print(f"dense : {dense_ppl} | In the beginning{dense_sample}")
+        print(f"pruned: {r['perplexity']} | In the beginning{r['sample']}")
+        return plots.prune_widget_chart(list(history.values()), dense_ppl, model_bytes(model))
 
-    return interact_chart(draw, method=w.Dropdown(options=["magnitude", "wanda", "2:4", "2:4 wanda"],
+    return interact_chart(draw, method=w.Dropdown(options=["magnitude", "magnitude_row", "wanda", "2:4", "2:4 wanda"],
                                                   value="magnitude"),
                           sparsity=w.FloatSlider(value=0.5, min=0.0, max=0.9, step=0.1,
                                                  continuous_update=False))

@@ -53,7 +53,7 @@ def test_prune_model_matches_torch_and_keeps_head_dense():
     model = tiny_llama()
     ref = copy.deepcopy(model)
     head = model.lm_head.weight.detach().clone()
-    masks = P.prune_(model, P.PruneConfig("magnitude", 0.5))
+    masks = P.prune_with_masks_(model, P.PruneConfig("magnitude", 0.5))
     assert "lm_head" not in masks and len(masks) == 2 * 7
     for name, mod in ref.named_modules():
         if name in masks:
@@ -82,7 +82,7 @@ def test_global_scope_in_prune_matches_torch():
 
 def test_filter_fn_selects_layers():
     model = tiny_llama()
-    masks = P.prune_(model, P.PruneConfig("magnitude", 0.3), filter_fn=lambda m, fqn: fqn.endswith("mlp.down_proj"))
+    masks = P.prune_with_masks_(model, P.PruneConfig("magnitude", 0.3), filter_fn=lambda m, fqn: fqn.endswith("mlp.down_proj"))
     assert sorted(masks) == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
     assert P.sparsity_of(model.model.layers[0].mlp.up_proj.weight) == 0.0
 
@@ -104,7 +104,7 @@ def test_wanda_norms_equal_naive_and_score_prunes_per_row():
     torch.testing.assert_close(norms["model.layers.1.mlp.down_proj"], naive, rtol=1e-5, atol=1e-6)
 
     w = lin.weight.detach().clone()
-    masks = P.prune_(model, P.PruneConfig("wanda", 0.5, scope="row"), input_norms=norms)
+    masks = P.prune_with_masks_(model, P.PruneConfig("wanda", 0.5, scope="row"), input_norms=norms)
     m = masks["model.layers.1.mlp.down_proj"]
     assert (m.sum(1) == w.shape[1] // 2).all()  # exactly half of every row
     score = w.abs() * naive
@@ -116,7 +116,7 @@ def test_wanda_from_calib_tokens_and_needs_calibration():
     model = tiny_llama()
     with pytest.raises(ValueError, match="calib_tokens"):
         P.prune_(model, P.PruneConfig("wanda", 0.5))
-    masks = P.prune_(model, P.PruneConfig("wanda", 0.5), calib_tokens=tokens())
+    masks = P.prune_with_masks_(model, P.PruneConfig("wanda", 0.5), calib_tokens=tokens())
     assert abs(P.sparsity_of(masks) - 0.5) < 1e-9
 
 
@@ -134,7 +134,7 @@ def test_nm_mask_hand_example():
 
 def test_prune_nm_on_model():
     model = tiny_llama()
-    masks = P.prune_(model, P.PruneConfig("nm", n=2, m=4))
+    masks = P.prune_with_masks_(model, P.PruneConfig("nm", n=2, m=4))
     for name, mask in masks.items():
         assert (mask.reshape(mask.shape[0], -1, 4).sum(-1) == 2).all(), name
     assert P.sparsity_of(masks) == 0.5
@@ -263,7 +263,7 @@ def test_structured_mlp_pruning_shrinks_and_matches_masked_model():
 def test_recovery_finetune_keeps_sparsity_and_lowers_loss():
     model = tiny_llama()
     toks = (torch.arange(4096) % 17)  # a learnable pattern
-    masks = P.prune_(model, P.PruneConfig("magnitude", 0.5))
+    masks = P.prune_with_masks_(model, P.PruneConfig("magnitude", 0.5))
     losses = P.recovery_finetune_(model, toks, masks, steps=15, lr=3e-3, seq_len=32, batch_size=4)
     assert losses[-1] < losses[0]
     assert abs(P.sparsity_of([model.get_submodule(n) for n in masks]) - 0.5) < 1e-6
@@ -271,14 +271,6 @@ def test_recovery_finetune_keeps_sparsity_and_lowers_loss():
 
 
 # ------------------------------------------------------------------ helpers behind the notebook
-def test_csr_bytes_formula_equals_torch_csr():
-    w = torch.randn(12, 20)
-    w[w.abs() < 0.8] = 0
-    csr = w.to_sparse_csr()  # int64 indices
-    measured = sum(t.numel() * t.element_size() for t in (csr.values(), csr.col_indices(), csr.crow_indices()))
-    assert P.csr_bytes(w, index_bytes=8) == measured
-
-
 def test_bf16_and_ties_give_exact_counts():
     w = torch.randn(33, 17).to(torch.bfloat16)  # bf16 has many ties
     for s in (0.1, 0.5, 0.9):
@@ -288,26 +280,9 @@ def test_bf16_and_ties_give_exact_counts():
     assert int((~P.magnitude_mask(z, 0.5)).sum()) == 16
 
 
-def test_sweep_config_names():
-    assert P.sweep_config("magnitude", 0.3) == P.PruneConfig("magnitude", 0.3, scope="layer")
-    assert P.sweep_config("wanda", 0.3).scope == "row"
-    assert P.sweep_config("2:4").method == "nm" and P.sweep_config("2:4 wanda").needs_calibration
-    with pytest.raises(ValueError, match="unknown method"):
-        P.sweep_config("random")
-
-
-def test_compare_times_and_pruned_perplexity_restore():
-    t = P.compare_times({"a": lambda: torch.ones(10).sum(), "b": lambda: torch.ones(100).sum()}, repeats=3)
-    assert set(t) == {"a", "b"} and all(v > 0 for v in t.values())
-    model = tiny_llama()
-    before = model.model.layers[0].mlp.up_proj.weight.clone()
-    ppl = P.pruned_perplexity(model, tokens(1024), P.PruneConfig("magnitude", 0.5), max_tokens=256)
-    assert ppl > 1 and torch.equal(model.model.layers[0].mlp.up_proj.weight, before)
-
-
 def test_recovery_train_filter_only_changes_selected_layers():
     model = tiny_llama()
-    masks = P.prune_(model, P.PruneConfig("magnitude", 0.5))
+    masks = P.prune_with_masks_(model, P.PruneConfig("magnitude", 0.5))
     other = model.model.layers[0].mlp.up_proj.weight.clone()
     chosen = model.model.layers[1].mlp.up_proj.weight.clone()
     P.recovery_finetune_(model, tokens(), masks, steps=2, lr=1e-3, seq_len=16, batch_size=2,
@@ -315,3 +290,66 @@ def test_recovery_train_filter_only_changes_selected_layers():
     assert torch.equal(model.model.layers[0].mlp.up_proj.weight, other)
     assert not torch.equal(model.model.layers[1].mlp.up_proj.weight, chosen)
     assert P.sparsity_of(model.model.layers[1].mlp.up_proj.weight) >= 0.5
+
+
+# ------------------------------------------------------------------ conventions: frozen config, all-or-nothing
+def test_config_frozen_and_type_checked():
+    cfg = P.PruneConfig("magnitude", 0.5)
+    with pytest.raises(Exception):
+        cfg.sparsity = 0.7
+    with pytest.raises(TypeError):
+        P.PruneConfig("magnitude", "0.5")
+    with pytest.raises(TypeError):
+        P.PruneConfig(3)
+    with pytest.raises(TypeError):
+        P.PruneConfig("nm", n=2.0, m=4)
+    with pytest.raises(ValueError, match="SparseGPT"):
+        P.PruneConfig("sparsegpt", 0.5, scope="global")
+
+
+def test_prune_returns_model_and_is_all_or_nothing():
+    model = tiny_llama()
+    assert P.prune_(model, P.PruneConfig("magnitude", 0.5)) is model
+    model = tiny_llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    norms = P.collect_input_norms(model, tokens())
+    norms["model.layers.1.mlp.down_proj"][3] = float("nan")     # the last layer's norms are broken
+    with pytest.raises(ValueError, match="NaN"):
+        P.prune_(model, P.PruneConfig("wanda", 0.5, scope="row"), input_norms=norms)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())   # nothing changed
+
+
+def test_sparsegpt_prunes_whole_model_exactly_and_rolls_back():
+    model = tiny_llama()
+    masks = P.prune_with_masks_(model, P.PruneConfig("sparsegpt", 0.5), calib_tokens=tokens())
+    assert abs(P.sparsity_of([model.get_submodule(n) for n in masks]) - 0.5) < 1e-6
+    model = tiny_llama()
+    masks = P.prune_with_masks_(model, P.PruneConfig("nm", n=2, m=4, score="sparsegpt"), calib_tokens=tokens())
+    w = model.model.layers[1].mlp.down_proj.weight
+    assert ((w != 0).reshape(w.shape[0], -1, 4).sum(-1) <= 2).all()
+    model = tiny_llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="calibration"):
+        P.prune_(model, P.PruneConfig("sparsegpt", 0.5))
+    bad = tokens()
+    with pytest.raises(Exception):
+        P.prune_(model, P.PruneConfig("sparsegpt", 0.5), calib_tokens=bad + 10_000)   # ids out of range
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_experiment_helpers():
+    from labkit.experiments import prune as E
+    assert E.sweep_config("magnitude", 0.3) == P.PruneConfig("magnitude", 0.3, scope="layer")
+    assert E.sweep_config("magnitude_row", 0.3).scope == "row" and E.sweep_config("wanda", 0.3).scope == "row"
+    assert E.sweep_config("2:4 sparsegpt").second_order
+    with pytest.raises(ValueError, match="unknown method"):
+        E.sweep_config("random")
+    assert E.best_storage((8, 8), 64, False)[0] == "dense"
+    assert E.best_storage((8, 8), 32, True) == ("2:4", 32 * 4 + 8)
+    assert E.best_storage((64, 64), 10, False)[0] == "csr32"
+    alloc = E.allocation([0.3, 0.1, 0.2, 0.0])
+    assert abs(sum(alloc) / 4 - 0.5) < 1e-9 and alloc[3] == 0.6 and alloc[0] == 0.4
+    model = tiny_llama()
+    before = model.model.layers[0].mlp.up_proj.weight.clone()
+    r = E.measure(model, tokens(1024), P.PruneConfig("magnitude", 0.5), max_tokens=256)
+    assert r["perplexity"] > 1 and torch.equal(model.model.layers[0].mlp.up_proj.weight, before)

@@ -16,7 +16,7 @@ EXPERIMENTS: dict[str, str] = {
     "footprint": "labkit.experiments.footprint",
     "prune": "labkit.experiments.prune",
     "quantize": "labkit.experiments.quantize",
-    "distill": "labkit.distill",
+    "distill": "labkit.experiments.distill",
     "sparse": "labkit.experiments.sparse",
     "compress": "labkit.experiments.compress",
     "pool": "labkit.experiments.pool",
