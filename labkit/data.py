@@ -117,7 +117,7 @@ def tokens(split: str, tokenizer) -> torch.Tensor:
     _check_split(split)
     _check_tokenizer(tokenizer)
     path = token_cache_path(split, tokenizer)
-    vocab = len(tokenizer)
+    vocab = len(tokenizer) if hasattr(tokenizer, "__len__") else len(tokenizer.get_vocab())
     if path.exists() or path.with_name(path.name + ".sha256.json").exists():
         try:
             raw, meta = read_verified(path, KIND, fix="it is rebuilt now")
@@ -168,6 +168,17 @@ def text_tokens(text_or_path, tokenizer, min_tokens: int = 257) -> torch.Tensor:
         raise ValueError(f"the text has only {len(out)} tokens; the protocol scores windows of 256 tokens, so pass "
                          f"at least {min_tokens} tokens of text (a few hundred words) or lower min_tokens")
     return out
+
+
+def batches(split: str, tokenizer, seq_len: int = 128, batch_size: int = 8, seed: int = 0):
+    """Endless random [batch_size, seq_len] windows of a split, reproducible from the seed (for training)."""
+    data = tokens(split, tokenizer)
+    if len(data) <= seq_len + 1:
+        raise ValueError(f"split {split!r} has only {len(data)} tokens; use seq_len < {len(data) - 1}")
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        starts = torch.randint(0, len(data) - seq_len - 1, (batch_size,), generator=g)
+        yield torch.stack([data[s: s + seq_len] for s in starts.tolist()])
 
 
 def prepare(tokenizer) -> dict[str, int]:
