@@ -1,21 +1,26 @@
-"""Knowledge distillation: a small student learns from SmolLM2's soft targets.
+"""Knowledge distillation: a student learns from SmolLM2's soft targets.
 
 Defined in notebook 03 (Distillation). The pieces, in the order the notebook teaches them:
-- `make_student`: a small LlamaForCausalLM that shares the teacher's tokenizer (so logits align);
+- students that share the teacher's tokenizer (so logits align): `make_depth_student` keeps a subset of the
+  teacher's own decoder layers and its tied embedding; `make_student` builds a small one from random weights;
 - `kd_loss`: α·T²·KL(softmax(t/T) ‖ softmax(s/T)) + (1−α)·CE(s, labels) (Hinton et al. 2015);
 - `teacher_topk` / `cached_teacher_topk`: the teacher runs once per batch of text; its top-k logits are
   kept (k·8 bytes per token instead of vocab·4), plus the log-mass of the other tokens at a few temperatures
-  (4 bytes each), and cached under `lk.cache_dir()`;
-- `train_student`: AdamW, a progress bar, atomic checkpoints and resume after an interruption;
-- `make_results()` (the stored experiment, `python -m labkit results distill`) and `bench()`.
+  (4 bytes each), cached under `lk.cache_dir()` with a checksum (a corrupted cache is rebuilt);
+- `train_student`: AdamW, a progress bar, checksummed checkpoints and resume after an interruption.
+The stored experiment, bench figures and widget helpers live in `labkit.experiments.distill`.
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import hashlib
 import io
 import math
-import time
-from dataclasses import asdict, dataclass, field
+import numbers
+import signal
+import threading
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -25,22 +30,32 @@ import torch.nn.functional as F
 # Inputs that are checked everywhere
 
 
-def _check_temperature(temperature) -> float:
-    try:
-        t = float(temperature)
-    except (TypeError, ValueError):
-        raise TypeError(f"temperature must be a number, got {type(temperature).__name__}") from None
+def _number(name: str, value, hint: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number ({hint}), got {value!r} of type {type(value).__name__}")
+    return float(value)
+
+
+def _whole(name: str, value, low: int, hint: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be a whole number ({hint}), got {value!r} of type {type(value).__name__}")
+    if value < low:
+        raise ValueError(f"{name} must be ≥ {low} ({hint}), got {value}")
+    return int(value)
+
+
+def check_temperature(temperature) -> float:
+    """The temperature as a float; TypeError for a non-number, ValueError unless finite and > 0."""
+    t = _number("temperature", temperature, "1 = the model's own distribution, 2–4 = softer targets")
     if not (t > 0 and math.isfinite(t)):
         raise ValueError(f"temperature must be a finite number > 0 (1 = the model's own distribution, "
                          f"2–4 = softer targets); got {temperature}")
     return t
 
 
-def _check_alpha(alpha) -> float:
-    try:
-        a = float(alpha)
-    except (TypeError, ValueError):
-        raise TypeError(f"alpha must be a number, got {type(alpha).__name__}") from None
+def check_alpha(alpha) -> float:
+    """α as a float; TypeError for a non-number (a string too), ValueError outside [0, 1]."""
+    a = _number("alpha", alpha, "0 = hard labels only, 1 = distillation only")
     if not (0.0 <= a <= 1.0):
         raise ValueError(f"alpha must be in [0, 1] (0 = hard labels only, 1 = distillation only); got {alpha}")
     return a
@@ -65,12 +80,41 @@ def _vocab_size(model_or_config) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The student
+# Students
 
 
-@dataclass
+def make_depth_student(teacher, keep, freeze_embedding: bool = True):
+    """A copy of `teacher` with only the decoder layers `keep` (indices, in order); the teacher is unchanged.
+
+    The tied embedding/output matrix and the final norm come along (frozen when `freeze_embedding`: it was
+    learned from far more text than any recovery run sees). DistilBERT kept one layer in two; keeping the first
+    layers and the last two (a contiguous cut of the middle) starts far better than every k-th layer."""
+    layers = teacher.model.layers
+    n = len(layers)
+    if isinstance(keep, (str, bytes)) or not hasattr(keep, "__iter__"):
+        raise TypeError(f"keep must be a list of layer indices in [0, {n}), got {keep!r}")
+    keep = [_whole("layer index", i, 0, f"0 … {n - 1}") for i in keep]
+    if not keep or any(i >= n for i in keep) or sorted(set(keep)) != keep:
+        raise ValueError(f"keep must list distinct layer indices in increasing order within [0, {n}), got {keep}")
+    if not isinstance(freeze_embedding, bool):
+        raise TypeError(f"freeze_embedding must be True or False, got {freeze_embedding!r}")
+    try:  # copy only the kept layers: swap them in for the deepcopy, then put the teacher's back
+        teacher.model.layers = torch.nn.ModuleList([layers[i] for i in keep])
+        student = copy.deepcopy(teacher)
+    finally:
+        teacher.model.layers = layers
+    for j, layer in enumerate(student.model.layers):
+        layer.self_attn.layer_idx = j  # the KV cache is indexed by position in the stack
+    student.config.num_hidden_layers = len(keep)
+    if getattr(student.config, "layer_types", None):
+        student.config.layer_types = [student.config.layer_types[i] for i in keep]
+    student.get_input_embeddings().weight.requires_grad_(not freeze_embedding)
+    return student.float().eval()
+
+
+@dataclass(frozen=True)
 class StudentConfig:
-    """Width and depth of the student; the vocabulary always comes from the teacher."""
+    """Width and depth of a student built from random weights; the vocabulary always comes from the teacher."""
     hidden_size: int = 64
     layers: int = 2
     heads: int = 4
@@ -78,6 +122,15 @@ class StudentConfig:
     intermediate_size: int = 256
     tie_embeddings: bool = True
     max_position_embeddings: int = 512
+
+    def __post_init__(self):
+        for name in ("hidden_size", "layers", "heads", "kv_heads", "intermediate_size", "max_position_embeddings"):
+            _whole(f"StudentConfig.{name}", getattr(self, name), 1, "a positive size")
+        if self.hidden_size % self.heads or self.heads % self.kv_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} must divide into heads {self.heads}, and heads into "
+                             f"kv_heads {self.kv_heads}")
+        if not isinstance(self.tie_embeddings, bool):
+            raise TypeError(f"tie_embeddings must be True or False, got {self.tie_embeddings!r}")
 
 
 def make_student(teacher_config, cfg: StudentConfig | None = None, seed: int = 0, **overrides):
@@ -95,7 +148,7 @@ def make_student(teacher_config, cfg: StudentConfig | None = None, seed: int = 0
         bos_token_id=getattr(tc, "bos_token_id", None), eos_token_id=getattr(tc, "eos_token_id", None),
         pad_token_id=getattr(tc, "pad_token_id", None))
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.manual_seed(_whole("seed", seed, 0, "any whole number ≥ 0"))
         model = LlamaForCausalLM(lc)
     return model.float().eval()
 
@@ -151,6 +204,7 @@ class TopKLogits:
                 return self.tail[..., j]
         return None
 
+    @property
     def nbytes(self) -> int:
         tail = 0 if self.tail is None else self.tail.numel() * self.tail.element_size()
         return (self.values.numel() * self.values.element_size()
@@ -170,8 +224,8 @@ def kd_loss(student_logits, teacher_logits, labels=None, temperature: float = 1.
     on them. Positions whose label is `ignore_index` are skipped.
     The T² factor keeps the soft-target gradients the same size whatever T (Hinton et al. 2015, §2).
     """
-    t = _check_temperature(temperature)
-    a = _check_alpha(alpha)
+    t = check_temperature(temperature)
+    a = check_alpha(alpha)
     V = student_logits.shape[-1]
     topk = isinstance(teacher_logits, TopKLogits)
     if topk:
@@ -243,7 +297,7 @@ def make_sequences(tokens: torch.Tensor, seq_len: int, n_seqs: int, offset: int 
 def tail_logmass(logits: torch.Tensor, indices: torch.Tensor, temps=TAIL_TEMPERATURES) -> torch.Tensor:
     """[..., len(temps)]: log Σ exp(logits/T) over the tokens *not* in `indices`, one column per T."""
     rest = logits.float().scatter(-1, indices.long(), float("-inf"))
-    return torch.stack([(rest / _check_temperature(t)).logsumexp(-1) for t in temps], dim=-1)
+    return torch.stack([(rest / check_temperature(t)).logsumexp(-1) for t in temps], dim=-1)
 
 
 @torch.no_grad()
@@ -252,8 +306,10 @@ def teacher_topk(teacher, seqs: torch.Tensor, k: int = 32, batch_size: int = 4, 
     """Run the teacher once over `seqs[:, :-1]`; keep its k largest logits and the tail log-mass per position."""
     from tqdm.auto import tqdm
 
-    if not (1 <= int(k) <= _vocab_size(teacher)):
+    k = _whole("k", k, 1, f"how many logits to keep per token, at most the vocabulary {_vocab_size(teacher)}")
+    if k > _vocab_size(teacher):
         raise ValueError(f"k must be in [1, vocab size {_vocab_size(teacher)}], got {k}")
+    batch_size = _whole("batch_size", batch_size, 1, "sequences per teacher forward pass")
     vals, idxs, tails = [], [], []
     was_training = teacher.training
     teacher.eval()
@@ -289,33 +345,39 @@ def topk_cache_path(teacher, seqs: torch.Tensor, k: int) -> Path:
     return cache_dir() / "distill" / f"topk-{_fingerprint(teacher)}-{h}-k{int(k)}-tail.pt"
 
 
+TOPK_KIND = "distill-teacher-topk"
+
+
 def cached_teacher_topk(teacher, seqs: torch.Tensor, k: int = 32, batch_size: int = 4,
                         progress: bool = False) -> TopKLogits:
-    """`teacher_topk`, computed once and cached atomically under lk.cache_dir()/distill/ (never data/)."""
-    from .repro import atomic_write_bytes
+    """`teacher_topk`, computed once and cached under lk.cache_dir()/distill/ (never data/) with a sha256
+    sidecar: a cache that is corrupted, truncated, edited or of another shape is rebuilt, never used."""
+    from .repro import ChecksumError, read_verified, write_verified
 
+    k = _whole("k", k, 1, "how many logits to keep per token")
     path = topk_cache_path(teacher, seqs, k)
     if path.exists():
         try:
-            d = torch.load(path, weights_only=True)
+            data, _ = read_verified(path, TOPK_KIND, fix="it is rebuilt")
+            d = torch.load(io.BytesIO(data), weights_only=True)
             out = TopKLogits(d["values"], d["indices"], int(d["vocab_size"]), d["tail"],
                              tuple(float(t) for t in d["tail_temps"]))
-            if (out.values.shape[:2] == (seqs.shape[0], seqs.shape[1] - 1) and out.k == int(k)
+            if (out.values.shape[:2] == (seqs.shape[0], seqs.shape[1] - 1) and out.k == k
                     and out.tail_temps == TAIL_TEMPERATURES):
                 return out
-        except Exception:  # a corrupt cache file is rebuilt, never used
-            pass
+        except (ChecksumError, KeyError, ValueError, RuntimeError):
+            pass  # rebuilt below
     out = teacher_topk(teacher, seqs, k=k, batch_size=batch_size, progress=progress)
     buf = io.BytesIO()
     torch.save({"values": out.values, "indices": out.indices, "vocab_size": out.vocab_size, "tail": out.tail,
                 "tail_temps": torch.tensor(out.tail_temps)}, buf)
-    atomic_write_bytes(path, buf.getvalue())
+    write_verified(path, buf.getvalue(), TOPK_KIND, {"k": k, "tokens": int(seqs[:, :-1].numel())})
     return out
 
 
 def topk_mass(tl: TopKLogits, temperature: float = 1.0) -> float:
     """Mean share of the teacher's softened probability (at T) that falls on its top k tokens (needs the tail)."""
-    tail = tl.tail_at(_check_temperature(temperature))
+    tail = tl.tail_at(check_temperature(temperature))
     if tail is None:
         raise ValueError(f"no tail log-mass stored at T = {temperature:g} (stored: {tl.tail_temps})")
     top = (tl.values.float() / float(temperature)).logsumexp(-1)
@@ -331,9 +393,9 @@ def logit_cache_bytes(n_tokens: int, vocab_size: int, k: int | None = None, n_ta
 # Training with checkpoints
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
-    """One student run. alpha=0 is plain hard-label training (the teacher is not used)."""
+    """One student run. alpha=0 is plain hard-label training (the teacher is not used). Checked when built."""
     steps: int = 200
     batch_size: int = 2
     lr: float = 3e-3
@@ -345,10 +407,21 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self):
-        _check_temperature(self.temperature)
-        _check_alpha(self.alpha)
-        if self.steps < 1 or self.batch_size < 1:
-            raise ValueError("steps and batch_size must be ≥ 1")
+        _whole("TrainConfig.steps", self.steps, 1, "optimizer steps, e.g. 100")
+        _whole("TrainConfig.batch_size", self.batch_size, 1, "sequences per step, e.g. 4")
+        _whole("TrainConfig.warmup", self.warmup, 0, "warm-up steps, 0 for none")
+        _whole("TrainConfig.seed", self.seed, 0, "the batch-order seed")
+        lr = _number("TrainConfig.lr", self.lr, "the peak learning rate, e.g. 3e-4")
+        if not (lr > 0 and math.isfinite(lr)):
+            raise ValueError(f"TrainConfig.lr must be a finite number > 0 (e.g. 3e-4), got {self.lr}")
+        for name in ("weight_decay", "clip"):
+            v = _number(f"TrainConfig.{name}", getattr(self, name), "≥ 0; 0 turns it off")
+            if not (v >= 0 and math.isfinite(v)):
+                raise ValueError(f"TrainConfig.{name} must be a finite number ≥ 0 (0 turns it off), got {v}")
+        check_temperature(self.temperature)
+        check_alpha(self.alpha)
+        for name in ("lr", "weight_decay", "clip", "temperature", "alpha"):  # one type per field
+            object.__setattr__(self, name, float(getattr(self, name)))
 
 
 def batch_order(n_seqs: int, steps: int, batch_size: int, seed: int) -> torch.Tensor:
@@ -362,20 +435,50 @@ def batch_order(n_seqs: int, steps: int, batch_size: int, seed: int) -> torch.Te
     return torch.cat(perms)[: steps * batch_size].reshape(steps, batch_size)
 
 
-def _lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up, then cosine decay to 10% of the peak."""
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate of 0-based `step`: linear warm-up to cfg.lr, then cosine decay to 10% of it at the end."""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     frac = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
-def _save_checkpoint(path: Path, state: dict) -> None:
-    from .repro import atomic_write_bytes
+CHECKPOINT_KIND = "distill-checkpoint"
+
+
+@contextlib.contextmanager
+def _no_interrupt():
+    """Hold Ctrl-C (SIGINT) until the block ends, so a checkpoint and its checksum are written as a pair."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    old = signal.signal(signal.SIGINT, lambda *a: caught.append(a))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+        if caught:
+            raise KeyboardInterrupt
+
+
+def save_checkpoint(path, state: dict) -> Path:
+    """Write a training state atomically with a sha256 sidecar (lk.repro.write_verified); Ctrl-C waits for it."""
+    from .repro import write_verified
 
     buf = io.BytesIO()
     torch.save(state, buf)
-    atomic_write_bytes(path, buf.getvalue())
+    with _no_interrupt():
+        return write_verified(path, buf.getvalue(), CHECKPOINT_KIND, {"step": int(state.get("step", 0))})
+
+
+def load_checkpoint(path) -> dict:
+    """A checkpoint written by save_checkpoint; lk.repro.ChecksumError if it was corrupted, truncated or edited."""
+    from .repro import read_verified
+
+    data, _ = read_verified(path, CHECKPOINT_KIND, fix=f"it cannot be trusted to resume from: delete {Path(path).name} "
+                                                      f"and its .sha256.json to train this run from the start")
+    return torch.load(io.BytesIO(data), weights_only=True)  # tensors, numbers, lists and dicts only
 
 
 def _targets_id(teacher_logits) -> str:
@@ -392,18 +495,7 @@ def _targets_id(teacher_logits) -> str:
     return h.hexdigest()[:16]
 
 
-def train_student(student, seqs: torch.Tensor, cfg: TrainConfig, teacher_logits: TopKLogits | torch.Tensor | None = None,
-                  checkpoint: str | Path | None = None, checkpoint_every: int = 50, progress: bool = True,
-                  callback=None, eval_fn=None, eval_every: int = 0) -> dict:
-    """Train `student` in place on `seqs` ([N, T+1]); return the history (per-step loss, kd, ce, lr).
-
-    With `checkpoint` (a path under lk.cache_dir()), the student, optimizer and history are written atomically
-    every `checkpoint_every` steps and at the end; calling again with the same path resumes from the last
-    checkpoint and gives the same final weights as an uninterrupted run. `callback(step, history)` runs after
-    every step (raise from it to interrupt); `eval_fn(student) -> float` runs every `eval_every` steps.
-    """
-    from tqdm.auto import tqdm
-
+def _check_targets(student, seqs, cfg, teacher_logits) -> None:
     if cfg.alpha > 0:
         if teacher_logits is None:
             raise ValueError("alpha > 0 needs teacher_logits (from cached_teacher_topk); alpha = 0 is hard labels")
@@ -418,8 +510,33 @@ def train_student(student, seqs: torch.Tensor, cfg: TrainConfig, teacher_logits:
     if int(seqs.max()) >= _vocab_size(student):
         raise ValueError(f"token id {int(seqs.max())} ≥ student vocabulary {_vocab_size(student)}")
 
+
+def train_student(student, seqs: torch.Tensor, cfg: TrainConfig, teacher_logits: TopKLogits | torch.Tensor | None = None,
+                  checkpoint: str | Path | None = None, checkpoint_every: int = 50, progress: bool = True,
+                  callback=None, eval_fn=None, eval_every: int = 0, stop_at: int | None = None) -> dict:
+    """Train `student` in place on `seqs` ([N, T+1]); return the history (per-step loss, kd, ce, lr, eval).
+
+    Only parameters with requires_grad train (a frozen embedding stays as it is). With `checkpoint` (a path
+    under lk.cache_dir()), the student, optimizer and history are written atomically with a checksum every
+    `checkpoint_every` steps and at the end; calling again with the same path resumes from the last checkpoint
+    and gives the same final weights as an uninterrupted run (a corrupted checkpoint raises ChecksumError).
+    `callback(step, history)` runs after every step (raise from it to interrupt); `eval_fn(student) -> float`
+    runs every `eval_every` steps; `stop_at` ends the run early while the schedule still spans cfg.steps.
+    """
+    from tqdm.auto import tqdm
+
+    if not isinstance(cfg, TrainConfig):
+        raise TypeError(f"cfg must be a distill.TrainConfig, got {type(cfg).__name__}")
+    checkpoint_every = _whole("checkpoint_every", checkpoint_every, 1, "steps between checkpoints, e.g. 50")
+    eval_every = _whole("eval_every", eval_every, 0, "steps between evaluations, 0 for none")
+    stop = cfg.steps if stop_at is None else min(cfg.steps, _whole("stop_at", stop_at, 1, "a step count"))
+    _check_targets(student, seqs, cfg, teacher_logits)
+
     order = batch_order(seqs.shape[0], cfg.steps, cfg.batch_size, cfg.seed)
-    opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
+    params = [p for p in student.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the student has no trainable parameters (requires_grad is False everywhere)")
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
     hist = {"loss": [], "kd": [], "ce": [], "lr": [], "eval": []}
     start = 0
     ident = {"config": asdict(cfg), "n_seqs": int(seqs.shape[0]), "seq_len": int(seqs.shape[1] - 1),
@@ -427,7 +544,7 @@ def train_student(student, seqs: torch.Tensor, cfg: TrainConfig, teacher_logits:
              "teacher": _targets_id(teacher_logits) if cfg.alpha > 0 else None}
     path = Path(checkpoint) if checkpoint is not None else None
     if path is not None and path.exists():
-        state = torch.load(path, weights_only=True)  # tensors, numbers, lists and dicts only
+        state = load_checkpoint(path)
         if state.get("ident") != ident:
             raise ValueError(f"checkpoint {path} belongs to another run ({state.get('ident')}); "
                              f"delete it or choose another checkpoint path")
@@ -437,17 +554,17 @@ def train_student(student, seqs: torch.Tensor, cfg: TrainConfig, teacher_logits:
 
     def save(step):
         if path is not None:
-            _save_checkpoint(path, {"ident": ident, "step": step, "student": student.state_dict(),
-                                    "optimizer": opt.state_dict(), "history": hist})
+            save_checkpoint(path, {"ident": ident, "step": step, "student": student.state_dict(),
+                                   "optimizer": opt.state_dict(), "history": hist})
 
     student.train()
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress,
+    bar = tqdm(range(start, stop), initial=start, total=stop, disable=not progress,
                desc=f"α={cfg.alpha:g} T={cfg.temperature:g}")
     try:
         for step in bar:
             idx = order[step]
             batch = seqs[idx]
-            lr = _lr_at(step, cfg)
+            lr = lr_at(step, cfg)
             for g in opt.param_groups:
                 g["lr"] = lr
             logits = student(input_ids=batch[:, :-1]).logits
@@ -460,7 +577,7 @@ def train_student(student, seqs: torch.Tensor, cfg: TrainConfig, teacher_logits:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.clip:
-                torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.clip)
+                torch.nn.utils.clip_grad_norm_(params, cfg.clip)
             opt.step()
             hist["loss"].append(round(float(loss.detach()), 5))
             hist["kd"].append(round(parts["kd"], 5) if cfg.alpha > 0 else None)
@@ -489,19 +606,28 @@ def run_checkpoint_path(name: str) -> Path:
     return cache_dir() / "distill" / f"ckpt-{name}.pt"
 
 
+def weights_sha256(model) -> str:
+    """sha256 of a model's state_dict tensors in name order: the fingerprint of a trained student."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 # ----------------------------------------------------------------------------------------------------------
-# Softened distributions (the widget), KV cache and speed
+# Softened distributions (the widget) and the KV cache
 
 
 @torch.no_grad()
 def softened_next_token(model, tokenizer, prompt: str, temperature: float = 1.0, top: int = 10) -> dict:
     """softmax(logits/T) of `model` for the token after `prompt`: its `top` tokens, probabilities, entropy (nats)."""
-    t = _check_temperature(temperature)
+    t = check_temperature(temperature)
     ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
     logits = model(input_ids=ids).logits[0, -1].float()
     logp = F.log_softmax(logits / t, dim=-1)
     p = logp.exp()
-    top_p, top_i = p.topk(int(top))
+    top_p, top_i = p.topk(_whole("top", top, 1, "how many tokens to show"))
     return {"temperature": t, "tokens": [tokenizer.decode([int(i)]) for i in top_i],
             "probs": [float(x) for x in top_p], "entropy": float(-(p * logp).sum()),
             "max_entropy": math.log(p.numel())}
@@ -517,196 +643,3 @@ def kv_cache_bytes_measured(model, seq_len: int = 64) -> int:
         for t in (layer.keys, layer.values):
             total += t.numel() * t.element_size()
     return total
-
-
-@torch.no_grad()
-def tokens_per_second(model, tokens: torch.Tensor, batch: int = 2, seq_len: int = 128, repeats: int = 3) -> float:
-    """Forward-pass throughput (tokens/s, best of `repeats`) over a [batch, seq_len] slice of `tokens`."""
-    ids = tokens[: batch * seq_len].reshape(batch, seq_len)
-    model(input_ids=ids[:, :8])  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        model(input_ids=ids)
-        best = min(best, time.perf_counter() - t0)
-    return batch * seq_len / best
-
-
-def speed_ratio(teacher, student, tokens: torch.Tensor, threads: int = 1, **kw) -> dict:
-    """Tokens/s of teacher and student measured in one run, on `threads` threads, and their ratio."""
-    from .repro import set_threads
-
-    old = set_threads(threads)
-    try:
-        ts = tokens_per_second(teacher, tokens, **kw)
-        ss = tokens_per_second(student, tokens, **kw)
-    finally:
-        set_threads(old)
-    return {"teacher_tok_s": ts, "student_tok_s": ss, "ratio": ss / ts}
-
-
-def gap_closed(ppl_teacher: float, ppl_hard: float, ppl_kd: float) -> float:
-    """Share of the hard-label student's gap to the teacher that distillation closes, in log-perplexity (nats)."""
-    gap = math.log(ppl_hard) - math.log(ppl_teacher)
-    if gap <= 0:
-        raise ValueError("the hard-label student is not worse than the teacher: there is no gap to close")
-    return (math.log(ppl_hard) - math.log(ppl_kd)) / gap
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The stored experiment and the headline figures
-
-
-@dataclass
-class Experiment:
-    """The stored experiment (make_results) and the notebook's live demo use the same code with two sizes."""
-    n_train_seqs: int = 128
-    seq_len: int = 128
-    top_k: int = 32
-    student: StudentConfig = field(default_factory=StudentConfig)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=100, batch_size=4, lr=3e-3, warmup=10))
-    eval_tokens: int = 4096
-    eval_every: int = 25
-    runs: tuple = ((0.0, 1.0), (1.0, 1.0), (1.0, 2.0), (1.0, 4.0), (0.5, 1.0), (0.5, 2.0))
-
-
-# The live demonstration in notebook 03: the first 16 of the same training sequences, 30 short steps.
-DEMO = Experiment(n_train_seqs=16, seq_len=128, train=TrainConfig(steps=30, batch_size=2, lr=3e-3, warmup=5),
-                  eval_tokens=2048, eval_every=15, runs=((0.0, 1.0), (1.0, 1.0)))
-
-
-def weights_sha256(model) -> str:
-    """sha256 of a model's state_dict tensors in name order: the fingerprint of a trained student."""
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
-def run_name(alpha: float, temperature: float) -> str:
-    return "hard" if alpha == 0 else f"kd_a{alpha:g}_T{temperature:g}"
-
-
-def run_experiment(teacher, tokenizer, exp: Experiment, progress: bool = True, log=print,
-                   checkpoints: bool = False, tag: str = "main") -> dict:
-    """Train one student per (alpha, temperature) of `exp` on the same data and steps; return curves and ppl."""
-    from . import data as lkdata
-    from .evaluate import perplexity
-
-    check_vocab(teacher, make_student(teacher.config, exp.student))
-    train_tokens = lkdata.tokens("train", tokenizer)
-    val = lkdata.tokens("validation", tokenizer)[: exp.eval_tokens]
-    seqs = make_sequences(train_tokens, exp.seq_len, exp.n_train_seqs)
-    t0 = time.perf_counter()
-    tl = cached_teacher_topk(teacher, seqs, k=exp.top_k, progress=progress)
-    log(f"teacher top-{exp.top_k} logits for {seqs.shape[0]}×{exp.seq_len} tokens: "
-        f"{time.perf_counter() - t0:.1f} s (cached under lk.cache_dir())")
-
-    def ev(m):
-        return perplexity(m, val, seq_len=exp.seq_len, max_tokens=exp.eval_tokens)
-
-    out = {}
-    for alpha, temp in exp.runs:
-        name = run_name(alpha, temp)
-        cfg = TrainConfig(**{**asdict(exp.train), "alpha": alpha, "temperature": temp})
-        student = make_student(teacher.config, exp.student, seed=cfg.seed)
-        t0 = time.perf_counter()
-        ck = run_checkpoint_path(f"{tag}-{name}") if checkpoints else None
-        hist = train_student(student, seqs, cfg, tl if alpha > 0 else None, checkpoint=ck, progress=progress,
-                             eval_fn=ev, eval_every=exp.eval_every)
-        ppl = hist["eval"][-1][1]
-        out[name] = {"alpha": alpha, "temperature": temp, "loss": hist["loss"], "ce": hist["ce"],
-                     "kd": hist["kd"], "val_ppl_curve": [[s, round(p, 3)] for s, p in hist["eval"]],
-                     "val_ppl": round(ppl, 3), "weights_sha256": weights_sha256(student)}
-        log(f"{name}: val ppl {ppl:.2f} after {cfg.steps} steps ({time.perf_counter() - t0:.1f} s)")
-    return {"runs": out, "n_train_tokens": int(seqs[:, :-1].numel()),
-            "topk_mass": {f"{t:g}": round(topk_mass(tl, t), 4) for t in tl.tail_temps},
-            "topk_bytes": tl.nbytes(), "full_logits_bytes_estimate": logit_cache_bytes(
-                seqs[:, :-1].numel(), _vocab_size(teacher))}
-
-
-def make_results() -> dict:
-    """The stored experiment: `python -m labkit results distill` writes data/results/distill.json."""
-    from .evaluate import perplexity
-    from .memory import count_params
-    from .models import load_model
-    from . import data as lkdata
-    from .repro import seed_everything, set_threads
-
-    seed_everything(0)
-    set_threads(1)  # one thread: steadier on a shared machine, and the numbers do not depend on the core count
-    lines = []
-
-    def log(msg):
-        print(msg, flush=True)
-        lines.append(msg)
-
-    t_all = time.perf_counter()
-    teacher, tok = load_model("smollm2-135m")
-    exp = Experiment()
-    val = lkdata.tokens("validation", tok)[: exp.eval_tokens]
-    teacher_ppl = perplexity(teacher, val, seq_len=exp.seq_len, max_tokens=exp.eval_tokens)
-    log(f"teacher val ppl {teacher_ppl:.3f} on {exp.eval_tokens} tokens")
-    main = run_experiment(teacher, tok, exp, log=log, checkpoints=True, tag="main")
-    demo = run_experiment(teacher, tok, DEMO, log=log, progress=False, tag="demo")
-    hard = main["runs"]["hard"]["val_ppl"]
-    best = min((r for n, r in main["runs"].items() if n != "hard"), key=lambda r: r["val_ppl"])
-    log(f"total {time.perf_counter() - t_all:.0f} s")
-    return {
-        "command": "python -m labkit results distill",
-        "config": _jsonable(asdict(exp)), "demo_config": _jsonable(asdict(DEMO)),
-        "teacher": {"name": "smollm2-135m", "val_ppl": round(teacher_ppl, 3), "params": count_params(teacher)},
-        "runs": main["runs"], "demo_runs": demo["runs"],
-        "n_train_tokens": main["n_train_tokens"], "topk_bytes": main["topk_bytes"],
-        "tail_temperatures": list(TAIL_TEMPERATURES), "topk_mass": main["topk_mass"],
-        "full_logits_bytes_estimate": main["full_logits_bytes_estimate"],
-        "headline": {"hard_ppl": hard, "kd_ppl": best["val_ppl"],
-                     "kd_run": run_name(best["alpha"], best["temperature"]),
-                     "gap_closed": round(gap_closed(teacher_ppl, hard, best["val_ppl"]), 4)},
-        "log": lines,
-        "torch": torch.__version__,
-    }
-
-
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    return obj
-
-
-def bench() -> dict:
-    """Headline figures: perplexities from the stored results; params, bytes, KV/token and tokens/s measured now."""
-    from .memory import count_params, estimate_kv_cache_bytes, model_bytes
-    from .models import load_model
-    from .repro import load_results
-    from . import data as lkdata
-
-    res = load_results("distill")
-    teacher, tok = load_model("smollm2-135m")
-    student = make_student(teacher.config, StudentConfig(**res["config"]["student"]))
-    toks = lkdata.tokens("validation", tok)
-    speed = speed_ratio(teacher, student, toks)
-    h = res["headline"]
-    return {
-        "teacher_ppl": round(res["teacher"]["val_ppl"], 2), "hard_student_ppl": round(h["hard_ppl"], 2),
-        "distilled_student_ppl": round(h["kd_ppl"], 2), "distilled_run": h["kd_run"],
-        "gap_closed_pct": round(100 * h["gap_closed"], 1),
-        "teacher_params": count_params(teacher), "student_params": count_params(student),
-        "teacher_bytes": model_bytes(teacher), "student_bytes": model_bytes(student),
-        "teacher_kv_bytes_per_token": kv_cache_bytes_measured(teacher, 16) // 16,
-        "student_kv_bytes_per_token": kv_cache_bytes_measured(student, 16) // 16,
-        "student_kv_estimate_match": kv_cache_bytes_measured(student, 16) == estimate_kv_cache_bytes(
-            student.config, 1, 16),
-        "student_vs_teacher_tokens_per_s": round(speed["ratio"], 1),
-    }
-
-
-def nearest_run(results: dict, alpha: float, temperature: float) -> str:
-    """The stored run closest to (alpha, temperature); alpha = 0 is the hard-label run whatever T."""
-    a, t = _check_alpha(alpha), _check_temperature(temperature)
-    runs = results["runs"]
-    return min(runs, key=lambda n: (abs(runs[n]["alpha"] - a),
-                                    0.0 if runs[n]["alpha"] == 0 else abs(math.log(runs[n]["temperature"] / t))))

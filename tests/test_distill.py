@@ -183,7 +183,7 @@ def test_teacher_topk_matches_full_logits_and_is_cached(pair, tmp_path, monkeypa
     v, i = full.topk(5, -1)
     torch.testing.assert_close(tk.values, v, rtol=1e-5, atol=1e-5)
     assert tk.indices.dtype == torch.int32
-    assert tk.nbytes() == D.logit_cache_bytes(8 * 16, V, k=5, n_tail=len(D.TAIL_TEMPERATURES))
+    assert tk.nbytes == D.logit_cache_bytes(8 * 16, V, k=5, n_tail=len(D.TAIL_TEMPERATURES))
     rest = full.scatter(-1, i, float("-inf"))
     for j, T in enumerate(D.TAIL_TEMPERATURES):  # the tail is the exact log-mass of the other V − k tokens
         torch.testing.assert_close(tk.tail[..., j], (rest / T).logsumexp(-1), rtol=1e-5, atol=1e-5)
@@ -231,7 +231,7 @@ def test_interrupted_run_resumes_to_the_same_weights(pair, tmp_path):
     ck = tmp_path / "run.pt"
     with pytest.raises(Interrupt):
         _train(pair, tmp_path, 0.5, steps=8, checkpoint=ck, checkpoint_every=2, callback=stop_after_5)
-    state = torch.load(ck, weights_only=False)
+    state = D.load_checkpoint(ck)
     assert state["step"] == 4  # the last checkpoint before the interruption
     resumed, hist = _train(pair, tmp_path, 0.5, steps=8, checkpoint=ck, checkpoint_every=2)
     assert hist["loss"] == ref_hist["loss"]
@@ -273,9 +273,96 @@ def test_kv_cache_bytes_measured_matches_formula(pair):
     assert D.kv_cache_bytes_measured(teacher, 10) == want == lk.estimate_kv_cache_bytes(c, 1, 10)
 
 
-def test_gap_closed():
-    assert D.gap_closed(10.0, 100.0, 10.0) == pytest.approx(1.0)
-    assert D.gap_closed(10.0, 100.0, 100.0) == pytest.approx(0.0)
-    assert D.gap_closed(10.0, 100.0, math.sqrt(1000)) == pytest.approx(0.5)
-    with pytest.raises(ValueError):
-        D.gap_closed(10.0, 9.0, 9.5)
+def test_train_config_is_frozen_and_checks_types_and_ranges(pair):
+    for kw, err in [({"alpha": "0.5"}, TypeError), ({"lr": -1}, ValueError), ({"steps": 1.5}, TypeError),
+                    ({"batch_size": 0}, ValueError), ({"temperature": "2"}, TypeError), ({"lr": float("nan")}, ValueError),
+                    ({"clip": -1.0}, ValueError), ({"seed": True}, TypeError)]:
+        with pytest.raises(err):
+            D.TrainConfig(**kw)
+    cfg = D.TrainConfig(lr=1, alpha=1)
+    assert isinstance(cfg.lr, float) and isinstance(cfg.alpha, float)
+    with pytest.raises(Exception):
+        cfg.lr = 0.1  # frozen
+    teacher, seqs = pair
+    with pytest.raises(ValueError, match="checkpoint_every"):
+        D.train_student(D.make_student(teacher.config, **TINY), seqs, D.TrainConfig(steps=2), checkpoint_every=0,
+                        progress=False)
+    with pytest.raises(TypeError, match="k must be a whole number"):
+        D.teacher_topk(teacher, seqs, k=2.5)
+
+
+def test_a_flipped_byte_in_a_checkpoint_is_refused(pair, tmp_path):
+    ck = tmp_path / "run.pt"
+    _train(pair, tmp_path, 0.5, steps=4, checkpoint=ck, checkpoint_every=2)
+    raw = bytearray(ck.read_bytes())
+    raw[len(raw) // 2] ^= 0x40
+    ck.write_bytes(bytes(raw))
+    with pytest.raises(lk.repro.ChecksumError, match="delete"):
+        _train(pair, tmp_path, 0.5, steps=8, checkpoint=ck, checkpoint_every=2)
+    ck.with_name(ck.name + ".sha256.json").unlink()  # no checksum: not trusted either
+    with pytest.raises(lk.repro.ChecksumError):
+        D.load_checkpoint(ck)
+
+
+def test_a_flipped_byte_in_the_topk_cache_is_rebuilt(pair, tmp_path, monkeypatch):
+    monkeypatch.setenv("LABKIT_CACHE", str(tmp_path))
+    teacher, seqs = pair
+    tk = D.cached_teacher_topk(teacher, seqs, k=5)
+    path = D.topk_cache_path(teacher, seqs, 5)
+    raw = bytearray(path.read_bytes())
+    raw[-200] ^= 0x01
+    path.write_bytes(bytes(raw))
+    again = D.cached_teacher_topk(teacher, seqs, k=5)
+    assert torch.equal(again.values, tk.values) and torch.equal(again.tail, tk.tail)
+    assert lk.repro.read_verified(path, D.TOPK_KIND, "")[0] == path.read_bytes()  # rebuilt and re-verified
+
+
+def test_depth_student_keeps_the_teachers_layers_and_leaves_the_teacher_alone(pair):
+    teacher, seqs = pair
+    before = D.weights_sha256(teacher)
+    same = D.make_depth_student(teacher, [0, 1], freeze_embedding=False)
+    with torch.no_grad():
+        torch.testing.assert_close(same(input_ids=seqs[:2, :-1]).logits, teacher(input_ids=seqs[:2, :-1]).logits)
+    cut = D.make_depth_student(teacher, [1])
+    assert len(cut.model.layers) == cut.config.num_hidden_layers == 1 and len(teacher.model.layers) == 2
+    assert cut.model.layers[0].self_attn.layer_idx == 0
+    assert torch.equal(cut.model.layers[0].mlp.up_proj.weight, teacher.model.layers[1].mlp.up_proj.weight)
+    assert cut.lm_head.weight.data_ptr() == cut.get_input_embeddings().weight.data_ptr()  # still tied
+    assert not cut.get_input_embeddings().weight.requires_grad
+    assert lk.count_params(cut) == lk.memory.estimate_params(cut.config)["total"]
+    assert D.kv_cache_bytes_measured(cut, 4) == lk.estimate_kv_cache_bytes(cut.config, 1, 4)
+    frozen = cut.get_input_embeddings().weight.clone()
+    D.train_student(cut, seqs, D.TrainConfig(steps=3, batch_size=2, lr=1e-2, warmup=0), progress=False)
+    assert torch.equal(cut.get_input_embeddings().weight, frozen)  # only the kept layers trained
+    assert D.weights_sha256(teacher) == before
+    for bad, err in [([2], ValueError), ([1, 0], ValueError), ([], ValueError), ("01", TypeError), ([0.5], TypeError)]:
+        with pytest.raises(err):
+            D.make_depth_student(teacher, bad)
+
+
+def test_stop_at_follows_the_full_schedule(pair, tmp_path):
+    _, full = _train(pair, tmp_path, 1.0, steps=6)
+    _, part = _train(pair, tmp_path, 1.0, steps=6, stop_at=3)
+    assert part["loss"] == full["loss"][:3] and part["lr"] == full["lr"][:3]
+
+
+def test_lr_schedule_warms_up_then_decays_to_a_tenth():
+    cfg = D.TrainConfig(steps=10, lr=1.0, warmup=2)
+    lrs = [D.lr_at(s, cfg) for s in range(10)]
+    assert lrs[:2] == [0.5, 1.0] and lrs[2] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[2:], lrs[3:])) and lrs[-1] > 0.1 and D.lr_at(10, cfg) == pytest.approx(0.1)
+
+
+def test_experiment_summary_uses_the_labs_gap_metric_and_nearest_run():
+    from labkit.experiments import distill as X
+    s = X.summarize(10.0, [1000.0, 800.0, 900.0], [100.0, 90.0, 110.0], [300.0, 250.0, 350.0])
+    assert s["ce_ppl_mean"] == 900.0 and s["kd_ppl_mean"] == 100.0 and s["ce_ppl_spread"] == 200.0
+    assert s["gap_closed_pct"] == pytest.approx(100 * lk.evaluate.gap_closed(10.0, 900.0, 100.0), abs=0.05)
+    assert s["kd_better_every_seed"] and s["kd_better_than_early_stopped_ce_every_seed"]
+    res = {"grid_seed0": {"ce": {"alpha": 0.0, "temperature": 1.0}, "kd_a1_T1": {"alpha": 1.0, "temperature": 1.0},
+                          "kd_a1_T2": {"alpha": 1.0, "temperature": 2.0}}}
+    assert X.nearest_run(res, 1.0, 2.5) == "kd_a1_T2" and X.nearest_run(res, 0.1, 4.0) == "ce"
+    with pytest.raises(TypeError):
+        X.nearest_run(res, "1", 1.0)
+    with pytest.raises(TypeError):
+        X.Experiment(train={"steps": 3})
