@@ -192,6 +192,31 @@ def _decode_codes(parts: dict[str, torch.Tensor], meta: dict, n: int) -> np.ndar
     return C.huffman_decode(enc)
 
 
+def _packed_codes(parts: dict[str, torch.Tensor], meta: dict, n: int, chunk: int = 1 << 20) -> torch.Tensor:
+    """Entropy-coded codes → bit-packed codes, a chunk at a time for zstd (never all n codes at one byte each:
+    the loading peak stays near the packed size); Huffman decodes whole, then packs."""
+    bits = meta["bits"]
+    if "zstd" not in parts:
+        return Q.pack_bits(torch.from_numpy(_decode_codes(parts, meta, n)), bits)
+    import zstandard
+    out = torch.empty(math.ceil(n * bits / 8), dtype=torch.uint8)
+    reader = zstandard.ZstdDecompressor().stream_reader(parts["zstd"].numpy().tobytes())
+    done = 0
+    while done < n:                      # chunk is a multiple of 8 codes: each packs into whole bytes
+        want, buf = min(chunk, n - done), bytearray()
+        while len(buf) < want:
+            raw = reader.read(want - len(buf))
+            if not raw:
+                raise ChecksumError(f"the zstd stream ends after {done + len(buf)} of {n} codes; re-export the model")
+            buf += raw
+        codes = torch.frombuffer(buf, dtype=torch.uint8)
+        lo = done * bits // 8
+        packed = Q.pack_bits(codes, bits)
+        out[lo: lo + packed.numel()] = packed
+        done += codes.numel()
+    return out
+
+
 def _reconstruct(fmt: str, codes: np.ndarray | None, side: dict[str, torch.Tensor], meta: dict,
                  packed: torch.Tensor | None = None) -> torch.Tensor:
     """The fp32 weight a stored matrix stands for (the same function at compression and at load time)."""
@@ -557,8 +582,7 @@ def load_compressed(folder, packed: bool = True, dtype: torch.dtype = torch.floa
             mod = modules.get(fqn)
             if packed and meta["format"] == "int" and isinstance(mod, (nn.Linear, nn.Embedding)):
                 if "packed" not in parts:
-                    codes = _decode_codes(parts, meta, math.prod(meta["shape"]))
-                    parts = {**parts, "packed": Q.pack_bits(torch.from_numpy(codes), meta["bits"])}
+                    parts = {**parts, "packed": _packed_codes(parts, meta, math.prod(meta["shape"]))}
                 q = int_qtensor(parts["packed"], parts, meta)
                 new = Q.QuantEmbedding(q) if isinstance(mod, nn.Embedding) else Q.QuantLinear(q, mod.bias)
                 _set_module(model, fqn, new)

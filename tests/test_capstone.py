@@ -302,3 +302,13 @@ def test_compress_for_budget_exports_a_model_that_generates_the_same_tokens(tmp_
     assert (tmp_path / "out" / "report.json").exists()
     assert report["perplexity"]["max_tokens"] == 256 and math.isfinite(report["perplexity"]["compressed"])
     assert K.load_compressed(tmp_path / "out").config.vocab_size == len(tok)
+
+
+@pytest.mark.parametrize("bits", [3, 4, 8])
+def test_zstd_codes_decode_chunk_by_chunk_to_the_packed_codes(bits):
+    import numpy as np
+    n = 100_003
+    codes = np.random.default_rng(bits).integers(0, 2**bits, n).astype(np.uint8)
+    parts, _ = K._encode_codes(codes, bits, "zstd")
+    got = K._packed_codes(parts, {"bits": bits}, n, chunk=1 << 10)
+    assert torch.equal(got, Q.pack_bits(torch.from_numpy(codes), bits))
