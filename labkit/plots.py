@@ -409,7 +409,9 @@ def prune_sweep(results: dict, live: dict | None = None, ax=None, title: str = "
         xs = [0.0] + [float(s) for s in pts]
         ax.plot(xs, [dense] + list(pts.values()), "o-", ms=4, color=PALETTE[i], label=method)
     for j, (score, v) in enumerate(results.get("nm_2_4", {}).items()):
-        ax.plot([0.5], [v], marker="s^"[j % 2], ms=8, ls="none", color=PALETTE[2 + j], label=f"2:4 {score}")
+        ax.plot([0.5], [v], marker="s^v"[j % 3], ms=8, ls="none", color=PALETTE[2 + j], label=f"2:4 {score}")
+    for j, (label, v) in enumerate(results.get("at_50", {}).items()):   # single points at 50%
+        ax.plot([0.5], [v], marker="Dph"[j % 3], ms=7, ls="none", color=PALETTE[5 + j], label=f"{label} 50%")
     for label, (x, y) in (live or {}).items():
         ax.plot([x], [y], marker="x", ms=10, mew=2, ls="none", color="black", label=label)
     ax.axhline(dense, ls="--", color="grey", lw=1, label=f"dense {dense:.1f}")
@@ -417,7 +419,7 @@ def prune_sweep(results: dict, live: dict | None = None, ax=None, title: str = "
     ax.set_xlabel("sparsity (fraction of decoder Linear weights set to zero)")
     ax.set_ylabel("perplexity (validation)")
     ax.set_title(title)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left")
     return ax
 
 

@@ -104,6 +104,20 @@ def nonuniform_masks(model, sparsities: list[float], norms, method: str = "wanda
     return masks
 
 
+def curves(res: dict) -> dict:
+    """The cached points as lk.plots.prune_sweep draws them: {"dense", "sweep": {method: {"0.50": ppl}},
+    "nm_2_4": {score: ppl}, "at_50": {label: ppl}} (lines for the full sweeps, markers for the rest)."""
+    pts = res["points"]
+    sweep = {m: {f"{s:.2f}": pts[f"{m}_{round(s * 100)}"]["perplexity"] for s in sp}
+             for m, sp in SWEEP_METHODS.items() if len(sp) > 1}
+    nm = {score: pts[k]["perplexity"] for score, k in (("magnitude", "magnitude_2:4"), ("wanda", "wanda_2:4"),
+                                                       ("sparsegpt", "sparsegpt_2:4")) if k in pts}
+    at_50 = {label: pts[k]["perplexity"] for label, k in (("magnitude per row", "magnitude_row_50"),
+                                                          ("Wanda per layer", "wanda_layer_50"),
+                                                          ("SparseGPT", "sparsegpt_50")) if k in pts}
+    return {"dense": res["dense"], "sweep": sweep, "nm_2_4": nm, "at_50": at_50}
+
+
 def _setup(model_name: str = "smollm2-135m"):
     from ..data import tokens
     from ..evaluate import eval_tokens
