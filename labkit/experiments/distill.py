@@ -62,7 +62,7 @@ def run_one(student, seqs, cfg: D.TrainConfig, targets, select_tokens, val_token
     best = {"ppl": math.inf, "state": None}
 
     def select(m):
-        ppl = float(perplexity(m, select_tokens, max_tokens=LIVE_TOKENS))
+        ppl = float(perplexity(m, select_tokens, max_tokens=SELECT_TOKENS))
         if ppl < best["ppl"]:
             best.update(ppl=ppl, state={k: v.detach().clone() for k, v in m.state_dict().items()})
         return ppl
@@ -119,9 +119,12 @@ def summarize(teacher_ppl: float, ce: list[float], kd: list[float], ce_best: lis
             "kd_better_than_early_stopped_ce_every_seed": all(k < c for c, k in zip(ce_best, kd))}
 
 
-def _worker(seed: int, extra: str) -> dict:
-    """One seed of the stored experiment in its own process (one thread): CE and every (α, T) of the grid,
-    plus one extra job: the teacher's perplexities, the cut student's before training, or the scratch contrast."""
+SELECT_TOKENS = 512  # test-book tokens per selection evaluation (2 windows of the protocol)
+
+
+def _worker(job: list, extras: tuple) -> dict:
+    """Part of the stored experiment in its own process (one thread): `job` = [(seed, [(α, T), ...]), ...];
+    extras: "teacher" (its perplexities), "init" (the cut student before training), "scratch" (the contrast)."""
     from .. import data
     from ..models import load_model
     from ..repro import seed_everything, set_threads
@@ -132,16 +135,19 @@ def _worker(seed: int, extra: str) -> dict:
     teacher, tok = load_model(TEACHER)
     val, select = data.tokens("validation", tok), data.tokens("test", tok)
     lines = []
-    out = {"runs": run_seed(teacher, tok, exp, seed, ((0.0, 1.0),) + exp.grid, select, val, log=lines.append)}
-    if extra == "teacher":
+    out = {"runs": {}}
+    for seed, settings in job:
+        out["runs"][seed] = run_seed(teacher, tok, exp, seed, settings, select, val, log=lines.append)
+    if "teacher" in extras:
         out["teacher_ppl"] = float(perplexity(teacher, val, max_tokens=HEADLINE_TOKENS))
-        out["teacher_select"] = float(perplexity(teacher, select, max_tokens=LIVE_TOKENS))
-    elif extra == "init":
+        out["teacher_select"] = float(perplexity(teacher, select, max_tokens=SELECT_TOKENS))
+    if "init" in extras:
         probe = D.make_depth_student(teacher, exp.keep_layers, exp.freeze_embedding)
         out["init_ppl"] = float(perplexity(probe, val, max_tokens=HEADLINE_TOKENS))
-    elif extra == "scratch":
-        out["scratch"] = run_seed(teacher, tok, exp, seed, ((0.0, 1.0),) + exp.grid, select, val, log=lines.append,
-                                  student_fn=lambda: D.make_student(teacher.config), lr=exp.scratch_lr)
+    if "scratch" in extras:
+        out["scratch"] = run_seed(teacher, tok, exp, exp.seeds[0], ((0.0, 1.0),) + exp.grid, select, val,
+                                  log=lines.append, student_fn=lambda: D.make_student(teacher.config),
+                                  lr=exp.scratch_lr)
     out["log"] = lines
     return out
 
@@ -149,8 +155,8 @@ def _worker(seed: int, extra: str) -> dict:
 def make_results() -> dict:
     """The stored experiment: `python -m labkit results distill` writes data/results/distill.json.
 
-    The three seeds run side by side in three processes of one thread each (the grid is run for every seed;
-    α and T are chosen on seed 0's test-book perplexity only)."""
+    Five processes of one thread each share the runs (every seed runs CE and the whole (α, T) grid; α and T are
+    chosen on seed 0's test-book perplexity only)."""
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
@@ -159,19 +165,26 @@ def make_results() -> dict:
 
     t_all = time.perf_counter()
     exp = Experiment()
-    extras = dict(zip(exp.seeds, ("scratch", "teacher", "init")))
-    with ProcessPoolExecutor(len(exp.seeds), mp_context=mp.get_context("spawn")) as pool:
-        futures = {s: pool.submit(_worker, s, extras.get(s, "")) for s in exp.seeds}
-        done = {s: f.result() for s, f in futures.items()}
-    lines = [line for s in exp.seeds for line in done[s]["log"]]
+    s0, s1, s2 = exp.seeds
+    ce_kd1, rest = [(0.0, 1.0), exp.grid[0]], list(exp.grid[1:])
+    jobs = [([(s0, ce_kd1)], ()), ([(s0, rest)], ("scratch",)), ([(s1, ce_kd1)], ()), ([(s2, ce_kd1)], ()),
+            ([(s1, rest), (s2, rest)], ("teacher", "init"))]
+    with ProcessPoolExecutor(len(jobs), mp_context=mp.get_context("spawn")) as pool:
+        parts = [f.result() for f in [pool.submit(_worker, j, e) for j, e in jobs]]
+    lines = [line for p in parts for line in p["log"]]
+    runs = {s: {} for s in exp.seeds}
+    info = {}
+    for p in parts:
+        for s, r in p["runs"].items():
+            runs[s].update(r)
+        info.update({k: v for k, v in p.items() if k not in ("runs", "log")})
     teacher, _ = load_model(TEACHER)
     probe = D.make_depth_student(teacher, exp.keep_layers, exp.freeze_embedding)
-    info = {k: v for d in done.values() for k, v in d.items() if k not in ("runs", "log")}
     teacher_ppl = info["teacher_ppl"]
-    seed0 = done[exp.seeds[0]]["runs"]
+    seed0 = runs[s0]
     chosen = min((n for n in seed0 if n != "ce"), key=lambda n: seed0[n]["select_ppl"])
     lines.append(f"chosen on seed 0's test-book perplexity: {chosen}")
-    seeds = {s: {"ce": done[s]["runs"]["ce"], "kd": done[s]["runs"][chosen]} for s in exp.seeds}
+    seeds = {s: {"ce": runs[s]["ce"], "kd": runs[s][chosen]} for s in exp.seeds}
     ce = [seeds[s]["ce"]["val_ppl"] for s in exp.seeds]
     kd = [seeds[s]["kd"]["val_ppl"] for s in exp.seeds]
     ce_best = [seeds[s]["ce"]["best_val_ppl"] for s in exp.seeds]
@@ -186,9 +199,9 @@ def make_results() -> dict:
         "command": "python -m labkit results distill", "config": _jsonable(asdict(exp)),
         "teacher": {"name": TEACHER, "val_ppl": round(teacher_ppl, 3), "select_ppl": round(info["teacher_select"], 3),
                     "params": count_params(teacher), "bytes": model_bytes(teacher)},
-        "eval": {"val_tokens": HEADLINE_TOKENS, "select_tokens": LIVE_TOKENS, "select_split": "test"},
+        "eval": {"val_tokens": HEADLINE_TOKENS, "select_tokens": SELECT_TOKENS, "select_split": "test"},
         "chosen": {"run": chosen, "alpha": seed0[chosen]["alpha"], "temperature": seed0[chosen]["temperature"]},
-        "grid_seed0": seed0, "grid": {str(s): done[s]["runs"] for s in exp.seeds},
+        "grid_seed0": seed0, "grid": {str(s): runs[s] for s in exp.seeds},
         "seeds": {str(s): v for s, v in seeds.items()},
         "scratch": {"runs": info["scratch"], "params": count_params(scratch_student),
                     "bytes": model_bytes(scratch_student)},
