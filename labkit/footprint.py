@@ -118,28 +118,3 @@ def training_step(name: str, batch: int, seq_len: int, lr: float = 1e-5) -> dict
 def measure_training_step(name: str, batch: int = 1, seq_len: int = 64) -> dict:
     """training_step() in a fresh process."""
     return run_in_subprocess(training_step, name, batch, seq_len, env=QUIET_MALLOC)[0]
-
-
-def bench() -> dict:
-    """Headline figures of notebook 00: size, KV bytes per token, perplexity, forward and training-step memory."""
-    import time
-
-    from .evaluate import default_budget, eval_tokens, perplexity
-    from .memory import estimate_params, kv_bytes_per_token
-    from .models import load_model
-    t0 = time.perf_counter()
-    model, tok = load_model("smollm2-135m")
-    load_s = time.perf_counter() - t0
-    n = count_params(model)
-    t0 = time.perf_counter()
-    ppl = {split: round(perplexity(model, eval_tokens(tok, split)), 2) for split in ("validation", "test")}
-    fwd = measure_inference("smollm2-135m", [(1, 512)])[0]
-    step = measure_training_step("smollm2-135m", 1, 64)
-    est = estimate_footprint(model.config, n, "fp32", 1, 512)
-    return {"params": n, "params_estimate": estimate_params(model.config)["total"],
-            "fp32_bytes": tensor_bytes(model), "kv_bytes_per_token_fp32": kv_bytes_per_token(model.config),
-            "perplexity_tokens": default_budget(), "perplexity": ppl, "eval_seconds": round(time.perf_counter() - t0, 1),
-            "load_seconds_from_cache": round(load_s, 2),
-            "forward_1x512_peak_bytes": fwd["peak_bytes"], "forward_1x512_estimate_bytes": est["activations"] + est["kv_cache"],
-            "train_step_state_bytes_per_param": round((step["weights"] + step["gradients"] + step["optimizer_state"]) / n, 2),
-            "train_step_peak_bytes": step["peak_bytes"]}
