@@ -6,7 +6,8 @@
   execute NB [NB ...]     execute notebooks in place (cwd = the notebook's folder), then clean them
   clean [--check] NB ...  strip metadata noise (outputs are kept); --check only lists what would change
   student [--check]       write notebooks/student/ copies with solutions stubbed; --check verifies them
-  compress --budget B --out DIR   export SmolLM2 compressed to fit B (0.25 of fp32, bytes, or 64MB), with a report
+  compress --budget B --out DIR [--ram] [--force]   export SmolLM2 compressed to fit B (0.25 of fp32, bytes,
+                          or 64MB) on disk or, with --ram, in RAM once loaded; with a checksummed report
 """
 from __future__ import annotations
 
@@ -221,9 +222,11 @@ def cmd_student(args) -> int:
 
 def cmd_compress(args) -> int:
     from labkit import capstone
+    from labkit.experiments.capstone import compress_for_budget
     try:
-        capstone.compress_for_budget(args.budget, args.out, results=args.results, max_tokens=args.tokens, log=_err)
-    except (capstone.BudgetError, ValueError, FileNotFoundError) as e:
+        compress_for_budget(args.budget, args.out, results=args.results, max_tokens=args.tokens, log=_err,
+                            kind="ram" if args.ram else "disk", force=args.force)
+    except (capstone.BudgetError, ValueError, TypeError, FileNotFoundError, FileExistsError) as e:
         _err(f"compress: {e}")
         return 2
     return 0
@@ -259,6 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--budget", required=True, help="fraction of fp32 bytes (0.25), bytes, or a size such as 64MB")
     k.add_argument("--out", required=True, help="folder for model.safetensors, tokenizer files and report.json")
     k.add_argument("--tokens", type=int, default=None, help="validation tokens for perplexity (default: lk's)")
+    k.add_argument("--ram", action="store_true", help="fit the budget in RAM once loaded (default: bytes on disk)")
+    k.add_argument("--force", action="store_true", help="replace a previous labkit export in --out")
     k.add_argument("--results", default=None, help=argparse.SUPPRESS)  # another capstone.json (tests)
     k.set_defaults(fn=cmd_compress)
     return p

@@ -665,7 +665,3 @@ def search_points(results: dict) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------------------------- command line
-def compress_for_budget(budget, out, results=None, max_tokens=None, log=print, **kwargs) -> dict:
-    """`python -m labkit compress`: see labkit.experiments.capstone.compress_for_budget (kept here for the CLI)."""
-    from .experiments.capstone import compress_for_budget as run
-    return run(budget, out, results=results, max_tokens=max_tokens, log=log, **kwargs)

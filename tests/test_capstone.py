@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from labkit import capstone as K
 from labkit import quantize as Q
 from labkit.__main__ import main
+from labkit.experiments.capstone import compress_for_budget
 from labkit.models import tiny_llama
 from labkit.storage import ChecksumError
 
@@ -294,8 +295,8 @@ def test_compress_for_budget_exports_a_model_that_generates_the_same_tokens(tmp_
                      (dict(max_tokens=256.0), "whole number"), (dict(kind="vram"), "kind")):
         kw = dict(budget=0.5, out=tmp_path / "out", results=res, max_tokens=256, model_name="no-such-model") | bad
         with pytest.raises((ValueError, TypeError), match=err):                 # refused before any model is loaded
-            K.compress_for_budget(**kw)
-    report = K.compress_for_budget(0.5, tmp_path / "out", results=res, max_tokens=256, model_name=str(folder),
+            compress_for_budget(**kw)
+    report = compress_for_budget(0.5, tmp_path / "out", results=res, max_tokens=256, model_name=str(folder),
                                    log=logs.append)
     assert report["recipe"] == recipe.to_dict() and report["recipe_name"] == recipe.name  # the best that fits 0.5
     assert any("generates the same" in line for line in logs)
