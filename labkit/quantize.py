@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -72,67 +72,9 @@ def _check_float(x, who: str) -> None:
                         f"convert it first, e.g. x.float()")
 
 
-def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack unsigned integer codes (each < 2**bits) into a dense little-endian bit stream of uint8 bytes.
-
-    n codes take exactly ceil(n·bits/8) bytes: two 4-bit codes per byte, four 2-bit codes per byte,
-    eight 3-bit codes in three bytes. Works for any 1 ≤ bits ≤ 8.
-    """
-    if not 1 <= int(bits) <= 8:
-        raise ValueError(f"pack_bits: bits must be in 1..8, got {bits}")
-    if codes.dtype.is_floating_point or codes.dtype == torch.bool:
-        raise TypeError(f"pack_bits expects integer codes, got {codes.dtype}")
-    flat = codes.reshape(-1)
-    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= (1 << bits)):
-        raise ValueError(f"pack_bits: codes must lie in [0, {(1 << bits) - 1}] for {bits} bits")
-    flat = flat.to(torch.uint8)
-    n = flat.numel()
-    if bits == 8:
-        return flat.clone()
-    nbytes = (n * bits + 7) // 8
-    if 8 % bits == 0:  # 1, 2, 4 bits: whole codes per byte
-        per = 8 // bits
-        pad = (-n) % per
-        g = F.pad(flat, (0, pad)).view(-1, per)
-        out = torch.zeros(g.shape[0], dtype=torch.uint8)
-        for j in range(per):
-            out |= g[:, j] << (j * bits)
-        return out[:nbytes].contiguous()
-    # generic bit stream (3, 5, 6, 7 bits): 8 codes = `bits` bytes exactly
-    pad = (-n) % 8
-    g = F.pad(flat, (0, pad)).view(-1, 8)
-    stream = torch.stack([(g >> b) & 1 for b in range(bits)], dim=-1)  # [chunks, code j, bit k]
-    stream = stream.reshape(-1, 8)  # code j's bit k sits at stream position j·bits + k; 8 positions → 1 byte
-    out = torch.zeros(stream.shape[0], dtype=torch.uint8)
-    for b in range(8):
-        out |= stream[:, b] << b
-    return out[:nbytes].contiguous()
-
-
-def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
-    """Inverse of `pack_bits`: the first n codes (uint8) from a packed byte stream."""
-    if not 1 <= int(bits) <= 8:
-        raise ValueError(f"unpack_bits: bits must be in 1..8, got {bits}")
-    if packed.dtype != torch.uint8:
-        raise TypeError(f"unpack_bits expects uint8 bytes, got {packed.dtype}")
-    if packed.numel() * 8 < n * bits:
-        raise ValueError(f"unpack_bits: {packed.numel()} bytes hold fewer than {n} codes of {bits} bits")
-    p = packed.reshape(-1)
-    if bits == 8:
-        return p[:n].clone()
-    mask = (1 << bits) - 1
-    if 8 % bits == 0:
-        per = 8 // bits
-        out = torch.stack([(p >> (j * bits)) & mask for j in range(per)], dim=-1).reshape(-1)
-        return out[:n].contiguous()
-    pad = (-p.numel()) % bits
-    p = F.pad(p, (0, pad))
-    stream = torch.stack([(p >> b) & 1 for b in range(8)], dim=-1).reshape(-1, 8 * bits)
-    stream = stream.reshape(-1, 8, bits)  # [chunks of 8 codes, code j, bit k]
-    out = torch.zeros(stream.shape[0], 8, dtype=torch.uint8)
-    for b in range(bits):
-        out |= stream[:, :, b] << b
-    return out.reshape(-1)[:n].contiguous()
+# Bit packing has one home, lk.compress.pack_bits / unpack_bits (n codes of b bits in ceil(n·b/8) bytes);
+# re-exported here because packed codes are what a quantized tensor stores.
+from .compress import pack_bits, unpack_bits  # noqa: E402,F401
 
 
 @dataclass
