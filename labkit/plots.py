@@ -62,17 +62,95 @@ def bytes_formatter(x, _pos=None) -> str:
     return f"{x:.0f} B"
 
 
+def _log_locator(lo: float, hi: float):
+    """Major ticks of a log axis: 1 per decade over a wide range, 1-2-5 steps when it is short."""
+    from matplotlib.ticker import LogLocator
+    decades = max(hi, 1e-300) / max(lo, 1e-300)
+    subs = (1.0,) if decades > 50 else (1.0, 2.0, 5.0) if decades > 4 else (1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 7.0)
+    return LogLocator(base=10, subs=subs)
+
+
 def log_bytes_axis(ax, axis: str = "x") -> None:
     """A log axis of bytes with readable kB/MB/GB labels on at least two ticks (1-2-5 steps when a decade is short)."""
-    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+    from matplotlib.ticker import FuncFormatter, NullFormatter
     a = ax.xaxis if axis == "x" else ax.yaxis
     (ax.set_xscale if axis == "x" else ax.set_yscale)("log")
     lo, hi = (ax.get_xlim() if axis == "x" else ax.get_ylim())
-    decades = max(hi, 1) / max(lo, 1)
-    subs = (1.0,) if decades > 50 else (1.0, 2.0, 5.0) if decades > 4 else (1.0, 1.5, 2.0, 3.0, 5.0, 7.0)
-    a.set_major_locator(LogLocator(base=10, subs=subs))
+    a.set_major_locator(_log_locator(max(lo, 1), max(hi, 1)))
     a.set_major_formatter(FuncFormatter(bytes_formatter))
     a.set_minor_formatter(NullFormatter())
+
+
+def plain_number(v, _pos=None) -> str:
+    """Tick label without powers of ten: 20, 150, 1,000, 0.5."""
+    return f"{v:,.0f}" if abs(v) >= 10 else f"{v:g}"
+
+
+def log_axis(ax, axis: str = "y") -> None:
+    """A log axis with plain-number labels (20, 50, 100 — not 2×10¹) on 1-2-5 steps when the range is short,
+    and on evenly spaced ticks with enough decimals when it spans less than a factor of 2 (36.1, 36.2, …).
+    Call it after the data is drawn (the steps follow the data's range)."""
+    from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter
+    a = ax.xaxis if axis == "x" else ax.yaxis
+    (ax.set_xscale if axis == "x" else ax.set_yscale)("log")
+    lo, hi = (ax.get_xlim() if axis == "x" else ax.get_ylim())
+    if hi / max(lo, 1e-300) >= 2:
+        a.set_major_locator(_log_locator(lo, hi))
+        a.set_major_formatter(FuncFormatter(plain_number))
+    else:
+        loc = MaxNLocator(nbins=5)
+        ticks = [t for t in loc.tick_values(lo, hi) if lo <= t <= hi]
+        step = min((b - a_ for a_, b in zip(ticks, ticks[1:])), default=hi - lo) or 1.0
+        import math
+        digits = max(0, -math.floor(math.log10(step) + 1e-9))
+        a.set_major_locator(loc)
+        a.set_major_formatter(FuncFormatter(lambda v, _p: f"{v:,.{digits}f}"))
+    a.set_minor_formatter(NullFormatter())
+
+
+def place_labels(ax, texts, points_px=(), pad: float = 2.0) -> int:
+    """Move point labels (annotations with offset points) so they overlap neither each other, nor a marker, nor
+    the axes' edge: each tries a few offsets around its point and keeps the first free one. Returns how many
+    labels still overlap something (0 when every one found a free place)."""
+    fig = ax.figure
+    renderer = fig.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    dpi = fig.dpi / 72.0
+    markers = [(x - 4 * dpi, y - 4 * dpi, x + 4 * dpi, y + 4 * dpi) for x, y in points_px]
+    placed, clashes = [], 0
+    offsets = [(6, 4, "left"), (6, -11, "left"), (-6, 4, "right"), (-6, -11, "right"), (6, 13, "left"),
+               (-6, 13, "right"), (6, -20, "left"), (-6, -20, "right"), (0, 22, "center"), (0, -28, "center")]
+
+    def box(t):
+        b = t.get_window_extent(renderer)
+        return (b.x0 - pad, b.y0 - pad, b.x1 + pad, b.y1 + pad)
+
+    def hits(b, others):
+        return any(b[0] < o[2] and o[0] < b[2] and b[1] < o[3] and o[1] < b[3] for o in others)
+
+    def inside(b):
+        return frame.x0 <= b[0] and b[2] <= frame.x1 and frame.y0 <= b[1] and b[3] <= frame.y1
+
+    for t in texts:
+        own = t.xy
+        best = None
+        for dx, dy, ha in offsets:
+            t.set_position((dx, dy))
+            t.set_horizontalalignment(ha)
+            b = box(t)
+            others = placed + [m for m in markers
+                               if not (m[0] <= ax.transData.transform(own)[0] <= m[2]
+                                       and m[1] <= ax.transData.transform(own)[1] <= m[3])]
+            if inside(b) and not hits(b, others):
+                best = b
+                break
+        if best is None:  # nothing free: back to the first place, counted
+            t.set_position(offsets[0][:2])
+            t.set_horizontalalignment("left")
+            best = box(t)
+            clashes += 1
+        placed.append(best)
+    return clashes
 
 
 def pareto(points: list[dict], x: str = "bytes", y: str = "quality", higher_is_better: bool = False) -> list[dict]:
@@ -95,8 +173,7 @@ def memory_quality(points: list[dict], memory: str = "RAM", quality: str = "perp
     "quality" (perplexity by default — pass `tokens` to name the protocol's budget), "technique" (sets the
     colour, the same in every notebook) and "label"; optional "reference": True (the fp32/dense/teacher point,
     drawn as a black star) and "marker". The Pareto frontier (less memory and better quality) is drawn as a
-    staircase. Returns the Axes."""
-    from matplotlib.ticker import FuncFormatter, NullFormatter
+    staircase. Labels are moved off each other and off the markers (place_labels). Returns the Axes."""
     if not points:
         raise ValueError("memory_quality needs at least one point (dicts with 'bytes', 'quality', 'technique')")
     for p in points:
@@ -124,19 +201,21 @@ def memory_quality(points: list[dict], memory: str = "RAM", quality: str = "perp
     ys = [p["quality"] for p in points]
     if log_y is None:
         log_y = (not higher_is_better) and min(ys) > 0 and max(ys) / min(ys) > 20
+    ax.margins(y=0.08)
     if log_y:
-        ax.set_yscale("log")
-        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _p: f"{v:,.0f}" if v >= 10 else f"{v:g}"))
-        ax.yaxis.set_minor_formatter(NullFormatter())
+        log_axis(ax, "y")
     if budget:
         ax.axvline(budget, color=PALETTE[3], ls="--", lw=1, label=f"budget {bytes_formatter(budget)}")
     if annotate:
         on_front = {id(p) for p in front}
-        for p in points:
-            if p.get("label") and (id(p) in on_front or p.get("reference") or p.get("annotate")):
-                ax.annotate(str(p["label"]), (p["bytes"], p["quality"]), fontsize=7, xytext=(6, 4),
-                            textcoords="offset points", zorder=6,
-                            bbox=dict(boxstyle="round,pad=0.15", fc="white", ec="none", alpha=0.7))
+        texts = [ax.annotate(str(p["label"]), (p["bytes"], p["quality"]), fontsize=7, xytext=(6, 4),
+                             textcoords="offset points", zorder=6,
+                             bbox=dict(boxstyle="round,pad=0.15", fc="white", ec="none", alpha=0.7))
+                 for p in points
+                 if p.get("label") and (id(p) in on_front or p.get("reference") or p.get("annotate"))]
+        if texts:
+            ax.figure.canvas.draw()  # the scales and text sizes are final only after a draw
+            place_labels(ax, texts, ax.transData.transform([(p["bytes"], p["quality"]) for p in points]))
     kind = memory if memory in MEMORY_KINDS else memory
     ax.set_xlabel(f"memory: {kind} (bytes, log scale)")
     qname = quality

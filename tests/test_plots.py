@@ -41,3 +41,39 @@ def test_pareto_frontier_and_colours():
         plots.memory_quality([])
     with pytest.raises(ValueError, match="lacks"):
         plots.memory_quality([{"bytes": 1}])
+
+
+def _label_boxes(ax):
+    ax.figure.canvas.draw()
+    r = ax.figure.canvas.get_renderer()
+    return [t.get_window_extent(r) for t in ax.texts]
+
+
+def test_point_labels_do_not_overlap_each_other_or_leave_the_axes():
+    # a cluster like notebook 01's: several methods at the same bytes with close perplexities
+    pts = [{"bytes": 538e6, "quality": 36.2, "technique": "dense", "label": "dense", "reference": True}]
+    for i, q in enumerate([70, 73, 75, 80, 105, 151]):
+        pts.append({"bytes": 330e6, "quality": q, "technique": "wanda", "label": f"method {i} 50%", "annotate": True})
+    pts.append({"bytes": 500e6, "quality": 36.0, "technique": "magnitude", "label": "magnitude 10%", "annotate": True})
+    ax = plots.memory_quality(pts, tokens=4096)
+    boxes = _label_boxes(ax)
+    assert len(boxes) == len(pts)
+    frame = ax.get_window_extent()
+    overlaps = [(i, j) for i in range(len(boxes)) for j in range(i) if boxes[i].overlaps(boxes[j])]
+    assert not overlaps, f"labels overlap: {overlaps}"
+    assert all(frame.x0 <= b.x0 and b.x1 <= frame.x1 and frame.y0 <= b.y0 and b.y1 <= frame.y1 for b in boxes)
+    plt.close("all")
+
+
+@pytest.mark.parametrize("lo,hi", [(35.9, 36.3), (20.5, 42.0), (30.0, 130_000.0)])
+def test_log_axis_labels_are_plain_and_distinct(lo, hi):
+    ax = plots.new_axes()
+    ax.plot([0, 1], [lo, hi])
+    plots.log_axis(ax, "y")
+    ax.figure.canvas.draw()
+    labels = [t.get_text() for t in ax.get_yticklabels() if t.get_text()
+              and lo * 0.9 <= t.get_position()[1] <= hi * 1.1]
+    assert len(labels) >= 2, labels
+    assert len(set(labels)) == len(labels), f"repeated tick labels {labels}"
+    assert not any("10^" in s or "times" in s or "×" in s for s in labels), labels
+    plt.close("all")
