@@ -6,9 +6,15 @@ from __future__ import annotations
 
 
 def interact_chart(draw, **controls):
-    """ipywidgets.interact over draw(**values) -> Axes, with plt.show() so the chart redraws in place."""
+    """ipywidgets.interact over draw(**values) -> Axes, with plt.show() so the chart redraws in place.
+    Every control shows its whole description (description_width 'initial', never "temperat…")."""
     import ipywidgets as w
     import matplotlib.pyplot as plt
+    from ipywidgets.widgets.widget_description import DescriptionStyle
+
+    for control in controls.values():
+        if isinstance(getattr(control, "style", None), DescriptionStyle):
+            control.style.description_width = "initial"
 
     def _show(**values):
         draw(**values)
@@ -150,8 +156,11 @@ def prune_widget(model, tokenizer, eval_tokens, input_norms, max_tokens: int = 5
     history = {}
 
     def draw(method="magnitude", sparsity=0.5):
-        r = prune_and_measure(model, tokenizer, eval_tokens, method, sparsity, input_norms, max_tokens)
-        history[(method, r["sparsity"])] = r
+        key = (method, round(float(sparsity), 4))
+        if key not in history:  # each setting is computed once (a few seconds): say so while it runs
+            print(f"pruning {method} to {sparsity:.0%} and measuring perplexity on {max_tokens} tokens …", flush=True)
+            history[key] = prune_and_measure(model, tokenizer, eval_tokens, method, sparsity, input_norms, max_tokens)
+        r = history[key]
         print(f"dense : {dense_ppl} | In the beginning{dense_sample}")
         print(f"pruned: {r['perplexity']} | In the beginning{r['sample']}")
         return plots.prune_widget_chart(list(history.values()), dense_ppl, model_bytes(model))
