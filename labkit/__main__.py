@@ -163,8 +163,25 @@ def execute_notebook(path: Path, timeout: int = CELL_TIMEOUT_S, stats: dict | No
     return seconds
 
 
+def _readable_notebooks(command: str, names: list[str]) -> bool:
+    """True when every name is a readable notebook; otherwise say which are not (nothing is changed)."""
+    bad = []
+    for name in names:
+        try:
+            _student.read_notebook(name)
+        except (OSError, ValueError) as e:
+            bad.append(str(e))
+    for msg in bad:
+        _err(f"{command}: {msg}")
+    if bad:
+        _err(f"{command}: nothing was changed; usage: python -m labkit {command} notebooks/NN_name.ipynb ...")
+    return not bad
+
+
 def cmd_execute(args) -> int:
     from nbclient.exceptions import CellExecutionError
+    if not _readable_notebooks("execute", args.notebooks):
+        return 2
     status = 0
     for name in args.notebooks:
         path = Path(name).resolve()
@@ -179,6 +196,8 @@ def cmd_execute(args) -> int:
 
 
 def cmd_clean(args) -> int:
+    if not _readable_notebooks("clean", args.notebooks):
+        return 2
     changed = []
     for name in args.notebooks:
         path = Path(name)

@@ -288,6 +288,12 @@ def kd_loss(student_logits, teacher_logits, labels=None, temperature: float = 1.
 
 def make_sequences(tokens: torch.Tensor, seq_len: int, n_seqs: int, offset: int = 0) -> torch.Tensor:
     """[n_seqs, seq_len + 1] non-overlapping windows of a 1-D token tensor (inputs + one shifted label)."""
+    if not isinstance(tokens, torch.Tensor) or tokens.dim() != 1 or tokens.is_floating_point():
+        raise TypeError(f"tokens must be a 1-D tensor of token ids (e.g. lk.data.tokens(...)), got "
+                        f"{type(tokens).__name__} {tuple(getattr(tokens, 'shape', ()))}")
+    seq_len = _whole("seq_len", seq_len, 1, "tokens per training sequence, e.g. 128")
+    n_seqs = _whole("n_seqs", n_seqs, 1, "how many sequences")
+    offset = _whole("offset", offset, 0, "where in `tokens` to start")
     need = offset + n_seqs * (seq_len + 1)
     if tokens.numel() < need:
         raise ValueError(f"{n_seqs} sequences of {seq_len}+1 tokens need {need} tokens, only {tokens.numel()}")
@@ -386,7 +392,12 @@ def topk_mass(tl: TopKLogits, temperature: float = 1.0) -> float:
 
 def logit_cache_bytes(n_tokens: int, vocab_size: int, k: int | None = None, n_tail: int = 0) -> int:
     """Estimate: full fp32 logits = n·V·4 bytes; top-k = n·(k·(4 B value + 4 B int32 index) + 4 B per tail T)."""
-    return int(n_tokens) * (int(vocab_size) * 4 if k is None else int(k) * 8 + 4 * int(n_tail))
+    n_tokens = _whole("n_tokens", n_tokens, 0, "tokens whose logits are kept")
+    vocab_size = _whole("vocab_size", vocab_size, 1, "the vocabulary size")
+    n_tail = _whole("n_tail", n_tail, 0, "tail temperatures stored")
+    if k is None:
+        return n_tokens * vocab_size * 4
+    return n_tokens * (_whole("k", k, 1, "logits kept per token, or None for all") * 8 + 4 * n_tail)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -37,15 +37,25 @@ def _check_budget(max_tokens, seq_len: int) -> int:
     return int(max_tokens)
 
 
+def _check_tokens(tokens) -> torch.Tensor:
+    if not isinstance(tokens, torch.Tensor):
+        raise TypeError(f"tokens must be a 1-D torch tensor of token ids (e.g. lk.data.tokens(...)), got "
+                        f"{type(tokens).__name__}; wrap a list with torch.tensor(ids)")
+    if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
+        raise TypeError(f"tokens must be integer token ids, got dtype {tokens.dtype}")
+    if tokens.dim() != 1:
+        raise ValueError(f"tokens must be one 1-D stream of ids, got shape {tuple(tokens.shape)}; the protocol "
+                         "cuts its own windows (pass tokens.flatten() if the rows are one text)")
+    return tokens
+
+
 def windows(tokens: torch.Tensor, seq_len: int, max_tokens: int) -> torch.Tensor:
     """[n, seq_len] non-overlapping windows spread evenly over tokens, n = max_tokens // seq_len."""
-    tokens = torch.as_tensor(tokens).flatten()
+    tokens = _check_tokens(tokens)
     if isinstance(seq_len, bool) or not isinstance(seq_len, numbers.Integral):
         raise TypeError(f"seq_len must be an int, got {seq_len!r}")
     if seq_len < 2:
         raise ValueError(f"seq_len must be ≥ 2, got {seq_len}")
-    if tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
-        raise TypeError(f"tokens must be integer token ids, got dtype {tokens.dtype}")
     max_tokens = _check_budget(max_tokens, seq_len)
     total = len(tokens) // seq_len
     if total == 0:
@@ -55,12 +65,33 @@ def windows(tokens: torch.Tensor, seq_len: int, max_tokens: int) -> torch.Tensor
     return torch.stack([tokens[s: s + seq_len] for s in starts.tolist()])
 
 
+def _vocab_size(model) -> int | None:
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if not isinstance(emb, torch.nn.Embedding):
+        emb = next((m for m in model.modules() if isinstance(m, torch.nn.Embedding)), None)
+    return emb.num_embeddings if emb is not None else getattr(getattr(model, "config", None), "vocab_size", None)
+
+
+def _check_model(model, tokens) -> None:
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch module (e.g. lk.load_model()), got {type(model).__name__}")
+    vocab = _vocab_size(model)
+    if vocab is not None and len(tokens) and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab):
+        raise ValueError(f"token ids run from {int(tokens.min())} to {int(tokens.max())} but the model's vocabulary "
+                         f"has {vocab} ids (0 … {vocab - 1}): tokenize with this model's own tokenizer")
+
+
 @torch.inference_mode()
 def mean_nll(model, tokens: torch.Tensor, seq_len: int = SEQ_LEN, max_tokens: int | None = None,
              batch_size: int = 4) -> float:
     """Mean next-token negative log-likelihood (nats) over evenly spread windows of tokens."""
     max_tokens = default_budget() if max_tokens is None else max_tokens
     data = windows(tokens, seq_len, max_tokens)
+    _check_model(model, tokens)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral):
+        raise TypeError(f"batch_size must be a whole number of windows, got {batch_size!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be ≥ 1 window, got {batch_size}")
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -113,6 +144,7 @@ def perplexity(model, tokens: torch.Tensor, seq_len: int = SEQ_LEN, max_tokens: 
     Returns a float that prints with its budget; `.tokens` is the number of windows × seq_len scored."""
     max_tokens = default_budget() if max_tokens is None else max_tokens
     n_windows = len(windows(tokens, seq_len, max_tokens))
+    _check_model(model, tokens)
     return Perplexity(math.exp(mean_nll(model, tokens, seq_len, max_tokens, batch_size)), n_windows * seq_len)
 
 

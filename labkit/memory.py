@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import math
+import numbers
 import os
 import threading
 import time
@@ -32,7 +33,14 @@ def dtype_bytes(dtype) -> float:
 
 def fmt_bytes(n: float) -> str:
     """Human-readable decimal size: 1 kB = 1e3 bytes, 1 MB = 1e6 bytes."""
+    if isinstance(n, torch.Tensor) and n.numel() == 1 and not n.dtype.is_complex:
+        n = n.item()
+    if isinstance(n, bool) or not isinstance(n, numbers.Real):
+        raise TypeError(f"fmt_bytes needs a number of bytes (int or float), got {type(n).__name__} {n!r}")
     n = float(n)
+    if not (math.isfinite(n) and n >= 0):
+        raise ValueError(f"fmt_bytes needs a finite size ≥ 0 bytes, got {n!r}; format a difference as "
+                         "fmt_bytes(abs(d)) with its sign in front")
     for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if abs(n) >= scale:
             return f"{n / scale:.1f} {unit}"
@@ -90,6 +98,8 @@ def tensor_bytes(obj) -> int:
     Views and tied weights share one storage, so they are counted once, and a view is charged for the
     whole storage it keeps alive, because that is what memory holds.
     """
+    if not isinstance(obj, (torch.Tensor, torch.nn.Module, dict, list, tuple, set)):
+        raise TypeError(f"tensor_bytes needs a tensor, a module or a list/dict of tensors, got {type(obj).__name__}")
     seen, total = set(), 0
     for t in _tensors(obj):
         for key, nbytes in _storages(t):
@@ -101,11 +111,19 @@ def tensor_bytes(obj) -> int:
 
 def model_bytes(model: torch.nn.Module) -> int:
     """Bytes of a model's parameters and buffers, tied/shared storages counted once."""
+    _check_module(model, "model_bytes", "lk.tensor_bytes(t) for tensors")
     return tensor_bytes(model)
+
+
+def _check_module(model, fn: str, instead: str) -> None:
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"{fn} needs a torch.nn.Module (a model or one of its layers), got {type(model).__name__}; "
+                        f"use {instead}")
 
 
 def count_params(model: torch.nn.Module) -> int:
     """Number of parameters, shared parameters counted once."""
+    _check_module(model, "count_params", "lk.memory.estimate_params(config) for a config, t.numel() for a tensor")
     seen, n = set(), 0
     for p in model.parameters():
         key = (p.untyped_storage().data_ptr(), p.storage_offset(), p.shape) if p.device.type != "meta" else id(p)
@@ -117,6 +135,7 @@ def count_params(model: torch.nn.Module) -> int:
 
 def bytes_by_dtype(model: torch.nn.Module) -> dict[str, int]:
     """Bytes of parameters and buffers grouped by dtype (each storage once)."""
+    _check_module(model, "bytes_by_dtype", "lk.tensor_bytes(t) for tensors")
     seen, out = set(), {}
     for t in _tensors(model):
         for key, nbytes in _storages(t):
@@ -138,6 +157,8 @@ KIND_PATTERNS = (
 
 def param_kind(name: str) -> str:
     """Which part of a transformer a parameter name belongs to (embeddings, attention, mlp, norms...)."""
+    if not isinstance(name, str):
+        raise TypeError(f"param_kind needs a parameter name such as 'model.layers.0.mlp.up_proj.weight', got {name!r}")
     low = name.lower()
     if "norm" in low:
         return "norms"
@@ -152,6 +173,7 @@ def bytes_by_module(model: torch.nn.Module) -> dict[str, int]:
 
     A tied lm_head shares the embedding's storage and so adds 0 bytes here.
     """
+    _check_module(model, "bytes_by_module", "lk.tensor_bytes(t) for tensors")
     seen, out = set(), {}
     for name, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers()):
         kind = param_kind(name)
@@ -165,8 +187,18 @@ def bytes_by_module(model: torch.nn.Module) -> dict[str, int]:
 
 # ---- estimates -----------------------------------------------------------------------------------
 
+def _check_count(name: str, v, whole: bool = True) -> None:
+    """TypeError unless v is a (whole, when `whole`) number, ValueError when it is negative or not finite."""
+    kinds = numbers.Integral if whole else numbers.Real
+    if isinstance(v, bool) or not isinstance(v, kinds):
+        raise TypeError(f"{name} must be a {'whole ' if whole else ''}number, got {type(v).__name__} {v!r}")
+    if not (math.isfinite(v) and v >= 0):
+        raise ValueError(f"{name} must be ≥ 0, got {v!r}")
+
+
 def estimate_param_bytes(n_params: int, dtype="fp32") -> int:
     """Bytes of n_params weights stored in dtype (numel × bytes per element)."""
+    _check_count("n_params", n_params, whole=False)
     return int(math.ceil(n_params * dtype_bytes(dtype)))
 
 
@@ -189,8 +221,7 @@ def estimate_training_bytes(n_params: int, precision: str = "fp32", optimizer: s
         raise ValueError(f"ZeRO stage must be 0, 1, 2 or 3, got {zero_stage!r}")
     if isinstance(ranks, bool) or not isinstance(ranks, int) or ranks < 1:
         raise ValueError(f"ranks must be an int ≥ 1, got {ranks!r}")
-    if isinstance(n_params, bool) or not isinstance(n_params, (int, float)) or n_params < 0:
-        raise ValueError(f"n_params must be a number ≥ 0, got {n_params!r}")
+    _check_count("n_params", n_params, whole=False)
     w = 4 if precision == "fp32" else 2
     split = {"weights": zero_stage >= 3, "gradients": zero_stage >= 2, "master_weights": zero_stage >= 1,
              "optimizer_state": zero_stage >= 1}
@@ -203,6 +234,9 @@ def estimate_training_bytes(n_params: int, precision: str = "fp32", optimizer: s
 
 
 def _cfg(config, *names, default=None):
+    if config is None or isinstance(config, (dict, str, numbers.Number)):
+        raise TypeError(f"config must be a model config object (model.config or a transformers LlamaConfig), "
+                        f"got {type(config).__name__}")
     for n in names:
         v = getattr(config, n, None)
         if v is not None:
@@ -246,8 +280,8 @@ def kv_bytes_per_token(config, dtype=torch.float32) -> int:
 
 def estimate_kv_cache_bytes(config, batch: int, seq_len: int, dtype=torch.float32) -> int:
     """KV-cache bytes for batch sequences of seq_len tokens (vLLM's formula)."""
-    if batch < 0 or seq_len < 0:
-        raise ValueError("batch and seq_len must be ≥ 0")
+    _check_count("batch", batch)
+    _check_count("seq_len", seq_len)
     return kv_bytes_per_token(config, dtype) * batch * seq_len
 
 
@@ -259,6 +293,8 @@ def layer_activation_bytes(config, batch: int, seq_len: int, precision: str = "f
     input and output, the q/k/v input, q, the attention output, the o_proj input, the MLP input) + 2·T·kv (k, v)
     + 4·T·f (gate, up, silu(gate), their product) floats, plus the attention log-sum-exp and the norms' 1/rms.
     "bf16" (autocast): the norms and the residual stream stay fp32 (4·T·h floats); the rest is 2 bytes."""
+    _check_count("batch", batch)
+    _check_count("seq_len", seq_len)
     T = batch * seq_len
     h = _cfg(config, "hidden_size", "n_embd")
     f = _cfg(config, "intermediate_size", default=4 * h)
@@ -287,6 +323,8 @@ def estimate_activation_bytes(config, batch: int, seq_len: int, dtype=torch.floa
     if logits_to_keep is not None and (isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, int)
                                        or logits_to_keep < 1):
         raise ValueError(f"logits_to_keep must be None (every position) or an int ≥ 1, got {logits_to_keep!r}")
+    _check_count("batch", batch)
+    _check_count("seq_len", seq_len)
     b = dtype_bytes(dtype)
     n = batch * seq_len
     h = _cfg(config, "hidden_size", "n_embd")
@@ -362,6 +400,9 @@ def measure_memory(sample_interval: float = 0.001):
     peak is exact even for allocations shorter than any sampling interval. Elsewhere a thread samples RSS.
     tracemalloc would miss this memory: torch allocates outside Python's allocator.
     """
+    if isinstance(sample_interval, bool) or not isinstance(sample_interval, numbers.Real) \
+            or not (0 < sample_interval < math.inf):
+        raise ValueError(f"sample_interval must be a number of seconds > 0 (e.g. 0.001), got {sample_interval!r}")
     gc.collect()
     m = MemoryMeasurement()
     exact = _reset_peak()
@@ -405,6 +446,11 @@ def run_in_subprocess(fn, *args, env: dict[str, str] | None = None, **kwargs):
     `env` adds environment variables for the child only (e.g. MALLOC_MMAP_THRESHOLD_); the caller's
     environment is left exactly as it was.
     """
+    if not callable(fn):
+        raise TypeError(f"run_in_subprocess needs a function, got {type(fn).__name__}")
+    if env is not None and not (isinstance(env, dict) and all(isinstance(k, str) and isinstance(v, str)
+                                                              for k, v in env.items())):
+        raise TypeError(f"env must be a dict of str to str (environment variables), got {env!r}")
     if getattr(fn, "__module__", "__main__") == "__main__" or "<locals>" in getattr(fn, "__qualname__", ""):
         raise ValueError(f"{getattr(fn, '__name__', fn)} must be defined at the top level of an importable "
                          "module (e.g. labkit or a .py file beside the notebook), not in the notebook")

@@ -9,6 +9,7 @@ rule as `torch.nn.utils.prune` (so our masks equal torch's on the same weights).
 from __future__ import annotations
 
 import contextlib
+import numbers
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -88,11 +89,11 @@ class PruneConfig:
 
 
 def check_sparsity(sparsity) -> float:
-    """Return sparsity as a float or raise a ValueError that says how to fix it."""
-    try:
-        s = float(sparsity)
-    except (TypeError, ValueError):
-        raise TypeError(f"sparsity must be a number in [0, 1), got {sparsity!r}") from None
+    """Return sparsity as a float; TypeError for a non-number (a string too), ValueError outside [0, 1)."""
+    if isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real):
+        raise TypeError(f"sparsity must be a number in [0, 1) such as 0.5, got {type(sparsity).__name__} "
+                        f"{sparsity!r}")
+    s = float(sparsity)
     if not (0.0 <= s < 1.0) or s != s:
         raise ValueError(
             f"sparsity must be in [0, 1) (the fraction of weights set to zero), got {sparsity!r}; "

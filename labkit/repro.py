@@ -7,6 +7,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
+import numbers
 import os
 import random
 import tempfile
@@ -21,6 +23,11 @@ RESULTS_DIR = REPO_ROOT / "data" / "results"
 
 def seed_everything(seed: int = 0) -> None:
     """Seed Python, NumPy and torch so that a notebook gives the same numbers on every run."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"seed must be a whole number such as 0, got {type(seed).__name__} {seed!r}")
+    if not 0 <= seed < 2**32:
+        raise ValueError(f"seed must be in 0 … 2**32 − 1 (NumPy's range), got {seed}")
+    seed = int(seed)
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -29,8 +36,9 @@ def seed_everything(seed: int = 0) -> None:
 
 def set_threads(n: int) -> int:
     """Set torch's intra-op threads; return the previous value (restore it after a timing)."""
+    _check_threads(n)
     old = torch.get_num_threads()
-    torch.set_num_threads(max(1, int(n)))
+    torch.set_num_threads(n)
     return old
 
 
@@ -59,7 +67,12 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write bytes to a temp file in the same folder, fsync, then rename: never a half-written file."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(f"atomic_write_bytes writes bytes, got {type(data).__name__}; encode text with .encode() "
+                        "or use atomic_write_json")
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder; name a file inside it")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -79,12 +92,21 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
 
 
 def atomic_write_json(path: str | os.PathLike, obj) -> Path:
-    """Write a JSON file atomically (sorted keys, indent 1, trailing newline)."""
-    return atomic_write_bytes(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
+    """Write a JSON file atomically (sorted keys, indent 1, trailing newline); nothing is written on an error."""
+    try:
+        text = json.dumps(obj, indent=1, sort_keys=True)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"cannot write {path} as JSON: {e}; convert tensors and arrays with .tolist() or "
+                        ".item() and other objects to dicts of numbers and strings first") from None
+    return atomic_write_bytes(path, (text + "\n").encode())
 
 
 def results_path(name: str) -> Path:
     """Path of a shipped results file, data/results/<name>.json (read-only for notebooks)."""
+    if not isinstance(name, str):
+        raise TypeError(f"a results name is a str such as 'prune', got {type(name).__name__}")
+    if not name or "/" in name or "\\" in name or name.startswith("."):
+        raise ValueError(f"a results name is a plain name such as 'prune' (data/results/<name>.json), got {name!r}")
     return RESULTS_DIR / f"{name}.json"
 
 
@@ -102,13 +124,19 @@ def load_results(name: str) -> dict:
 
 # ---- threads and timing ------------------------------------------------------------------------------
 
+def _check_threads(n) -> None:
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise TypeError(f"the number of threads must be a whole number such as 1, got {type(n).__name__} {n!r}")
+    if n < 1:
+        raise ValueError(f"the number of threads must be ≥ 1, got {n}")
+
+
 @contextlib.contextmanager
 def threads(n: int):
     """Run the block with torch using n intra-op threads; the previous setting is restored on exit.
 
     Timings in the lab are ratios measured in one run with `with lk.repro.threads(1): ...`."""
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"threads(n) needs a whole number ≥ 1, got {n!r}")
+    _check_threads(n)
     old = torch.get_num_threads()
     torch.set_num_threads(n)
     try:
@@ -125,6 +153,12 @@ def time_call(fn, *args, min_run_time: float = 0.2, n_threads: int | None = 1, *
     from torch.utils.benchmark import Timer
     if not callable(fn):
         raise TypeError(f"time_call needs a callable, got {type(fn).__name__}")
+    if isinstance(min_run_time, bool) or not isinstance(min_run_time, numbers.Real):
+        raise TypeError(f"min_run_time must be a number of seconds, got {min_run_time!r}")
+    if not (math.isfinite(min_run_time) and min_run_time > 0):
+        raise ValueError(f"min_run_time must be a finite number of seconds > 0 (e.g. 0.2), got {min_run_time!r}")
+    if n_threads is not None:
+        _check_threads(n_threads)
     threads_now = torch.get_num_threads() if n_threads is None else n_threads
     call = (lambda: fn(*args, **kwargs)) if (args or kwargs) else fn
     call()  # warm-up (first-call allocations, lazy initialisation)
@@ -172,6 +206,8 @@ def write_verified(path: str | os.PathLike, data: bytes, kind: str, meta: dict |
     """Write bytes atomically plus a sidecar `<name>.sha256.json` (kind, format version, size, sha256, meta).
 
     For single-file caches and checkpoints; read them back with read_verified."""
+    if not isinstance(kind, str) or not kind:
+        raise TypeError(f"kind names what the file is (a non-empty str such as 'labkit-token-cache'), got {kind!r}")
     path = Path(path)
     atomic_write_bytes(path, data)
     side = {"kind": kind, "version": MANIFEST_VERSION, "bytes": len(data),
@@ -209,8 +245,13 @@ def write_manifest(folder: str | os.PathLike, kind: str, files: list[str] | None
     """Write `folder/name`: kind, format version and {file: {bytes, sha256}} of `files` (default: every file
     in the folder but the manifest). Written last and atomically: a folder without it is incomplete."""
     folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"cannot write a manifest into {folder}: no such folder")
     if files is None:
         files = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name != name)
+    missing = [f for f in files if not (folder / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"cannot write the manifest of {folder}: {', '.join(missing)} missing")
     manifest = {"kind": kind, "version": MANIFEST_VERSION,
                 "files": {f: file_entry(folder / f) for f in files}, **(extra or {})}
     atomic_write_json(folder / name, manifest)

@@ -97,8 +97,20 @@ def _text(source) -> str:
 
 
 def read_notebook(path):
-    """Read a notebook as stored (no random cell ids added, unlike nbformat.read)."""
-    return nbformat.v4.nbjson.JSONReader().reads(Path(path).read_text(encoding="utf-8"))
+    """Read a notebook as stored (no random cell ids added, unlike nbformat.read).
+
+    A missing path is a FileNotFoundError, a file that is not a notebook a ValueError, each naming the path."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no notebook at {path}" + (" (it is a folder; name the .ipynb files)"
+                                                            if path.is_dir() else "; check the path"))
+    try:
+        nb = nbformat.v4.nbjson.JSONReader().reads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not a Jupyter notebook (not notebook JSON: {e}); name an .ipynb file") from None
+    if not isinstance(nb, dict) or not isinstance(nb.get("cells"), list):
+        raise ValueError(f"{path} is JSON but not a Jupyter notebook (no list of cells); name an .ipynb file")
+    return nb
 
 
 def student_notebook(nb, name: str = "notebook"):

@@ -15,8 +15,8 @@ def test_threads_restores_the_setting_even_on_error():
             assert torch.get_num_threads() == 1
             raise RuntimeError("boom")
     assert torch.get_num_threads() == before
-    for bad in (0, -1, 1.5, True, "2"):
-        with pytest.raises(ValueError):
+    for bad, err in ((0, ValueError), (-1, ValueError), (1.5, TypeError), (True, TypeError), ("2", TypeError)):
+        with pytest.raises(err):
             with repro.threads(bad):
                 pass
 
