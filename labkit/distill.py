@@ -20,11 +20,13 @@ import math
 import numbers
 import signal
 import threading
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from .models import LlamaSpec, build_llama
 
 # ----------------------------------------------------------------------------------------------------------
 # Inputs that are checked everywhere
@@ -112,45 +114,23 @@ def make_depth_student(teacher, keep, freeze_embedding: bool = True):
     return student.float().eval()
 
 
-@dataclass(frozen=True)
-class StudentConfig:
-    """Width and depth of a student built from random weights; the vocabulary always comes from the teacher."""
-    hidden_size: int = 64
-    layers: int = 2
-    heads: int = 4
-    kv_heads: int = 2
-    intermediate_size: int = 256
-    tie_embeddings: bool = True
-    max_position_embeddings: int = 512
-
-    def __post_init__(self):
-        for name in ("hidden_size", "layers", "heads", "kv_heads", "intermediate_size", "max_position_embeddings"):
-            _whole(f"StudentConfig.{name}", getattr(self, name), 1, "a positive size")
-        if self.hidden_size % self.heads or self.heads % self.kv_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} must divide into heads {self.heads}, and heads into "
-                             f"kv_heads {self.kv_heads}")
-        if not isinstance(self.tie_embeddings, bool):
-            raise TypeError(f"tie_embeddings must be True or False, got {self.tie_embeddings!r}")
+#: The student built from random weights: narrow and shallow; make_student takes its vocabulary from the teacher.
+STUDENT = LlamaSpec(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                    intermediate_size=256, tie_word_embeddings=True)
 
 
-def make_student(teacher_config, cfg: StudentConfig | None = None, seed: int = 0, **overrides):
-    """A small LlamaForCausalLM with the teacher's vocabulary and special tokens (random init, seeded)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = StudentConfig(**{**asdict(cfg or StudentConfig()), **overrides})
+def make_student(teacher_config, spec: LlamaSpec | None = None, seed: int = 0, **overrides):
+    """A small LlamaForCausalLM of `spec` (default STUDENT; `overrides` are LlamaSpec fields, e.g.
+    tie_word_embeddings=False) with the teacher's vocabulary, special tokens and norm epsilon (random, seeded)."""
     tc = getattr(teacher_config, "config", teacher_config)
-    lc = LlamaConfig(
-        vocab_size=tc.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.layers,
-        num_attention_heads=cfg.heads, num_key_value_heads=cfg.kv_heads,
-        intermediate_size=cfg.intermediate_size, tie_word_embeddings=cfg.tie_embeddings,
-        max_position_embeddings=cfg.max_position_embeddings,
-        rms_norm_eps=getattr(tc, "rms_norm_eps", 1e-5),
-        bos_token_id=getattr(tc, "bos_token_id", None), eos_token_id=getattr(tc, "eos_token_id", None),
-        pad_token_id=getattr(tc, "pad_token_id", None))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(_whole("seed", seed, 0, "any whole number ≥ 0"))
-        model = LlamaForCausalLM(lc)
-    return model.float().eval()
+    if spec is not None and not isinstance(spec, LlamaSpec):
+        raise TypeError(f"spec must be a lk.models.LlamaSpec, got {type(spec).__name__}")
+    if "vocab_size" in overrides:
+        raise ValueError("the student's vocabulary is always the teacher's (distillation compares logits token by "
+                         "token); drop vocab_size")
+    teacher = {"vocab_size": tc.vocab_size, "rms_norm_eps": getattr(tc, "rms_norm_eps", 1e-5),
+               **{k: getattr(tc, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}}
+    return build_llama(replace(spec or STUDENT, **teacher, **overrides), _whole("seed", seed, 0, "any whole number ≥ 0"))
 
 
 def embedding_share(model) -> float:

@@ -235,8 +235,8 @@ def estimate_training_bytes(n_params: int, precision: str = "fp32", optimizer: s
 
 def _cfg(config, *names, default=None):
     if config is None or isinstance(config, (dict, str, numbers.Number)):
-        raise TypeError(f"config must be a model config object (model.config or a transformers LlamaConfig), "
-                        f"got {type(config).__name__}")
+        raise TypeError(f"config must be a model config object (model.config, a transformers LlamaConfig or a "
+                        f"lk.models.LlamaSpec), got {type(config).__name__}")
     for n in names:
         v = getattr(config, n, None)
         if v is not None:
@@ -249,7 +249,7 @@ def _cfg(config, *names, default=None):
 def estimate_params(config) -> dict[str, int]:
     """Parameters of a Llama-style decoder by part, from its config alone (nanoGPT's sizing, for GQA).
 
-    Takes a transformers config or lk.training.SmallConfig (layers/heads/kv_heads/tie), the lab's one counter
+    Takes a transformers config or a lk.models.LlamaSpec (the same field names), the lab's one counter
     from shapes; lk.count_params counts a built model.
 
     Per layer: attention h·q + 2·h·kv + q·h (q = heads·head_dim, kv = kv_heads·head_dim), MLP 3·h·f
@@ -257,12 +257,12 @@ def estimate_params(config) -> dict[str, int]:
     """
     h = _cfg(config, "hidden_size")
     f = _cfg(config, "intermediate_size")
-    heads = _cfg(config, "num_attention_heads", "heads")
-    kv_heads = _cfg(config, "num_key_value_heads", "kv_heads", default=heads)
+    heads = _cfg(config, "num_attention_heads")
+    kv_heads = _cfg(config, "num_key_value_heads", default=heads)
     hd = getattr(config, "head_dim", None) or h // heads
-    layers, vocab = _cfg(config, "num_hidden_layers", "layers"), _cfg(config, "vocab_size")
+    layers, vocab = _cfg(config, "num_hidden_layers"), _cfg(config, "vocab_size")
     q, kv = heads * hd, kv_heads * hd
-    tied = bool(getattr(config, "tie_word_embeddings", None) or getattr(config, "tie", False))
+    tied = bool(getattr(config, "tie_word_embeddings", False))
     out = {"embeddings": vocab * h, "attention": layers * (2 * h * q + 2 * h * kv), "mlp": layers * 3 * h * f,
            "norms": layers * 2 * h + h, "lm_head": 0 if tied else vocab * h}
     out["total"] = sum(out.values())
@@ -298,8 +298,8 @@ def layer_activation_bytes(config, batch: int, seq_len: int, precision: str = "f
     T = batch * seq_len
     h = _cfg(config, "hidden_size", "n_embd")
     f = _cfg(config, "intermediate_size", default=4 * h)
-    heads = _cfg(config, "num_attention_heads", "heads", "n_head")
-    kv_heads = _cfg(config, "num_key_value_heads", "kv_heads", default=heads)
+    heads = _cfg(config, "num_attention_heads", "n_head")
+    kv_heads = _cfg(config, "num_key_value_heads", default=heads)
     kv = kv_heads * (getattr(config, "head_dim", None) or h // heads)
     small = 4 * T * heads + 8 * T  # attention log-sum-exp, RMSNorm 1/rms
     if precision == "bf16":
@@ -328,15 +328,15 @@ def estimate_activation_bytes(config, batch: int, seq_len: int, dtype=torch.floa
     b = dtype_bytes(dtype)
     n = batch * seq_len
     h = _cfg(config, "hidden_size", "n_embd")
-    layers = _cfg(config, "num_hidden_layers", "layers", "n_layer")
+    layers = _cfg(config, "num_hidden_layers", "n_layer")
     vocab = _cfg(config, "vocab_size")
     if training:
         per_layer = layer_activation_bytes(config, batch, seq_len, "fp32" if b == 4 else "bf16")
         out = {"layers": int(layers * per_layer), "logits": int(3 * n * vocab * 4), "embeddings": int(n * h * 4)}
     else:
         f = _cfg(config, "intermediate_size", default=4 * h)
-        heads = _cfg(config, "num_attention_heads", "heads", "n_head")
-        kv_heads = _cfg(config, "num_key_value_heads", "kv_heads", default=heads)
+        heads = _cfg(config, "num_attention_heads", "n_head")
+        kv_heads = _cfg(config, "num_key_value_heads", default=heads)
         hd = getattr(config, "head_dim", None) or h // heads
         q, kv = heads * hd, kv_heads * hd
         kept = batch * (seq_len if logits_to_keep is None else min(logits_to_keep, seq_len))

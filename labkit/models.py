@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import numbers
 import os
 import shutil
 import tempfile
 import time
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -203,26 +205,86 @@ def load_model(name_or_path: str = "smollm2-135m", dtype: torch.dtype = torch.fl
     return model, tokenizer
 
 
-def tiny_llama(seed: int = 0, vocab_size: int = 256, hidden_size: int = 64, layers: int = 2, heads: int = 4,
-               kv_heads: int = 2, intermediate_size: int = 128, tie: bool = True):
-    """A tiny randomly initialised LlamaForCausalLM (same code paths as SmolLM2) for fast tests."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-    sizes = dict(vocab_size=vocab_size, hidden_size=hidden_size, layers=layers, heads=heads, kv_heads=kv_heads,
-                 intermediate_size=intermediate_size, seed=seed)
-    for k, v in sizes.items():
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise TypeError(f"tiny_llama: {k} must be a whole number, got {v!r}")
-        if v < (0 if k == "seed" else 1):
-            raise ValueError(f"tiny_llama: {k} must be ≥ 1, got {v}")
-    if hidden_size % heads or heads % kv_heads or (hidden_size // heads) % 2:
-        raise ValueError(f"tiny_llama: hidden_size ({hidden_size}) must split into `heads` ({heads}) heads of an even "
-                         f"size, and heads into kv_heads ({kv_heads}) groups")
-    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=layers,
-                      num_attention_heads=heads, num_key_value_heads=kv_heads,
-                      intermediate_size=intermediate_size, max_position_embeddings=512,
-                      tie_word_embeddings=tie, bos_token_id=1, eos_token_id=2, pad_token_id=2)
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(cfg).eval()
+@dataclass(frozen=True)
+class LlamaSpec:
+    """The shape of a small Llama, in Hugging Face's names (each field is a transformers.LlamaConfig keyword).
+
+    The lab's one model spec: lk.models.tiny_llama (tests), lk.training.small_llama (notebook 06) and
+    lk.distill.make_student (notebook 03) all build from one, with build_llama. Frozen and checked when made."""
+    vocab_size: int = 256
+    hidden_size: int = 64
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    intermediate_size: int = 128
+    tie_word_embeddings: bool = True
+    max_position_embeddings: int = 512
+    rms_norm_eps: float = 1e-6
+    bos_token_id: int | None = 1
+    eos_token_id: int | None = 2
+    pad_token_id: int | None = 2
+
+    def __post_init__(self):
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                     "intermediate_size", "max_position_embeddings"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+                raise TypeError(f"LlamaSpec.{name} must be a whole number, got {v!r}")
+            if v < 1:
+                raise ValueError(f"LlamaSpec.{name} must be ≥ 1, got {v}")
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0):
+                raise TypeError(f"LlamaSpec.{name} must be a token id ≥ 0 or None, got {v!r}")
+        if not isinstance(self.tie_word_embeddings, bool):
+            raise TypeError(f"LlamaSpec.tie_word_embeddings must be True or False, got {self.tie_word_embeddings!r}")
+        eps = self.rms_norm_eps
+        if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0 < eps < 1:
+            raise ValueError(f"LlamaSpec.rms_norm_eps must be a small number > 0 (e.g. 1e-5), got {eps!r}")
+        h, heads, kv = self.hidden_size, self.num_attention_heads, self.num_key_value_heads
+        if h % heads or heads % kv or (h // heads) % 2:
+            raise ValueError(f"LlamaSpec: hidden_size ({h}) must split into num_attention_heads ({heads}) heads of an "
+                             f"even size, and those into num_key_value_heads ({kv}) groups")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_hf(cls, config, **overrides) -> "LlamaSpec":
+        """The spec of a transformers Llama config (e.g. SmolLM2-135M's), with `overrides` applied."""
+        names = [f.name for f in fields(cls)]
+        return cls(**{n: getattr(config, n) for n in names if getattr(config, n, None) is not None}, **overrides)
+
+    def to_hf(self):
+        """The transformers.LlamaConfig of this spec."""
+        from transformers import LlamaConfig
+        return LlamaConfig(**asdict(self))
+
+
+def build_llama(spec: LlamaSpec, seed: int = 0):
+    """A randomly initialised LlamaForCausalLM of `spec` in fp32, eval mode; the same weights for the same seed.
+
+    The weights are drawn under torch.random.fork_rng: the caller's random state is left as it was."""
+    from transformers import LlamaForCausalLM
+    if not isinstance(spec, LlamaSpec):
+        raise TypeError(f"build_llama needs a lk.models.LlamaSpec, got {type(spec).__name__}")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        raise ValueError(f"seed must be a whole number ≥ 0, got {seed!r}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        model = LlamaForCausalLM(spec.to_hf())
+    return model.float().eval()
+
+
+def tiny_llama(seed: int = 0, **spec):
+    """A tiny random LlamaForCausalLM (same code paths as SmolLM2) for fast tests: build_llama(LlamaSpec(**spec))."""
+    known = [f.name for f in fields(LlamaSpec)]
+    unknown = sorted(set(spec) - set(known))
+    if unknown:
+        raise TypeError(f"tiny_llama: {', '.join(unknown)} is not a LlamaSpec field (Hugging Face's names: "
+                        f"{', '.join(known)})")
+    return build_llama(LlamaSpec(**spec), seed)
 
 
 @torch.inference_mode()

@@ -11,12 +11,13 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 from torch import nn
 
 from . import memory
+from .models import LlamaSpec, build_llama
 
 PRECISIONS = ("fp32", "bf16")
 CHECKPOINTING = ("none", "sqrt", "every")
@@ -25,41 +26,36 @@ CHECKPOINTING = ("none", "sqrt", "every")
 # ----------------------------------------------------------------------------------------------------------
 # A small Llama and byte-level KJV data
 
-@dataclass
-class SmallConfig:
-    """A small Llama for training on a CPU (defaults: 16 layers, 11.7M parameters, byte vocabulary)."""
-    vocab_size: int = 256
-    hidden_size: int = 256
-    layers: int = 16
-    heads: int = 4
-    kv_heads: int = 2
-    intermediate_size: int = 688
-    tie: bool = False
+#: The small Llama notebook 06 trains and measures (16 layers, 11.7M parameters, byte vocabulary).
+SMALL = LlamaSpec(hidden_size=256, num_hidden_layers=16, intermediate_size=688, tie_word_embeddings=False)
 
 
-def config_from_hf(config) -> SmallConfig:
-    """The SmallConfig of a transformers Llama config (e.g. SmolLM2-135M's), for the estimates below."""
-    return SmallConfig(vocab_size=config.vocab_size, hidden_size=config.hidden_size,
-                       layers=config.num_hidden_layers, heads=config.num_attention_heads,
-                       kv_heads=config.num_key_value_heads, intermediate_size=config.intermediate_size,
-                       tie=bool(getattr(config, "tie_word_embeddings", False)))
+class SmallConfig(LlamaSpec):
+    """Notebook 06's spelling of a LlamaSpec with SMALL's defaults: SmallConfig(layers=4) is
+    dataclasses.replace(SMALL, num_hidden_layers=4); `.layers` reads num_hidden_layers."""
+
+    def __init__(self, vocab_size: int = SMALL.vocab_size, hidden_size: int = SMALL.hidden_size,
+                 layers: int = SMALL.num_hidden_layers, heads: int = SMALL.num_attention_heads,
+                 kv_heads: int = SMALL.num_key_value_heads, intermediate_size: int = SMALL.intermediate_size,
+                 tie: bool = SMALL.tie_word_embeddings):
+        super().__init__(vocab_size, hidden_size, layers, heads, kv_heads, intermediate_size, tie)
+
+    @property
+    def layers(self) -> int:
+        return self.num_hidden_layers
 
 
 #: The models of the notebook-06 widget: the small Llama we measure and SmolLM2-135M's shapes.
 MODEL_CONFIGS = {
-    "small Llama (measured)": SmallConfig(),
-    "SmolLM2-135M": SmallConfig(vocab_size=49152, hidden_size=576, layers=30, heads=9, kv_heads=3,
-                                intermediate_size=1536, tie=True),
+    "small Llama (measured)": SMALL,
+    "SmolLM2-135M": LlamaSpec(vocab_size=49152, hidden_size=576, num_hidden_layers=30, num_attention_heads=9,
+                              num_key_value_heads=3, intermediate_size=1536, tie_word_embeddings=True),
 }
 
 
-def small_llama(cfg: SmallConfig | None = None, seed: int = 0):
-    """A randomly initialised LlamaForCausalLM for `cfg` (train mode, fp32, deterministic for a seed)."""
-    from labkit.models import tiny_llama
-
-    c = cfg or SmallConfig()
-    return tiny_llama(seed, c.vocab_size, c.hidden_size, c.layers, c.heads, c.kv_heads, c.intermediate_size,
-                      tie=c.tie).train()
+def small_llama(spec: LlamaSpec | None = None, seed: int = 0):
+    """A randomly initialised LlamaForCausalLM of `spec` (default SMALL) in train mode (lk.models.build_llama)."""
+    return build_llama(spec or SMALL, seed).train()
 
 
 def byte_tokens(split: str = "train") -> torch.Tensor:
@@ -275,14 +271,14 @@ def measure_step(cfg: dict, variants: dict | None = None) -> dict:
     MALLOC_MMAP_THRESHOLD_=65536 so that freed tensors go back to the OS (see `_measure_fresh`).
     The model and Adam's state exist before the measurement (they are the same for every variant), so the
     growth is activations + gradients + temporaries: the part that precision and checkpointing change.
-    cfg keys: every SmallConfig field, batch, seq_len, precision, checkpoint ('none'|'sqrt'|'every'|int),
+    cfg keys: every LlamaSpec field, batch, seq_len, precision, checkpoint ('none'|'sqrt'|'every'|int),
     micro_batches; `variants` ({name: overrides of cfg}) measures several, one after the other.
     """
     from labkit.memory import count_params, measure_memory
 
     torch.set_num_threads(1)
-    keys = SmallConfig.__dataclass_fields__
-    mc = SmallConfig(**{k: v for k, v in cfg.items() if k in keys})
+    keys = {f.name for f in fields(LlamaSpec)}
+    mc = LlamaSpec(**{k: v for k, v in cfg.items() if k in keys})
     model = small_llama(mc)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     for p in model.parameters():  # Adam's state, allocated up front as after any first step
@@ -305,7 +301,7 @@ def measure_step(cfg: dict, variants: dict | None = None) -> dict:
             "param_bytes": sum(p.numel() * p.element_size() for p in model.parameters())}
 
 
-def time_variants(variants: dict, cfg: SmallConfig | None = None, batch: int = 4, seq_len: int = 128,
+def time_variants(variants: dict, cfg: LlamaSpec | None = None, batch: int = 4, seq_len: int = 128,
                   repeats: int = 3) -> dict:
     """Seconds per training step (median of `repeats`, variants interleaved in ONE process, one thread).
     `variants` maps a name to {"precision": ..., "checkpoint": ...}. Compare the results as ratios."""
@@ -335,18 +331,18 @@ def time_variants(variants: dict, cfg: SmallConfig | None = None, batch: int = 4
 # ----------------------------------------------------------------------------------------------------------
 # Estimates: the stacked memory of one rank
 
-def layer_activation_bytes(cfg: SmallConfig, batch: int, seq_len: int, precision: str = "fp32") -> int:
+def layer_activation_bytes(cfg: LlamaSpec, batch: int, seq_len: int, precision: str = "fp32") -> int:
     """Bytes one decoder layer saves for backward: lk.memory.layer_activation_bytes (one formula for the lab)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     return memory.layer_activation_bytes(cfg, batch, seq_len, precision)
 
 
-def activation_bytes(cfg: SmallConfig, batch: int, seq_len: int, precision: str = "fp32",
+def activation_bytes(cfg: LlamaSpec, batch: int, seq_len: int, precision: str = "fp32",
                      checkpoint="none") -> int:
     """Estimated peak activation bytes of a step: n·layer without checkpointing; with segments of k layers
     (n/k)·(one hidden state) + k·layer (one segment recomputed at a time); plus the logits' loss tensors."""
-    n = cfg.layers
+    n = cfg.num_hidden_layers
     k = resolve_interval(checkpoint, n)
     T = batch * seq_len
     parts = memory.estimate_activation_bytes(cfg, batch, seq_len, torch.float32 if precision == "fp32" else
@@ -358,7 +354,7 @@ def activation_bytes(cfg: SmallConfig, batch: int, seq_len: int, precision: str 
     return math.ceil(n / k) * T * cfg.hidden_size * 4 + k * per_layer + head
 
 
-def estimate_stack(n_params: int, cfg: SmallConfig | None = None, batch: int = 4, seq_len: int = 128,
+def estimate_stack(n_params: int, cfg: LlamaSpec | None = None, batch: int = 4, seq_len: int = 128,
                    precision: str = "fp32", checkpoint="none", zero_stage: int = 0, ranks: int = 1) -> dict:
     """Per-rank bytes of a training step with Adam, by part: params, grads, optimizer, activations.
 
@@ -369,10 +365,10 @@ def estimate_stack(n_params: int, cfg: SmallConfig | None = None, batch: int = 4
     `ranks`, stage 2 also the gradients, stage 3 also the parameters (lk.memory.estimate_training_bytes, the one
     estimator). Activations are per rank: `batch` is the per-rank batch.
     """
-    cfg = cfg or SmallConfig()
+    cfg = cfg or SMALL
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    resolve_interval(checkpoint, cfg.layers)  # validates the interval against the depth
+    resolve_interval(checkpoint, cfg.num_hidden_layers)  # validates the interval against the depth
     state = memory.estimate_training_bytes(n_params, "fp32", "adam", zero_stage=zero_stage, ranks=ranks)
     params, grads, optim = state["weights"], state["gradients"], state["optimizer_state"]
     if precision == "bf16":  # autocast keeps a bf16 copy of every weight it casts, sharded with the weights
@@ -457,7 +453,7 @@ STEP_VARIANTS = {
 }
 
 
-def step_estimate(cfg: SmallConfig, n: int, batch: int, seq_len: int, precision="fp32", checkpoint="none") -> int:
+def step_estimate(cfg: LlamaSpec, n: int, batch: int, seq_len: int, precision="fp32", checkpoint="none") -> int:
     """Estimated peak growth during forward + backward (Adam state and weights already exist).
 
     Gradients (G = 4 bytes/param) appear while activations are freed, so the peak is not their sum.
@@ -467,8 +463,8 @@ def step_estimate(cfg: SmallConfig, n: int, batch: int, seq_len: int, precision=
     gradients of the layers above it; the estimate takes the largest j. bf16 autocast adds the 2-byte weight
     copies that autocast saves for backward (all layers', or one segment's when checkpointing).
     """
-    k = resolve_interval(checkpoint, cfg.layers)
-    n_layers, T = cfg.layers, batch * seq_len
+    k = resolve_interval(checkpoint, cfg.num_hidden_layers)
+    n_layers, T = cfg.num_hidden_layers, batch * seq_len
     L = layer_activation_bytes(cfg, batch, seq_len, precision)
     temps = 2 * T * cfg.intermediate_size * 4
     G = 4 * n
@@ -481,22 +477,17 @@ def step_estimate(cfg: SmallConfig, n: int, batch: int, seq_len: int, precision=
     return int(peak + copies * k / n_layers + temps)
 
 
-def step_memory(batch: int = 4, seq_len: int = 128, cfg: SmallConfig | None = None, fresh_each: bool = True,
+def step_memory(batch: int = 4, seq_len: int = 128, cfg: LlamaSpec | None = None, fresh_each: bool = True,
                 variants: dict | None = None) -> dict:
     """Peak growth of forward + backward per variant beside its estimate. fresh_each=True: one fresh process
     per variant (cleanest); False: all variants one after the other in one fresh process (faster)."""
-    cfg = cfg or SmallConfig()
+    cfg = cfg or SMALL
     variants = variants or STEP_VARIANTS
     base = {**asdict(cfg), "batch": batch, "seq_len": seq_len}
     if fresh_each:
         runs = {name: _measure_fresh({**base, **v})["variants"]["step"] for name, v in variants.items()}
     else:
         runs = _measure_fresh(base, variants)["variants"]
-    n = count_from_config(cfg)
+    n = memory.estimate_params(cfg)["total"]
     return {name: {**runs[name], "estimate_bytes": step_estimate(cfg, n, batch, seq_len, **variants[name])}
             for name in variants}
-
-
-def count_from_config(cfg: SmallConfig) -> int:
-    """Parameters of small_llama(cfg), from the shapes alone (lk.memory.estimate_params; no model built)."""
-    return memory.estimate_params(cfg)["total"]

@@ -190,24 +190,39 @@ def sparse_density_widget(n: int = 1024, k: int = 64):
 # --- quantization (notebook 02) ---
 
 def quantize_widget(model, tokens, max_tokens: int = 256, fp32_ppl: float | None = None):
-    """Bits, group size (0 = per channel), symmetric → error histogram, perplexity and bytes (lk.experiments.quantize.explore)."""
+    """Bits, group size (0 = per channel), symmetric → error histogram, perplexity and bytes (lk.experiments.quantize.
+    explore). A setting is computed on the Run button (a status line says what runs) and kept: going back is instant."""
     import ipywidgets as w
+    import matplotlib.pyplot as plt
 
     from . import plots
+    from . import quantize as Q
     from .evaluate import perplexity
     from .experiments import quantize as xq
 
     if fp32_ppl is None:
         fp32_ppl = perplexity(model, tokens, max_tokens=max_tokens)
+    keep = Q.skip_tied(model)
+    n_linear = sum(1 for fqn, m in model.named_modules() if fqn and keep(m, fqn))
+    seen = {}
 
-    def draw(bits, group_size, symmetric):
-        return plots.quant_dashboard(xq.explore(model, tokens, bits, group_size, symmetric,
-                                                      max_tokens=max_tokens, fp32_ppl=fp32_ppl))
+    def show(bits=4, group_size=64, symmetric=True):
+        key = (bits, group_size, symmetric)
+        if key not in seen:
+            g = f"groups of {group_size}" if group_size else "per channel"
+            print(f"quantizing {n_linear} Linears to int{bits}, {g}, {'symmetric' if symmetric else 'asymmetric'}; "
+                  f"scoring {max_tokens} tokens … (a few seconds)", flush=True)
+            seen[key] = xq.explore(model, tokens, bits, group_size, symmetric, max_tokens=max_tokens,
+                                   fp32_ppl=fp32_ppl)
+        print(f"{len(seen)} setting(s) computed so far; revisiting one is instant")
+        plots.quant_dashboard(seen[key])
+        plt.show()
 
-    return interact_chart(draw, bits=w.Dropdown(options=[8, 4, 3, 2], value=4),
-                          group_size=w.Dropdown(options=[("per channel", 0), ("192", 192), ("64", 64), ("32", 32)],
-                                                value=64),
-                          symmetric=w.Checkbox(value=True, description="symmetric"))
+    style = {"description_width": "initial"}
+    return w.interact_manual(show, bits=w.Dropdown(options=[8, 4, 3, 2], value=4, description="bits", style=style),
+                             group_size=w.Dropdown(options=[("per channel", 0), ("192", 192), ("64", 64), ("32", 32)],
+                                                   value=64, description="group size", style=style),
+                             symmetric=w.Checkbox(value=True, description="symmetric", style=style))
 
 
 # --- other memory-saving designs (notebook 06) ---
@@ -218,11 +233,11 @@ def training_memory_widget(reference: dict | None = None):
     measured setting beside it."""
     import ipywidgets as w
 
-    from . import plots, training
+    from . import memory, plots, training
 
     def draw(model, batch, seq_len, precision, checkpoint, zero_stage, ranks):
         cfg = training.MODEL_CONFIGS[model]
-        parts = training.estimate_stack(training.count_from_config(cfg), cfg, batch, seq_len, precision, checkpoint,
+        parts = training.estimate_stack(memory.estimate_params(cfg)["total"], cfg, batch, seq_len, precision, checkpoint,
                                         zero_stage, ranks)
         columns = {f"{model}\n{precision}, {batch}×{seq_len}, ZeRO-{zero_stage} × {ranks}": parts}
         measured = None

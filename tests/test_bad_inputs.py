@@ -195,14 +195,19 @@ CASES: list[tuple[str, object, tuple]] = [
     ("models.prepare unknown", lambda: Mo.prepare("llama-70b"), (VE,)),
     ("models.prepare int", lambda: Mo.prepare(7), (VE, TE)),
     ("models.source_file unknown", lambda: Mo.source_file("llama-70b"), (VE,)),
-    ("models.tiny_llama heads", lambda: Mo.tiny_llama(hidden_size=30, heads=4), (VE,)),
-    ("models.tiny_llama kv_heads", lambda: Mo.tiny_llama(heads=4, kv_heads=3), (VE,)),
-    ("models.tiny_llama layers 0", lambda: Mo.tiny_llama(layers=0), (VE,)),
+    ("models.tiny_llama heads", lambda: Mo.tiny_llama(hidden_size=30, num_attention_heads=4), (VE,)),
+    ("models.tiny_llama kv_heads", lambda: Mo.tiny_llama(num_attention_heads=4, num_key_value_heads=3), (VE,)),
+    ("models.tiny_llama num_hidden_layers 0", lambda: Mo.tiny_llama(num_hidden_layers=0), (VE,)),
     ("models.tiny_llama float", lambda: Mo.tiny_llama(hidden_size=64.5), (TE,)),
     ("models.generate prompt int", lambda: Mo.generate(Mo.tiny_llama(vocab_size=49152), _tok(), 123), (TE,)),
     ("models.generate max_new_tokens -1", lambda: Mo.generate(Mo.tiny_llama(vocab_size=49152), _tok(), "Hi",
                                                               max_new_tokens=-1), (VE,)),
     ("models.sentence_embeddings empty", lambda: Mo.sentence_embeddings(None, _tok(), []), (VE,)),
+    ("models.tiny_llama old name", lambda: Mo.tiny_llama(layers=2), (TE,)),
+    ("models.LlamaSpec eps 0", lambda: Mo.LlamaSpec(rms_norm_eps=0), (VE,)),
+    ("models.LlamaSpec tie str", lambda: Mo.LlamaSpec(tie_word_embeddings="yes"), (TE,)),
+    ("models.build_llama dict", lambda: Mo.build_llama({"hidden_size": 64}), (TE,)),
+    ("distill.make_student vocab_size", lambda: lk.distill.make_student(_tiny().config, vocab_size=10), (VE,)),
     ("models.sentence_embeddings not str", lambda: Mo.sentence_embeddings(None, _tok(), [1, 2]), (TE,)),
 ]
 
@@ -339,7 +344,7 @@ def _state_hash(model) -> str:
 
 
 def _poisoned(value: float, layer: int = 1, **sizes):
-    model = Mo.tiny_llama(seed=0, layers=3, **sizes)
+    model = Mo.tiny_llama(seed=0, num_hidden_layers=3, **sizes)
     with torch.no_grad():
         model.model.layers[layer].mlp.up_proj.weight[0, 0] = value
     return model

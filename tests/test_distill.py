@@ -153,12 +153,13 @@ def test_vocab_mismatch_raises_value_error():
 
 
 # ---------------------------------------------------------------- a tiny teacher/student pair
-TINY = dict(hidden_size=16, layers=1, heads=2, kv_heads=1, intermediate_size=32, max_position_embeddings=64)
+TINY = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, intermediate_size=32,
+            max_position_embeddings=64)
 
 
 @pytest.fixture(scope="module")
 def pair():
-    teacher = lk.models.tiny_llama(seed=1, vocab_size=V, hidden_size=32, layers=2, heads=4, kv_heads=2,
+    teacher = lk.models.tiny_llama(seed=1, vocab_size=V, hidden_size=32, num_hidden_layers=2,
                                    intermediate_size=64)
     seqs = torch.randint(0, V, (8, 17), generator=torch.Generator().manual_seed(0))
     return teacher, seqs
@@ -167,7 +168,7 @@ def pair():
 def test_student_shares_vocab_and_tying_dedups_the_embedding():
     tied = D.make_student(SimpleNamespace(vocab_size=1000), hidden_size=16, intermediate_size=32)
     untied = D.make_student(SimpleNamespace(vocab_size=1000), hidden_size=16, intermediate_size=32,
-                            tie_embeddings=False)
+                            tie_word_embeddings=False)
     assert tied.config.vocab_size == 1000
     assert lk.count_params(untied) - lk.count_params(tied) == 1000 * 16
     assert tied.lm_head.weight.data_ptr() == tied.get_input_embeddings().weight.data_ptr()

@@ -6,10 +6,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from labkit import training as T
-from labkit.memory import count_params
+from dataclasses import replace
 
-SMALL = T.SmallConfig(hidden_size=64, layers=4, heads=4, kv_heads=2, intermediate_size=128)
+from labkit import training as T
+from labkit.memory import count_params, estimate_params
+from labkit.models import LlamaSpec
+
+SMALL = LlamaSpec(hidden_size=64, num_hidden_layers=4, intermediate_size=128, tie_word_embeddings=False)
 
 
 def _grads(model):
@@ -21,8 +24,18 @@ def _x(batch=4, seq=16, seed=0):
 
 
 def test_count_matches_model():
-    for cfg in (SMALL, T.SmallConfig(), T.SmallConfig(tie=True, layers=2)):
-        assert T.count_from_config(cfg) == count_params(T.small_llama(cfg))
+    for cfg in (SMALL, T.SMALL, replace(T.SMALL, tie_word_embeddings=True, num_hidden_layers=2)):
+        assert estimate_params(cfg)["total"] == count_params(T.small_llama(cfg))
+
+
+def test_notebook_06_spelling_is_the_same_spec():
+    assert T.asdict(T.SmallConfig()) == T.asdict(T.SMALL)
+    old = T.SmallConfig(hidden_size=128, layers=4, intermediate_size=344)
+    assert old.layers == old.num_hidden_layers == 4 and isinstance(old, LlamaSpec)
+    assert T.asdict(old) == T.asdict(replace(T.SMALL, hidden_size=128, num_hidden_layers=4, intermediate_size=344))
+    a, b = T.small_llama(old), T.small_llama(replace(T.SMALL, hidden_size=128, num_hidden_layers=4,
+                                                           intermediate_size=344))
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
 def test_share_ties_storage_and_counts_params():
@@ -66,8 +79,7 @@ def test_share_filter_and_bad_group():
 
 
 def test_tie_and_untie():
-    model = T.small_llama(T.SmallConfig(hidden_size=64, layers=2, heads=4, kv_heads=2, intermediate_size=128,
-                                        tie=True))
+    model = T.small_llama(replace(SMALL, num_hidden_layers=2, tie_word_embeddings=True))
     from labkit.memory import model_bytes
     assert T.is_tied(model)
     before = model_bytes(model)
@@ -141,7 +153,7 @@ def _saved_per_layer(batch, seq, precision):
     parameters."""
     x, b = _x(batch, seq), {}
     for layers in (2, 3):
-        m = T.small_llama(T.SmallConfig(hidden_size=64, layers=layers, heads=4, kv_heads=2, intermediate_size=128))
+        m = T.small_llama(replace(SMALL, num_hidden_layers=layers))
         b[layers] = T.saved_activation_bytes(m, x, precision)
     return b[3] - b[2], sum(p.numel() for p in m.model.layers[0].parameters() if p.dim() == 2)
 
@@ -216,7 +228,7 @@ def test_estimate_stack_zero_stages_and_errors():
     with pytest.raises(ValueError, match="ranks"):
         T.estimate_stack(n, cfg, ranks=0)
     with pytest.raises(ValueError, match="depth"):
-        T.estimate_stack(n, cfg, checkpoint=cfg.layers + 1)
+        T.estimate_stack(n, cfg, checkpoint=cfg.num_hidden_layers + 1)
     with pytest.raises(ValueError, match="precision"):
         T.estimate_stack(n, cfg, precision="int8")
 
@@ -224,7 +236,7 @@ def test_estimate_stack_zero_stages_and_errors():
 @settings(max_examples=40, deadline=None)
 @given(layers=st.integers(1, 64), k=st.integers(1, 64))
 def test_checkpoint_estimate_invariants(layers, k):
-    cfg = T.SmallConfig(layers=layers)
+    cfg = replace(T.SMALL, num_hidden_layers=layers)
     if k > layers:
         with pytest.raises(ValueError):
             T.activation_bytes(cfg, 4, 128, checkpoint=k)
@@ -246,7 +258,7 @@ def test_sqrt_segments_minimise_when_layers_keep_as_much_as_their_input():
 def test_measure_step_runs_in_process():
     cfg = {**T.asdict(SMALL), "batch": 2, "seq_len": 16}
     r = T.measure_step(cfg, {"a": {"checkpoint": "none"}, "b": {"checkpoint": "every", "precision": "bf16"}})
-    assert set(r["variants"]) == {"a", "b"} and r["n_params"] == T.count_from_config(SMALL)
+    assert set(r["variants"]) == {"a", "b"} and r["n_params"] == estimate_params(SMALL)["total"]
     assert r["optimizer_state_bytes"] == 8 * r["n_params"] + 4 * len(list(T.small_llama(SMALL).parameters()))
 
 
@@ -264,13 +276,14 @@ def test_batches_are_windows_of_the_tokens():
         T.batches(torch.arange(5), 1, 1, 10)
 
 
-def test_step_estimate_orders_the_variants_and_config_from_hf(tiny):
-    cfg, n = T.SmallConfig(), T.count_from_config(T.SmallConfig())
+def test_step_estimate_orders_the_variants_and_spec_from_hf(tiny):
+    cfg, n = T.SMALL, estimate_params(T.SMALL)["total"]
     est = {k: T.step_estimate(cfg, n, 4, 128, **v) for k, v in T.STEP_VARIANTS.items()}
     assert est["ckpt_every"] < est["ckpt_sqrt"] < est["bf16"] < est["fp32"]
-    c = T.config_from_hf(tiny.config)
-    assert (c.layers, c.hidden_size, c.tie) == (2, 64, True) and T.count_from_config(c) == count_params(tiny)
-    assert T.count_from_config(T.MODEL_CONFIGS["SmolLM2-135M"]) == 134_515_008
+    c = LlamaSpec.from_hf(tiny.config)
+    assert (c.num_hidden_layers, c.hidden_size, c.tie_word_embeddings) == (2, 64, True)
+    assert estimate_params(c)["total"] == count_params(tiny) and c.to_hf().to_dict() == tiny.config.to_dict()
+    assert estimate_params(T.MODEL_CONFIGS["SmolLM2-135M"])["total"] == 134_515_008
 
 
 @pytest.mark.slow

@@ -5,19 +5,23 @@ small Llama to produce data/results/training.json (`python -m labkit results tra
 """
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 from ..repro import threads
-from ..training import (STEP_VARIANTS, ShareConfig, SmallConfig, batches, byte_tokens, eval_loss, share_,
-                        small_llama, step_memory, time_variants, train)
+from ..models import LlamaSpec
+from ..training import (SMALL, STEP_VARIANTS, ShareConfig, batches, byte_tokens, eval_loss, share_, small_llama,
+                        step_memory, time_variants, train)
+
+#: The narrower, shallower small Llama that the training comparisons train (8 layers, hidden 128).
+TRAIN_SPEC = replace(SMALL, hidden_size=128, num_hidden_layers=8, intermediate_size=344)
 
 
-def compare_training(variants: dict, steps: int = 60, cfg: SmallConfig | None = None, batch: int = 8,
+def compare_training(variants: dict, steps: int = 60, cfg: LlamaSpec | None = None, batch: int = 8,
                      seq_len: int = 128, lr: float = 3e-3) -> dict:
     """Train the same small Llama (same init, same KJV byte batches) once per variant, e.g.
     {"shared 8": {"share": 8}, "bf16": {"precision": "bf16"}}; params, bytes, losses, validation loss."""
     from labkit.memory import count_params, model_bytes
-    cfg = cfg or SmallConfig(hidden_size=128, layers=8, intermediate_size=344)
+    cfg = cfg or TRAIN_SPEC
     train_tok, val_tok = byte_tokens("train"), byte_tokens("validation")
     data = batches(train_tok, steps, batch, seq_len, seed=1)
     out = {}
@@ -40,7 +44,7 @@ def depth_sweep(depths=(4, 8, 16, 24), batch: int = 4, seq_len: int = 128) -> di
     """Measured step peaks (one fresh process per depth) and estimates for every variant of STEP_VARIANTS."""
     out = {}
     for layers in depths:
-        rows = step_memory(batch, seq_len, SmallConfig(layers=layers), fresh_each=False)
+        rows = step_memory(batch, seq_len, replace(SMALL, num_hidden_layers=layers), fresh_each=False)
         out[str(layers)] = {k: {"peak_bytes": v["peak_bytes"], "estimate_bytes": v["estimate_bytes"]}
                             for k, v in rows.items()}
     return out
@@ -50,10 +54,10 @@ def make_results() -> dict:
     """The cached runs of notebook 06 (`python -m labkit results training`, a few minutes on 2 cores):
     peak memory vs depth, ALBERT-style sharing and fp32 vs bf16 after the same 150 training steps."""
     with threads(1):
-        return {"depth_sweep": depth_sweep(), "config": asdict(SmallConfig()), "batch": 4, "seq_len": 128,
+        return {"depth_sweep": depth_sweep(), "config": asdict(SMALL), "batch": 4, "seq_len": 128,
                 "sharing": sharing_experiment(steps=150),
                 "precision": compare_training({"fp32": {}, "bf16": {"precision": "bf16"}}, steps=150),
-                "train_config": asdict(SmallConfig(hidden_size=128, layers=8, intermediate_size=344)),
+                "train_config": asdict(TRAIN_SPEC),
                 "train": {"steps": 150, "batch": 8, "seq_len": 128, "lr": 3e-3}}
 
 
