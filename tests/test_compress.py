@@ -28,6 +28,27 @@ def test_huffman_lengths_hand_computed():
     assert C.huffman_lengths({9: 5}) == {9: 1}
 
 
+def _optimal_prefix_cost(counts: list[int]) -> int:
+    """min Σ count·length over every prefix code, by brute force: any lengths with Σ 2^-length ≤ 1 (Kraft) have a
+    prefix code, so the optimum is the cheapest Kraft-feasible length vector (lengths 1 … n − 1 suffice)."""
+    import itertools
+    n = len(counts)
+    if n == 1:
+        return counts[0]
+    return min(sum(c * L for c, L in zip(counts, lengths))
+               for lengths in itertools.product(range(1, n), repeat=n)
+               if sum(2.0 ** -L for L in lengths) <= 1.0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(1, 50), min_size=1, max_size=6))
+def test_huffman_is_an_optimal_prefix_code(counts):
+    freqs = dict(enumerate(counts))
+    lengths = C.huffman_lengths(freqs)
+    assert sum(2.0 ** -L for L in lengths.values()) <= 1.0                  # a prefix code exists for them
+    assert sum(c * lengths[s] for s, c in freqs.items()) == _optimal_prefix_cost(counts)
+
+
 def test_canonical_code_is_prefix_free():
     rng = np.random.default_rng(0)
     freqs = {i: int(c) for i, c in enumerate(rng.integers(1, 1000, size=40))}
@@ -102,6 +123,30 @@ def test_share_weights_and_compare():
     assert c["fixed"] == 4.0
     assert c["entropy"] <= c["huffman"] < c["entropy"] + 1
     assert set(c) >= {"zlib", "lzma", "zstd"}
+
+
+def _naive_lloyd(values: list[float], k: int, iters: int = 15) -> list[float]:
+    """Lloyd's algorithm written plainly: centroids from min to max, assign each value to its nearest centroid
+    (the lower one on a tie), move each centroid to the mean of its values (an empty one stays), sort."""
+    lo, hi = min(values), max(values)
+    c = [lo + (hi - lo) * j / (k - 1) for j in range(k)] if k > 1 else [lo]
+    for _ in range(iters):
+        members = [[] for _ in range(k)]
+        for v in values:
+            members[min(range(k), key=lambda j: (abs(v - c[j]), j))].append(v)
+        c = sorted(sum(m) / len(m) if m else c[j] for j, m in enumerate(members))
+    return c
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("k", [1, 2, 5, 16])
+def test_kmeans_1d_equals_a_naive_lloyd_loop(seed, k):
+    g = torch.Generator().manual_seed(seed)
+    v = torch.randn(300, generator=g, dtype=torch.float64) * (1 + seed)
+    v[:3] = torch.tensor([8.0, -6.0, 7.5]) * (1 + seed)                      # outliers: far-away clusters
+    got = C.kmeans_1d(v.float(), k)
+    ref = torch.tensor(_naive_lloyd(v.float().double().tolist(), k), dtype=torch.float64)
+    assert got.shape == (k,) and torch.allclose(got.double(), ref, atol=1e-4 * (1 + seed)), (got, ref)
 
 
 def test_kmeans_rows_equals_kmeans_1d_row_by_row():

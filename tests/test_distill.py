@@ -354,6 +354,28 @@ def test_lr_schedule_warms_up_then_decays_to_a_tenth():
     assert all(a >= b for a, b in zip(lrs[2:], lrs[3:])) and lrs[-1] > 0.1 and D.lr_at(10, cfg) == pytest.approx(0.1)
 
 
+def test_lr_schedule_equals_the_hand_formula():
+    """Linear warm-up to lr over `warmup` steps, then a cosine from lr down to lr/10 over the remaining steps."""
+    cfg = D.TrainConfig(steps=100, lr=2e-3, warmup=10)
+    hand = {0: 2e-4, 4: 1e-3, 9: 2e-3,                               # (step + 1) / warmup · lr
+            10: 2e-3,                                                # cosine at 0: lr
+            55: 2e-3 * (0.1 + 0.9 * 0.5),                            # half-way (45 of 90): the mean of lr and lr/10
+            40: 2e-3 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 3))),   # a third of the way: 0.775 · lr
+            99: 2e-3 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 89 / 90)))}
+    for step, lr in hand.items():
+        assert D.lr_at(step, cfg) == pytest.approx(lr, rel=1e-12), step
+    assert D.lr_at(100, cfg) == pytest.approx(2e-4)                    # the schedule ends at a tenth
+    no_warmup = D.TrainConfig(steps=5, lr=1.0, warmup=0)          # 0.1 + 0.45·(1 + cos(π·s/5))
+    assert [D.lr_at(s, no_warmup) for s in range(5)] == pytest.approx([1.0, 0.914058, 0.689058, 0.410942, 0.185942],
+                                                                      abs=1e-6)
+
+
+def test_training_follows_the_schedule(pair, tmp_path):
+    _, hist = _train(pair, tmp_path, 1.0, steps=6)
+    cfg = D.TrainConfig(steps=6, batch_size=2, lr=1e-2, warmup=2, alpha=1.0, temperature=2.0)   # _train's
+    assert hist["lr"] == [D.lr_at(s, cfg) for s in range(6)] and hist["lr"][:2] == [5e-3, 1e-2]
+
+
 def test_experiment_summary_uses_the_labs_gap_metric_and_nearest_run():
     from labkit.experiments import distill as X
     s = X.summarize(10.0, [1000.0, 800.0, 900.0], [100.0, 90.0, 110.0], [300.0, 250.0, 350.0])

@@ -149,3 +149,16 @@ def test_text_tokens_can_be_scored_by_the_protocol(tok):
     model = Mo.tiny_llama(vocab_size=len(tok))
     ppl = lk.perplexity(model, lk.data.text_tokens(text, tok), max_tokens=256)
     assert ppl.tokens == 256 and ppl > 1
+
+
+def test_build_llama_leaves_the_callers_random_state_alone():
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    a = Mo.tiny_llama(seed=7)
+    assert torch.equal(torch.rand(3), expected)                      # drawn under fork_rng
+    b = Mo.build_llama(Mo.LlamaSpec(), seed=7)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert not torch.equal(a.model.embed_tokens.weight, Mo.tiny_llama(seed=8).model.embed_tokens.weight)
+    spec = Mo.LlamaSpec.from_hf(a.config)
+    assert spec == Mo.LlamaSpec() and spec.head_dim == 16 and spec.to_hf().num_hidden_layers == 2

@@ -281,15 +281,30 @@ def test_cuda_caching_allocator_rounding_rules():
     assert cuda_caching_allocator_size((11 << 20) + 1)["segment"] == 12 << 20
 
 
-def test_time_alloc_returns_positive_timings():
-    r = time_alloc(4096, n=20, repeats=1)
-    assert r["plain_us"] > 0 and r["pool_us"] > 0 and r["ratio"] > 0
+def _fake_clock(monkeypatch, module, durations):
+    """module.time.perf_counter returns 0, d1, d1, d1 + d2, …: the k-th timed call lasts durations[k]."""
+    from types import SimpleNamespace
+    marks = [0.0]
+    for d in durations:
+        marks += [marks[-1], marks[-1] + d]
+    it = iter(marks[1:])
+    monkeypatch.setattr(module, "time", SimpleNamespace(perf_counter=lambda: next(it)))
 
 
-def test_time_append_counts_quadratic_vs_linear_copies():
+def test_time_alloc_reports_the_best_repeat_per_call(monkeypatch):
+    import labkit.pool as P
+    _fake_clock(monkeypatch, P, [5e-3, 3e-3, 4e-3, 2e-3, 6e-3, 1e-3])    # plain ×3, then pool ×3 (20 calls each)
+    r = time_alloc(4096, n=20, repeats=3)
+    assert r["plain_us"] == pytest.approx(3e-3 / 20 * 1e6) and r["pool_us"] == pytest.approx(1e-3 / 20 * 1e6)
+    assert r["ratio"] == pytest.approx(3.0) and r["block_bytes"] == 4096
+
+
+def test_time_append_counts_quadratic_vs_linear_copies(monkeypatch):
+    import labkit.pool as P
+    _fake_clock(monkeypatch, P, [0.9, 0.6, 0.2, 0.3])                     # cat ×2, then pool ×2
     r = time_append(tokens=40, token_bytes=64, block_size=8, repeats=2)
     assert r["cat_bytes_copied"] == 64 * 40 * 41 // 2 and r["pool_bytes_copied"] == 64 * 40
-    assert r["cat_s"] > 0 and r["pool_s"] > 0
+    assert (r["cat_s"], r["pool_s"]) == pytest.approx((0.6, 0.2)) and r["ratio"] == pytest.approx(3.0)
     with pytest.raises(ValueError, match="repeats"):
         time_append(repeats=0)
 

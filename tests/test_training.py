@@ -262,9 +262,24 @@ def test_measure_step_runs_in_process():
     assert r["optimizer_state_bytes"] == 8 * r["n_params"] + 4 * len(list(T.small_llama(SMALL).parameters()))
 
 
-def test_time_variants_returns_positive_times():
-    t = T.time_variants({"a": {}, "b": {"checkpoint": "every"}}, SMALL, batch=2, seq_len=16, repeats=1)
-    assert t["a"] > 0 and t["b"] > 0
+def test_time_variants_times_each_variants_step(monkeypatch):
+    """With a clock that ticks once per MLP forward (one per decoder layer run), a step's "time" is the layers it runs: 4 without
+    checkpointing, 8 when every layer is recomputed in the backward pass (the price of checkpointing)."""
+    from types import SimpleNamespace
+    ticks = {"n": 0}
+    build = T.small_llama
+
+    def counted(*a, **k):
+        model = build(*a, **k)
+        for layer in model.model.layers:
+            layer.mlp.register_forward_hook(lambda *_: ticks.__setitem__("n", ticks["n"] + 1))
+        return model
+    monkeypatch.setattr(T, "small_llama", counted)
+    monkeypatch.setattr(T, "time", SimpleNamespace(perf_counter=lambda: ticks["n"]))
+    threads = torch.get_num_threads()
+    t = T.time_variants({"none": {}, "every": {"checkpoint": "every"}, "sqrt": {"checkpoint": "sqrt"}}, SMALL,
+                        batch=2, seq_len=16, repeats=3)
+    assert t == {"none": 4, "every": 8, "sqrt": 8} and torch.get_num_threads() == threads
 
 
 def test_batches_are_windows_of_the_tokens():
