@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .checks import check
+
 
 class PoolExhausted(MemoryError):
     """No room left: raised instead of ever overwriting a live block."""
@@ -138,11 +140,11 @@ class BlockPool:
     def check_invariants(self) -> None:
         """Every block is either free (refcount 0) or live (refcount ≥ 1), never both; none listed twice."""
         free = set(self._free)
-        assert len(free) == len(self._free), "a block is on the free list twice"
+        check(len(free) == len(self._free), "a block is on the free list twice")
         for b in range(self.num_blocks):
-            assert (b in free) == (self.refcount[b] == 0), f"block {b}: free-list and refcount disagree"
-            assert len(self.owners[b]) == self.refcount[b], f"block {b}: owners and refcount disagree"
-        assert self.n_allocs - self.n_frees == self.num_used
+            check((b in free) == (self.refcount[b] == 0), f"block {b}: free-list and refcount disagree")
+            check(len(self.owners[b]) == self.refcount[b], f"block {b}: owners and refcount disagree")
+        check(self.n_allocs - self.n_frees == self.num_used, "allocations − frees ≠ blocks in use")
 
 
 # ---------------------------------------------------------------- variable-size allocator (notebook 05, §3)
@@ -246,11 +248,11 @@ class VariableAllocator:
         spans = sorted([(o, s) for o, s, _ in self.live.values()] + self.holes)
         pos = 0
         for o, s in spans:
-            assert o == pos and s > 0, f"overlap or gap at {pos}"
+            check(o == pos and s > 0, f"overlap or gap at {pos}")
             pos += s
-        assert pos == self.capacity, "live buffers and holes do not tile the capacity"
+        check(pos == self.capacity, "live buffers and holes do not tile the capacity")
         for (o1, s1), (o2, _) in zip(self.holes, self.holes[1:]):
-            assert o1 + s1 < o2, "adjacent holes were not merged"
+            check(o1 + s1 < o2, "adjacent holes were not merged")
 
 
 def churn(policy: str = "first", capacity: int = 4096, n_ops: int = 400, seed: int = 0, min_size: int = 16,
@@ -521,7 +523,7 @@ def simulate(requests: list[Request], budget_tokens: int, policy: str = "paged",
         tokens = sum(s["len"] for s in running)
         reserved = len(running) * max_len if policy == "contiguous" else pool.num_used * bs
         if policy == "paged":  # waste lives only in each sequence's last block
-            assert reserved - tokens <= len(running) * (bs - 1), "paged waste exceeded (block-1) per sequence"
+            check(reserved - tokens <= len(running) * (bs - 1), "paged waste exceeded (block-1) per sequence")
         sum_tokens, sum_reserved, sum_running = sum_tokens + tokens, sum_reserved + reserved, sum_running + len(running)
         peak = max(peak, len(running))
         if (snapshot_step is None and tokens > snap_best) or step == snapshot_step:
