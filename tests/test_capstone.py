@@ -1,5 +1,5 @@
-"""Tests for labkit.capstone: recipes, stored formats, export / load_compressed on a tiny Llama, checksums,
-the Pareto frontier, budgets and the `compress` command."""
+"""Tests for labkit.capstone and labkit.compressed_format: recipes, stored formats, export / load_compressed on a
+tiny Llama, checksums, the Pareto frontier, budgets and the `compress` command."""
 import json
 import math
 
@@ -9,6 +9,7 @@ import torch
 from hypothesis import given, settings
 
 from labkit import capstone as K
+from labkit import compressed_format
 from labkit import quantize as Q
 from labkit.__main__ import main
 from labkit.experiments.capstone import compress_for_budget
@@ -198,7 +199,7 @@ def test_export_is_atomic_and_never_touches_foreign_files(tmp_path, monkeypatch)
 
     def boom(*a, **k):
         raise KeyboardInterrupt                                             # interrupted after writing, before the swap
-    monkeypatch.setattr(K, "read_report", boom)
+    monkeypatch.setattr(compressed_format, "read_report", boom)   # export verifies with it before the swap
     with pytest.raises(KeyboardInterrupt):
         K.export(other, out, force=True)
     monkeypatch.undo()
@@ -313,3 +314,31 @@ def test_zstd_codes_decode_chunk_by_chunk_to_the_packed_codes(bits):
     parts, _ = K._encode_codes(codes, bits, "zstd")
     got = K._packed_codes(parts, {"bits": bits}, n, chunk=1 << 10)
     assert torch.equal(got, Q.pack_bits(torch.from_numpy(codes), bits))
+
+
+def test_zstd_codes_stream_from_the_file_chunk_by_chunk(tmp_path):
+    import numpy as np
+    from safetensors.torch import save_file
+    n, bits = 50_001, 4
+    codes = np.random.default_rng(0).integers(0, 2**bits, n).astype(np.uint8)
+    parts, _ = K._encode_codes(codes, bits, "zstd")
+    save_file({"a": torch.arange(7.0), "w/zstd": parts["zstd"], "z": torch.ones(3)}, str(tmp_path / "f.safetensors"))
+    with K.SafetensorsReader(tmp_path / "f.safetensors") as f:
+        src = f.stream("w/zstd")
+        got = K._packed_codes({"zstd": src}, {"bits": bits}, n, chunk=1 << 12)
+        assert torch.equal(f.get_tensor("z"), torch.ones(3))          # the stream left the reader usable
+    assert torch.equal(got, Q.pack_bits(torch.from_numpy(codes), bits))
+    short, _ = K._encode_codes(codes[: n // 2], bits, "zstd")
+    with pytest.raises(ChecksumError, match="ends after"):
+        K._packed_codes(short, {"bits": bits}, n, chunk=1 << 12)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        K._packed_codes(parts, {"bits": bits}, n, chunk=100)
+
+
+def test_reader_converts_dtype_chunk_by_chunk(tmp_path):
+    from safetensors.torch import save_file
+    w = torch.randn(300, 77)
+    save_file({"w": w}, str(tmp_path / "f.safetensors"))
+    with K.SafetensorsReader(tmp_path / "f.safetensors", chunk_bytes=4 * 1000) as f:   # 23 chunks, a partial last
+        assert torch.equal(f.get_tensor("w", torch.bfloat16), w.to(torch.bfloat16))
+        assert torch.equal(f.get_tensor("w"), w) and f.scratch.numel() == 4000           # one staging buffer

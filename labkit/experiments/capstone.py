@@ -197,6 +197,7 @@ RAM_RECIPES = {
     "int4-g64 + zstd": (dict(quant="int", bits=4, group_size=64, entropy="zstd"), "packed"),
     "int8-pc + zstd": (dict(quant="int", bits=8, entropy="zstd"), "packed"),
     "torchao int4-g64": (dict(), "torchao-int4"),
+    "torchao int4-g64, heap not trimmed": (dict(), "torchao-int4-untrimmed"),
     "int4-g32-asym, naive fp32 load": (dict(quant="int", bits=4, group_size=32, symmetric=False), "naive"),
 }
 INT4_ROW = "int4-g32-asym"
@@ -205,13 +206,18 @@ RAM_PROMPT = "In the beginning God created"
 RAM_NEW_TOKENS = 32
 
 
-def _torchao_int4(fqn: str, lin: nn.Linear) -> nn.Module:
+def _torchao_int4(fqn: str, lin: nn.Linear, trim: bool = True) -> nn.Module:
     """convert= hook of load_compressed: one decoder Linear (bf16) → torchao int4 (Int4OpaqueTensor), right after
-    it is filled; the lm_head tied to the embedding stays bf16."""
+    it is filled; the lm_head tied to the embedding stays bf16. trim=True hands the heap memory that torchao's
+    freed temporaries leave behind back to the OS after each layer (glibc keeps it; measured: the load peak then
+    grows by 100–250 MB of freed memory — the "heap not trimmed" row)."""
     from .. import quantize as Q
     if fqn == "lm_head":
         return lin
-    return Q.torchao_quantize_(nn.Sequential(lin), "int4 weight-only", TORCHAO_GROUP, lambda m, f: f == "0")[0]
+    out = Q.torchao_quantize_(nn.Sequential(lin), "int4 weight-only", TORCHAO_GROUP, lambda m, f: f == "0")[0]
+    if trim:
+        _malloc_trim(collect=False)
+    return out
 
 
 def _formula(model: nn.Module, loader: str, report: dict) -> int:
@@ -219,6 +225,7 @@ def _formula(model: nn.Module, loader: str, report: dict) -> int:
     fp32 for bf16, and for torchao int4 two codes per byte + a bf16 scale and zero per group of 64 (+ the rest bf16)."""
     if loader in ("fp32", "packed"):
         return report["bytes"]["ram_formula"]
+    loader = "torchao-int4" if loader.startswith("torchao") else loader
     n = report["bytes"]["fp32"] // 4
     if loader == "naive":
         return 4 * n
@@ -229,14 +236,52 @@ def _formula(model: nn.Module, loader: str, report: dict) -> int:
     return 2 * (n - q) + q // 2 + 4 * q // TORCHAO_GROUP
 
 
-def _malloc_trim() -> None:
+def _malloc_trim(collect: bool = True) -> None:
     """gc, then hand freed heap memory back to the OS (glibc keeps it otherwise) before reading RSS."""
-    gc.collect()
+    if collect:
+        gc.collect()
     try:
         import ctypes
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+def _rss_kinds() -> dict[str, int]:
+    """RSS split by kind (Linux /proc/self/status): "anon" (heap and anonymous maps: tensors live here) and
+    "file" (pages of mapped files: the code of torch's shared libraries, paged in the first time it runs)."""
+    out = {}
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            key, _, val = line.partition(":")
+            if key in ("RssAnon", "RssFile", "RssShmem"):
+                out[{"RssAnon": "anon", "RssFile": "file", "RssShmem": "shmem"}[key]] = int(val.split()[0]) * 1024
+    except OSError:
+        pass
+    return out
+
+
+def _rss_by_mapping() -> dict[str, int]:
+    """Resident bytes per mapping (/proc/self/smaps), keyed by file name ('libtorch_cpu.so') or '[heap]'/'[anon]'."""
+    out: dict[str, int] = {}
+    name = None
+    try:
+        with open("/proc/self/smaps") as f:
+            for line in f:
+                head = line.split(None, 5)
+                if "-" in head[0] and len(head) >= 5 and ":" in head[3]:       # a mapping's header line
+                    name = head[5].strip().rpartition("/")[2] if len(head) > 5 else "[anon]"
+                elif head[0] == "Rss:":
+                    out[name] = out.get(name, 0) + int(head[1]) * 1024
+    except OSError:
+        pass
+    return out
+
+
+def _grown(before: dict[str, int], after: dict[str, int], min_bytes: int = 256 << 10) -> dict[str, int]:
+    """Mappings whose resident bytes grew by at least min_bytes, largest first."""
+    d = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+    return dict(sorted(((k, v) for k, v in d.items() if v >= min_bytes), key=lambda kv: -kv[1]))
 
 
 def ram_worker(folder: str, loader: str, ppl_tokens: int) -> dict:
@@ -256,9 +301,11 @@ def ram_worker(folder: str, loader: str, ppl_tokens: int) -> dict:
     from ..capstone import empty_model
     empty_model(report["config"], report.get("attn_implementation"))   # imports the model's code: not weights
     _malloc_trim()
+    kinds0, maps0 = _rss_kinds(), _rss_by_mapping()
     with measure_memory() as m:            # kernel high-water mark, reset at entry: the exact loading peak
-        if loader == "torchao-int4":
-            model = load_compressed(folder, dtype=torch.bfloat16, convert=_torchao_int4)
+        if loader.startswith("torchao-int4"):
+            trim = loader == "torchao-int4"
+            model = load_compressed(folder, dtype=torch.bfloat16, convert=lambda f, lin: _torchao_int4(f, lin, trim))
         else:
             model = load_compressed(folder, packed=loader == "packed",
                                     dtype=torch.bfloat16 if loader == "bf16" else torch.float32)
@@ -272,10 +319,13 @@ def ram_worker(folder: str, loader: str, ppl_tokens: int) -> dict:
         gen_s = time.perf_counter() - t0
     _malloc_trim()
     steady = current_rss()
+    kinds1, maps1 = _rss_kinds(), _rss_by_mapping()
+    anon = kinds1.get("anon", steady) - kinds0.get("anon", baseline)
     from ..memory import tensor_bytes
     row = dict(loader=loader, recipe=report["recipe_name"], file_bytes=report["bytes"]["weights_file"],
                baseline_rss_bytes=baseline, load_peak_rss_bytes=load_peak, steady_rss_bytes=steady,
-               weights_rss_bytes=steady - baseline, tensor_bytes=tensor_bytes(model),
+               weights_rss_bytes=anon, code_pages_bytes=kinds1.get("file", 0) - kinds0.get("file", 0),
+               rss_growth_by_mapping=_grown(maps0, maps1), tensor_bytes=tensor_bytes(model),
                formula_bytes=_formula(model, loader, report), load_seconds=round(load_s, 2),
                tokens_per_s=RAM_NEW_TOKENS / gen_s, greedy_tokens=out[0].tolist(),
                fp32_copies=[n for n, p in model.named_parameters() if p.dim() == 2 and p.dtype == torch.float32])
@@ -313,11 +363,14 @@ def measure_ram(names=None, ppl_tokens: int = EVAL_TOKENS, log=print, grid: dict
         gc.collect()
         for name in names:
             recipe, loader = Recipe(**RAM_RECIPES[name][0]), RAM_RECIPES[name][1]
-            own = loader in ("bf16", "torchao-int4") or recipe.name not in grid_ppl
+            twin = next((r for r in rows if loader.startswith("torchao") and r["loader"].startswith("torchao")), None)
+            own = twin is None and (loader in ("bf16", "torchao-int4", "torchao-int4-untrimmed")
+                                    or recipe.name not in grid_ppl)
             row, _ = run_in_subprocess(ram_worker, folders[recipe.name], loader, ppl_tokens if own else 0)
             if not own:
-                row["ppl"] = grid_ppl[recipe.name]
-            row["ppl_source"] = "measured in the worker" if own else "capstone.json (same weights)"
+                row["ppl"] = twin["ppl"] if twin else grid_ppl[recipe.name]
+            row["ppl_source"] = ("measured in the worker" if own else f"row '{twin['name']}' (same weights)" if twin
+                                 else "capstone.json (same weights)")
             rows.append(dict(name=name, **row))
             log(f"{name:32s} weights {row['weights_rss_bytes'] / 1e6:7.1f} MB (formula {row['formula_bytes'] / 1e6:6.1f})"
                 f" load peak {(row['load_peak_rss_bytes'] - row['baseline_rss_bytes']) / 1e6:7.1f} MB "
@@ -328,6 +381,7 @@ def measure_ram(names=None, ppl_tokens: int = EVAL_TOKENS, log=print, grid: dict
         r["tokens_per_s_ratio_vs_fp32"] = r["tokens_per_s"] / fp32["tokens_per_s"] if fp32 else None
         r["load_peak_over_steady"] = ((r["load_peak_rss_bytes"] - r["baseline_rss_bytes"])
                                       / max(1, r["steady_rss_bytes"] - r["baseline_rss_bytes"]))
+        r["load_peak_over_weights"] = (r["load_peak_rss_bytes"] - r["baseline_rss_bytes"]) / max(1, r["weights_rss_bytes"])
         r["weights_rss_over_formula"] = r["weights_rss_bytes"] / r["formula_bytes"]
     head = {}
     if fp32 and INT4_ROW in by:
@@ -337,9 +391,16 @@ def measure_ram(names=None, ppl_tokens: int = EVAL_TOKENS, log=print, grid: dict
         head["torchao_int4_tokens_per_s_over_fp32"] = by["torchao int4-g64"]["tokens_per_s_ratio_vs_fp32"]
     return {"model": "smollm2-135m", "threads": 1, "new_tokens": RAM_NEW_TOKENS, "prompt": RAM_PROMPT,
             "eval": {"split": "validation", "max_tokens": ppl_tokens}, "rows": rows, "headline": head,
-            "note": "weights = steady − baseline RSS (freed heap handed back with malloc_trim before each reading); "
-                    "load peak and steady are also given as absolute RSS; load_peak_over_steady compares both above "
-                    "the baseline", "seconds": round(time.perf_counter() - t0, 1)}
+            "note": "weights = growth of the process's ANONYMOUS resident memory (RssAnon: heap and anonymous maps, "
+                    "where tensors live) from the baseline to the steady state after generating, freed heap handed "
+                    "back with malloc_trim before each reading. The rest of the RSS growth is code_pages_bytes: "
+                    "pages of torch's shared libraries (libtorch_cpu.so above all, see rss_growth_by_mapping) read "
+                    "in from disk the first time generate runs their kernels — shared, evictable, the same few MB "
+                    "for any model, not weights. load_peak_rss_bytes is the kernel's high-water mark (VmHWM, all "
+                    "kinds) while loading; load_peak_over_steady = (peak − baseline) / (steady − baseline), "
+                    "load_peak_over_weights = (peak − baseline) / weights. The torchao row trims the heap after "
+                    "each converted layer; its 'heap not trimmed' twin shows the peak without that",
+            "seconds": round(time.perf_counter() - t0, 1)}
 
 
 def ram_points(ram: dict) -> list[dict]:
@@ -348,7 +409,7 @@ def ram_points(ram: dict) -> list[dict]:
             "int4-g32-asym": "int4", "torchao int4-g64": "torchao"}
     return [{"bytes": r["weights_rss_bytes"], "quality": r["ppl"], "technique": tech.get(r["name"], "int4"),
              "label": r["name"], "reference": r["name"] == "fp32", "annotate": True}
-            for r in ram["rows"] if "naive" not in r["name"]]
+            for r in ram["rows"] if "naive" not in r["name"] and "not trimmed" not in r["name"]]
 
 
 # ----------------------------------------------------------------------------------------------- command line
