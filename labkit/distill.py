@@ -4,22 +4,18 @@ Defined in notebook 03 (Distillation). The pieces, in the order the notebook tea
 - students that share the teacher's tokenizer (so logits align): `make_depth_student` keeps a subset of the
   teacher's own decoder layers and its tied embedding; `make_student` builds a small one from random weights;
 - `kd_loss`: α·T²·KL(softmax(t/T) ‖ softmax(s/T)) + (1−α)·CE(s, labels) (Hinton et al. 2015);
-- `teacher_topk` / `cached_teacher_topk`: the teacher runs once per batch of text; its top-k logits are
-  kept (k·8 bytes per token instead of vocab·4), plus the log-mass of the other tokens at a few temperatures
-  (4 bytes each), cached under `lk.cache_dir()` with a checksum (a corrupted cache is rebuilt);
+- `teacher_topk`: the teacher runs once per batch of text; its top-k logits are kept (k·8 bytes per token
+  instead of vocab·4), plus the log-mass of the other tokens at a few temperatures (4 bytes each);
 - `train_student`: AdamW, a progress bar, checksummed checkpoints and resume after an interruption.
-The stored experiment, bench figures and widget helpers live in `labkit.experiments.distill`.
+The on-disk cache of the teacher's targets (`cached_teacher_topk`, checksummed, rebuilt when damaged), the stored
+experiment, bench figures and widget helpers live in `labkit.experiments.distill`.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import hashlib
-import io
 import math
 import numbers
-import signal
-import threading
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -312,55 +308,6 @@ def teacher_topk(teacher, seqs: torch.Tensor, k: int = 32, batch_size: int = 4, 
                       torch.cat(tails) if tail_temps else None, tuple(tail_temps))
 
 
-def _fingerprint(teacher) -> str:
-    """A cheap identity for a teacher: its class, size and a checksum of a few weights."""
-    from .memory import count_params
-
-    h = hashlib.sha256()
-    h.update(f"{type(teacher).__name__}:{count_params(teacher)}:{_vocab_size(teacher)}".encode())
-    for _, p in list(teacher.named_parameters())[:3]:
-        h.update(p.detach().reshape(-1)[:4096].float().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def topk_cache_path(teacher, seqs: torch.Tensor, k: int) -> Path:
-    """Where `cached_teacher_topk` keeps the top-k logits for these sequences (under lk.cache_dir())."""
-    from .repro import cache_dir
-
-    h = hashlib.sha256(seqs.to(torch.int64).numpy().tobytes()).hexdigest()[:16]
-    return cache_dir() / "distill" / f"topk-{_fingerprint(teacher)}-{h}-k{int(k)}-tail.pt"
-
-
-TOPK_KIND = "distill-teacher-topk"
-
-
-def cached_teacher_topk(teacher, seqs: torch.Tensor, k: int = 32, batch_size: int = 4,
-                        progress: bool = False) -> TopKLogits:
-    """`teacher_topk`, computed once and cached under lk.cache_dir()/distill/ (never data/) with a sha256
-    sidecar: a cache that is corrupted, truncated, edited or of another shape is rebuilt, never used."""
-    from .repro import ChecksumError, read_verified, write_verified
-
-    k = _whole("k", k, 1, "how many logits to keep per token")
-    path = topk_cache_path(teacher, seqs, k)
-    if path.exists():
-        try:
-            data, _ = read_verified(path, TOPK_KIND, fix="it is rebuilt")
-            d = torch.load(io.BytesIO(data), weights_only=True)
-            out = TopKLogits(d["values"], d["indices"], int(d["vocab_size"]), d["tail"],
-                             tuple(float(t) for t in d["tail_temps"]))
-            if (out.values.shape[:2] == (seqs.shape[0], seqs.shape[1] - 1) and out.k == k
-                    and out.tail_temps == TAIL_TEMPERATURES):
-                return out
-        except (ChecksumError, KeyError, ValueError, RuntimeError):
-            pass  # rebuilt below
-    out = teacher_topk(teacher, seqs, k=k, batch_size=batch_size, progress=progress)
-    buf = io.BytesIO()
-    torch.save({"values": out.values, "indices": out.indices, "vocab_size": out.vocab_size, "tail": out.tail,
-                "tail_temps": torch.tensor(out.tail_temps)}, buf)
-    write_verified(path, buf.getvalue(), TOPK_KIND, {"k": k, "tokens": int(seqs[:, :-1].numel())})
-    return out
-
-
 def topk_mass(tl: TopKLogits, temperature: float = 1.0) -> float:
     """Mean share of the teacher's softened probability (at T) that falls on its top k tokens (needs the tail)."""
     tail = tl.tail_at(check_temperature(temperature))
@@ -437,39 +384,19 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 CHECKPOINT_KIND = "distill-checkpoint"
 
 
-@contextlib.contextmanager
-def _no_interrupt():
-    """Hold Ctrl-C (SIGINT) until the block ends, so a checkpoint and its checksum are written as a pair."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    caught = []
-    old = signal.signal(signal.SIGINT, lambda *a: caught.append(a))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, old)
-        if caught:
-            raise KeyboardInterrupt
-
-
 def save_checkpoint(path, state: dict) -> Path:
-    """Write a training state atomically with a sha256 sidecar (lk.repro.write_verified); Ctrl-C waits for it."""
-    from .repro import write_verified
+    """Write a training state atomically with a sha256 sidecar (lk.repro.write_verified_torch); Ctrl-C waits."""
+    from .repro import write_verified_torch
 
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    with _no_interrupt():
-        return write_verified(path, buf.getvalue(), CHECKPOINT_KIND, {"step": int(state.get("step", 0))})
+    return write_verified_torch(path, state, CHECKPOINT_KIND, {"step": int(state.get("step", 0))})
 
 
 def load_checkpoint(path) -> dict:
     """A checkpoint written by save_checkpoint; lk.repro.ChecksumError if it was corrupted, truncated or edited."""
-    from .repro import read_verified
+    from .repro import read_verified_torch
 
-    data, _ = read_verified(path, CHECKPOINT_KIND, fix=f"it cannot be trusted to resume from: delete {Path(path).name} "
-                                                      f"and its .sha256.json to train this run from the start")
-    return torch.load(io.BytesIO(data), weights_only=True)  # tensors, numbers, lists and dicts only
+    return read_verified_torch(path, CHECKPOINT_KIND, fix=f"it cannot be trusted to resume from: delete "
+                                                          f"{Path(path).name} and its .sha256.json to train from the start")[0]
 
 
 def _targets_id(teacher_logits) -> str:
@@ -489,7 +416,7 @@ def _targets_id(teacher_logits) -> str:
 def _check_targets(student, seqs, cfg, teacher_logits) -> None:
     if cfg.alpha > 0:
         if teacher_logits is None:
-            raise ValueError("alpha > 0 needs teacher_logits (from cached_teacher_topk); alpha = 0 is hard labels")
+            raise ValueError("alpha > 0 needs teacher_logits (from teacher_topk); alpha = 0 is hard labels")
         tv = teacher_logits.vocab_size if isinstance(teacher_logits, TopKLogits) else teacher_logits.shape[-1]
         if tv != _vocab_size(student):
             raise ValueError(f"vocabulary mismatch: teacher logits cover {tv} tokens, the student has "
@@ -590,13 +517,6 @@ def train_student(student, seqs: torch.Tensor, cfg: TrainConfig, teacher_logits:
     return hist
 
 
-def run_checkpoint_path(name: str) -> Path:
-    """A checkpoint path for a named run under lk.cache_dir()/distill/ (never inside data/)."""
-    from .repro import cache_dir
-
-    return cache_dir() / "distill" / f"ckpt-{name}.pt"
-
-
 def weights_sha256(model) -> str:
     """sha256 of a model's state_dict tensors in name order: the fingerprint of a trained student."""
     h = hashlib.sha256()
@@ -604,33 +524,3 @@ def weights_sha256(model) -> str:
         h.update(name.encode())
         h.update(t.detach().contiguous().numpy().tobytes())
     return h.hexdigest()
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Softened distributions (the widget) and the KV cache
-
-
-@torch.no_grad()
-def softened_next_token(model, tokenizer, prompt: str, temperature: float = 1.0, top: int = 10) -> dict:
-    """softmax(logits/T) of `model` for the token after `prompt`: its `top` tokens, probabilities, entropy (nats)."""
-    t = check_temperature(temperature)
-    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
-    logits = model(input_ids=ids).logits[0, -1].float()
-    logp = F.log_softmax(logits / t, dim=-1)
-    p = logp.exp()
-    top_p, top_i = p.topk(_whole("top", top, 1, "how many tokens to show"))
-    return {"temperature": t, "tokens": [tokenizer.decode([int(i)]) for i in top_i],
-            "probs": [float(x) for x in top_p], "entropy": float(-(p * logp).sum()),
-            "max_entropy": math.log(p.numel())}
-
-
-def kv_cache_bytes_measured(model, seq_len: int = 64) -> int:
-    """Bytes held by the DynamicCache after a forward pass over `seq_len` tokens at batch 1."""
-    ids = torch.zeros(1, seq_len, dtype=torch.long)
-    with torch.no_grad():
-        cache = model(input_ids=ids, use_cache=True).past_key_values
-    total = 0
-    for layer in cache.layers:
-        for t in (layer.keys, layer.values):
-            total += t.numel() * t.element_size()
-    return total

@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 
 from .memory import (count_params, dtype_bytes, estimate_activation_bytes, estimate_kv_cache_bytes,
-                     estimate_training_bytes, measure_memory, run_in_subprocess, tensor_bytes, QUIET_MALLOC)
+                     estimate_training_bytes, kv_cache_bytes, measure_memory, run_in_subprocess, tensor_bytes,
+                     QUIET_MALLOC)
 
 COMPONENTS = ("weights", "gradients", "master_weights", "optimizer_state", "activations", "kv_cache")
 
@@ -40,10 +41,6 @@ def estimate_footprint(config, n_params: int, dtype: str = "fp32", batch: int = 
     return out
 
 
-def _kv_bytes(cache) -> int:
-    return sum(tensor_bytes([layer.keys, layer.values]) for layer in cache.layers)
-
-
 def inference_peaks(name: str, shapes: list[tuple[int, int]], dtype: str = "fp32",
                     logits_to_keep: int | None = None) -> list[dict]:
     """For each (batch, seq_len): one forward pass that fills a KV cache; measured peak and KV bytes.
@@ -66,7 +63,7 @@ def inference_peaks(name: str, shapes: list[tuple[int, int]], dtype: str = "fp32
             extra = {} if logits_to_keep is None else {"logits_to_keep": logits_to_keep}
             out = model(input_ids=ids, past_key_values=cache, use_cache=True, **extra)
         rows.append({"batch": batch, "seq_len": seq_len, "peak_bytes": m.peak_bytes,
-                     "kv_bytes": _kv_bytes(cache), "logits_bytes": tensor_bytes(out.logits)})
+                     "kv_bytes": kv_cache_bytes(cache), "logits_bytes": tensor_bytes(out.logits)})
         del out, cache
     return rows
 

@@ -285,6 +285,15 @@ def estimate_kv_cache_bytes(config, batch: int, seq_len: int, dtype=torch.float3
     return kv_bytes_per_token(config, dtype) * batch * seq_len
 
 
+def kv_cache_bytes(cache) -> int:
+    """Measured bytes of a transformers KV cache (e.g. a DynamicCache after a forward with use_cache=True): the
+    keys and values of every layer — the measurement beside estimate_kv_cache_bytes."""
+    if not hasattr(cache, "layers"):
+        raise TypeError(f"kv_cache_bytes needs a transformers Cache (model(..., use_cache=True).past_key_values), "
+                        f"got {type(cache).__name__}")
+    return tensor_bytes([t for layer in cache.layers for t in (layer.keys, layer.values) if t is not None])
+
+
 def layer_activation_bytes(config, batch: int, seq_len: int, precision: str = "fp32") -> int:
     """Bytes one Llama decoder layer saves for backward, counted tensor by tensor (the tests check it against
     autograd's saved tensors through torch.autograd.graph.saved_tensors_hooks).
@@ -443,20 +452,24 @@ def run_in_subprocess(fn, *args, env: dict[str, str] | None = None, **kwargs):
 
     A fresh process per variant keeps one measurement from inheriting another's freed-but-kept memory
     (glibc does not hand freed memory back). fn must be importable (defined in a module, not a notebook).
-    `env` adds environment variables for the child only (e.g. MALLOC_MMAP_THRESHOLD_); the caller's
-    environment is left exactly as it was.
+    `env` sets environment variables for the child only (e.g. MALLOC_MMAP_THRESHOLD_; a None value unsets one);
+    the caller's environment is left exactly as it was.
     """
     if not callable(fn):
         raise TypeError(f"run_in_subprocess needs a function, got {type(fn).__name__}")
-    if env is not None and not (isinstance(env, dict) and all(isinstance(k, str) and isinstance(v, str)
+    if env is not None and not (isinstance(env, dict) and all(isinstance(k, str) and (v is None or isinstance(v, str))
                                                               for k, v in env.items())):
-        raise TypeError(f"env must be a dict of str to str (environment variables), got {env!r}")
+        raise TypeError(f"env must be a dict of str to str (or None to unset a variable), got {env!r}")
     if getattr(fn, "__module__", "__main__") == "__main__" or "<locals>" in getattr(fn, "__qualname__", ""):
         raise ValueError(f"{getattr(fn, '__name__', fn)} must be defined at the top level of an importable "
                          "module (e.g. labkit or a .py file beside the notebook), not in the notebook")
     saved = {k: os.environ.get(k) for k in (env or {})}
     try:
-        os.environ.update(env or {})  # a spawned child copies the environment when it starts
+        for k, v in (env or {}).items():  # a spawned child copies the environment when it starts
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
         with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as ex:
             return ex.submit(_measured_call, fn, args, kwargs).result()
     finally:

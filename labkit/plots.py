@@ -434,7 +434,7 @@ def kv_memory_quality(points: list[dict], layouts: dict | None = None, tokens: i
 # --- distillation (notebook 03) ---
 
 def distill_softened(dist: dict, ax=None):
-    """Bars of a softened next-token distribution (from lk.distill.softened_next_token), entropy in the title."""
+    """Bars of a softened next-token distribution (labkit.experiments.distill.softened_next_token), entropy as title."""
     ax = new_axes(ax, figsize=(6.4, 3.0))
     labels = [repr(t) for t in dist["tokens"]]
     ax.bar(range(len(labels)), dist["probs"], color=PALETTE[0])

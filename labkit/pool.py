@@ -2,7 +2,8 @@
 simulation of contiguous max-length reservation vs paging (vLLM's PagedAttention idea).
 
 Defined in notebook 05 (memory pools); the paged KV cache that runs on `BlockPool` is in `labkit.kvcache`, the
-sweeps and bench figures in `labkit.experiments.pool`. This module imports neither the KV cache nor the models.
+timings (allocation cost, appends, heap pinning), sweeps and bench figures in `labkit.experiments.pool`. This
+module imports neither the KV cache nor the models.
 """
 from __future__ import annotations
 
@@ -25,9 +26,12 @@ class PoolError(ValueError):
     """Misuse of a pool: double free, a block or handle this pool never gave out, a wrong owner."""
 
 
-def _positive_int(name, v):
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:
-        raise ValueError(f"{name} must be a positive int, got {v!r}")
+def positive_int(name: str, v) -> int:
+    """v as an int: TypeError unless a whole number, ValueError unless ≥ 1 (sizes and counts of the pools)."""
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+        raise TypeError(f"{name} must be a whole number ≥ 1, got {type(v).__name__} {v!r}")
+    if v <= 0:
+        raise ValueError(f"{name} must be ≥ 1, got {v}")
     return int(v)
 
 
@@ -53,11 +57,11 @@ class BlockPool:
     """
 
     def __init__(self, num_blocks: int, block_shape=(16,), dtype=torch.float32, block_size: int | None = None):
-        self.num_blocks = _positive_int("num_blocks", num_blocks)
+        self.num_blocks = positive_int("num_blocks", num_blocks)
         block_shape = tuple(int(s) for s in block_shape)
         if not block_shape or min(block_shape) <= 0:
             raise ValueError(f"block_shape must be a non-empty tuple of positive ints, got {block_shape}")
-        self.block_size = _positive_int("block_size", block_size or block_shape[0])
+        self.block_size = positive_int("block_size", block_size or block_shape[0])
         self.storage = torch.zeros((self.num_blocks, *block_shape), dtype=dtype)
         self._free = list(range(self.num_blocks - 1, -1, -1))  # pop() hands out 0, 1, 2, ... first
         self.refcount = [0] * self.num_blocks
@@ -169,17 +173,17 @@ class VariableAllocator:
     """
 
     def __init__(self, capacity: int, policy: str = "first", align: int = 1):
-        self.capacity = _positive_int("capacity", capacity)
+        self.capacity = positive_int("capacity", capacity)
         if policy not in ("first", "best"):
             raise ValueError(f"policy must be 'first' or 'best', got {policy!r}")
-        self.policy, self.align = policy, _positive_int("align", align)
+        self.policy, self.align = policy, positive_int("align", align)
         self.storage = torch.zeros(self.capacity, dtype=torch.uint8)
         self.holes: list[tuple[int, int]] = [(0, self.capacity)]  # (offset, size), sorted, coalesced
         self.live: dict[int, tuple[int, int, int]] = {}          # handle → (offset, size, requested)
         self._next = 0
 
     def allocate(self, nbytes: int) -> int:
-        req = _positive_int("nbytes", nbytes)
+        req = positive_int("nbytes", nbytes)
         size = -(-req // self.align) * self.align
         fits = [i for i, (_, s) in enumerate(self.holes) if s >= size]
         if not fits:
@@ -238,7 +242,7 @@ class VariableAllocator:
     def address_map(self, stride: int = 1) -> np.ndarray:
         """Owner of every `stride` bytes: the handle, or −1 where free (for drawing the address space).
         With stride > 1 a cell shows a buffer if any of it lies there."""
-        st = _positive_int("stride", stride)
+        st = positive_int("stride", stride)
         m = np.full(-(-self.capacity // st), -1, dtype=np.int64)
         for h, (off, size, _) in self.live.items():
             m[off // st:-(-(off + size) // st)] = h
@@ -264,7 +268,7 @@ def churn(policy: str = "first", capacity: int = 4096, n_ops: int = 400, seed: i
     rng = np.random.default_rng(seed)
     a = VariableAllocator(capacity * unit, policy)
     live, failed, fragmented, done = [], 0, 0, 0
-    for _ in range(_positive_int("n_ops", n_ops)):
+    for _ in range(positive_int("n_ops", n_ops)):
         r, size = rng.random(), int(rng.integers(min_size, max_size)) * unit   # both drawn every step
         if live and r < 0.4:
             a.free(live.pop(int(r / 0.4 * len(live))))
@@ -278,112 +282,7 @@ def churn(policy: str = "first", capacity: int = 4096, n_ops: int = 400, seed: i
     return a, {"allocations": done, "failed": failed, "failed_but_enough_free": fragmented, "live": len(live)}
 
 
-# ---------------------------------------------------------------- allocation cost (notebook 05, §1)
-def time_alloc(block_bytes: int = 737_280, n: int = 200, repeats: int = 3) -> dict:
-    """Seconds per allocate+write+free: a fresh torch.empty each time vs reusing one block of a BlockPool.
-
-    Default size = one 16-token KV block of SmolLM2-135M in fp32 (16 · 46,080 B). Best of `repeats`.
-    """
-    numel = _positive_int("block_bytes", block_bytes) // 4
-    pool = BlockPool(4, (numel,), torch.float32)
-
-    def plain():
-        for _ in range(n):
-            t = torch.empty(numel)
-            t.fill_(1.0)
-            del t
-
-    def pooled():
-        for _ in range(n):
-            b = pool.allocate()
-            pool.storage[b].fill_(1.0)
-            pool.free(b)
-
-    best = {}
-    for name, fn in (("plain", plain), ("pool", pooled)):
-        ts = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            ts.append((time.perf_counter() - t0) / n)
-        best[name] = min(ts)
-    return {"block_bytes": numel * 4, "plain_us": best["plain"] * 1e6, "pool_us": best["pool"] * 1e6,
-            "ratio": best["plain"] / best["pool"]}
-
-
-def _child_json(code: str, env: dict | None = None) -> dict:
-    """Run `code` in a fresh Python process (repository root as cwd) and parse the JSON of its last line."""
-    import json
-    import os
-    import subprocess
-    import sys
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    res = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=300)
-    if res.returncode != 0:
-        raise RuntimeError(f"child process failed: {res.stderr[-500:]}")
-    return json.loads(res.stdout.strip().splitlines()[-1])
-
-
-def time_alloc_fresh(block_bytes: int = 737_280, n: int = 100) -> dict:
-    """`time_alloc` in a child process where glibc must map fresh pages from the OS for every block
-    (MALLOC_MMAP_THRESHOLD_=65536 turns off its reuse of freed memory) — the cost a pool avoids."""
-    import os
-    code = ("import json, torch; torch.set_num_threads(1); from labkit.pool import time_alloc; "
-            f"print(json.dumps(time_alloc({_positive_int('block_bytes', block_bytes)}, n={_positive_int('n', n)})))")
-    return _child_json(code, {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
-
-
-def heap_pinning(n: int = 200, nbytes: int = 100_000) -> dict:
-    """The CPU's version of "reserved vs allocated", in a fresh child process: allocate n tensors of nbytes
-    (below glibc's mmap threshold, so they come from the heap), free all but the LAST one, then that one too.
-    RSS (resident bytes) stays high while one live tensor sits at the top of the heap: the freed space below
-    it is kept by the allocator — free, but not returned to the OS. glibc behaviour (Linux); other C
-    libraries may return memory differently."""
-    import os
-    n, nbytes = _positive_int("n", n), _positive_int("nbytes", nbytes)
-    code = ("import json, gc, torch\nfrom labkit.memory import current_rss\nr0 = current_rss()\n"
-            f"ts = [torch.ones({nbytes} // 4) for _ in range({n})]\n"
-            "r1 = current_rss(); last = ts[-1]; del ts; gc.collect(); r2 = current_rss(); del last; gc.collect()\n"
-            "print(json.dumps({'rss_all_live': r1 - r0, 'rss_one_live': r2 - r0, 'rss_none_live': current_rss() - r0}))")
-    out = _child_json(code, {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")})  # glibc defaults
-    out.update(allocated_all_live=n * (nbytes // 4) * 4, allocated_one_live=(nbytes // 4) * 4)
-    return out
-
-
-def time_append(tokens: int = 256, token_bytes: int = 1_536, block_size: int = 16, repeats: int = 3) -> dict:
-    """Grow a per-sequence buffer one token at a time: torch.cat (a new, bigger tensor each step, as
-    transformers' DynamicCache does per layer) vs writing into blocks of a preallocated pool. Default: one
-    layer of SmolLM2-135M in fp32 (2 · 3 · 64 · 4 = 1,536 B per token). Bytes copied and seconds (best of
-    `repeats`)."""
-    tokens, numel = _positive_int("tokens", tokens), _positive_int("token_bytes", token_bytes) // 4
-    row = torch.ones(1, numel)
-
-    def cat():
-        buf = torch.empty(0, numel)
-        for _ in range(tokens):
-            buf = torch.cat([buf, row])
-
-    def pooled():
-        pool = BlockPool(-(-tokens // block_size), (block_size, numel))
-        table = []
-        for i in range(tokens):
-            if i % block_size == 0:
-                table.append(pool.allocate())
-            pool.storage[table[-1], i % block_size] = row[0]
-
-    best = {}
-    for name, fn in (("cat", cat), ("pool", pooled)):
-        ts = []
-        for _ in range(_positive_int("repeats", repeats)):
-            t0 = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t0)
-        best[name] = min(ts)
-    return {"tokens": tokens, "cat_bytes_copied": numel * 4 * tokens * (tokens + 1) // 2,
-            "pool_bytes_copied": numel * 4 * tokens, "cat_s": best["cat"], "pool_s": best["pool"],
-            "ratio": best["cat"] / best["pool"]}
-
-
+# ---------------------------------------------------------------- the GPU's allocator (notebook 05, §1)
 def cuda_caching_allocator_size(nbytes: int) -> dict:
     """How PyTorch's CUDA caching allocator rounds a request (c10/cuda/CUDACachingAllocator.cpp defaults).
 
@@ -391,7 +290,7 @@ def cuda_caching_allocator_size(nbytes: int) -> dict:
     segments, larger ones get their own segment rounded up to 2 MiB. Model of the rules — on a CPU there is
     no caching allocator to measure.
     """
-    n = _positive_int("nbytes", nbytes)
+    n = positive_int("nbytes", nbytes)
     block = max(512, -(-n // 512) * 512)
     mib = 1 << 20
     if block <= mib:
@@ -418,7 +317,7 @@ DISTRIBUTIONS = ("uniform", "short", "longtail")
 def make_requests(n: int = 200, seed: int = 0, dist: str = "uniform", max_len: int = 1024,
                   rate: float = 0.5) -> list[Request]:
     """n seeded requests arriving as a Poisson process (`rate` per step); prompt + output ≤ max_len."""
-    n, max_len = _positive_int("n", n), _positive_int("max_len", max_len)
+    n, max_len = positive_int("n", n), positive_int("max_len", max_len)
     if dist not in DISTRIBUTIONS:
         raise ValueError(f"dist must be one of {DISTRIBUTIONS}, got {dist!r}")
     rng = np.random.default_rng(seed)
@@ -448,7 +347,7 @@ def simulate(requests: list[Request], budget_tokens: int, policy: str = "paged",
     """
     if policy not in ("contiguous", "paged"):
         raise ValueError(f"policy must be 'contiguous' or 'paged', got {policy!r}")
-    budget, bs = _positive_int("budget_tokens", budget_tokens), _positive_int("block_size", block_size)
+    budget, bs = positive_int("budget_tokens", budget_tokens), positive_int("block_size", block_size)
     for r in requests:
         if r.prompt + r.output > max_len:
             raise ValueError(f"request {r.rid} needs {r.prompt + r.output} tokens > max_len={max_len}")
@@ -543,7 +442,7 @@ def simulate(requests: list[Request], budget_tokens: int, policy: str = "paged",
 def sequences_that_fit(lengths, budget_tokens: int, policy: str = "paged", block_size: int = 16,
                        max_len: int = 1024) -> int:
     """How many of these sequences (in order) fit at once: max_len reservations, or blocks of block_size."""
-    budget, bs = _positive_int("budget_tokens", budget_tokens), _positive_int("block_size", block_size)
+    budget, bs = positive_int("budget_tokens", budget_tokens), positive_int("block_size", block_size)
     if policy == "contiguous":
         return min(len(lengths), budget // max_len)
     free, n = budget // bs, 0

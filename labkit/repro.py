@@ -240,6 +240,44 @@ def read_verified(path: str | os.PathLike, kind: str, fix: str) -> tuple[bytes, 
     return data, side.get("meta", {})
 
 
+@contextlib.contextmanager
+def hold_interrupts():
+    """Hold Ctrl-C (SIGINT) until the block ends (main thread; elsewhere a no-op), then raise KeyboardInterrupt:
+    files written as a pair (a file and its checksum) are both written or neither."""
+    import signal
+    import threading
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    old = signal.signal(signal.SIGINT, lambda *a: caught.append(a))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+        if caught:
+            raise KeyboardInterrupt
+
+
+def write_verified_torch(path: str | os.PathLike, obj, kind: str, meta: dict | None = None) -> Path:
+    """torch.save(obj) through write_verified (atomic, sha256 sidecar), Ctrl-C held until both files are written.
+
+    For caches and checkpoints of tensors, numbers, strings, lists and dicts; read back with read_verified_torch."""
+    import io
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    with hold_interrupts():
+        return write_verified(path, buf.getvalue(), kind, meta)
+
+
+def read_verified_torch(path: str | os.PathLike, kind: str, fix: str) -> tuple[object, dict]:
+    """(obj, meta) of a write_verified_torch file: checked first (ChecksumError with `fix`), then
+    torch.load(weights_only=True) — tensors, numbers, strings, lists and dicts only, never code."""
+    import io
+    data, meta = read_verified(path, kind, fix)
+    return torch.load(io.BytesIO(data), weights_only=True), meta
+
+
 def write_manifest(folder: str | os.PathLike, kind: str, files: list[str] | None = None,
                    name: str = "labkit-manifest.json", extra: dict | None = None) -> dict:
     """Write `folder/name`: kind, format version and {file: {bytes, sha256}} of `files` (default: every file

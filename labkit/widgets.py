@@ -103,7 +103,7 @@ def distill_temperature(model, tokenizer, prompt: str = "And God said, Let there
     import ipywidgets as w
 
     from . import plots
-    from .distill import softened_next_token
+    from .experiments.distill import softened_next_token
 
     def draw(temperature):
         return plots.distill_softened(softened_next_token(model, tokenizer, prompt, temperature, top=top))

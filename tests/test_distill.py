@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 import labkit as lk
 from labkit import distill as D
+from labkit.experiments import distill as XD
 
 V = 50
 
@@ -178,7 +179,7 @@ def test_student_shares_vocab_and_tying_dedups_the_embedding():
 def test_teacher_topk_matches_full_logits_and_is_cached(pair, tmp_path, monkeypatch):
     monkeypatch.setenv("LABKIT_CACHE", str(tmp_path))
     teacher, seqs = pair
-    tk = D.cached_teacher_topk(teacher, seqs, k=5, batch_size=3)
+    tk = XD.cached_teacher_topk(teacher, seqs, k=5, batch_size=3)
     with torch.no_grad():
         full = teacher(input_ids=seqs[:, :-1]).logits
     v, i = full.topk(5, -1)
@@ -190,12 +191,12 @@ def test_teacher_topk_matches_full_logits_and_is_cached(pair, tmp_path, monkeypa
         torch.testing.assert_close(tk.tail[..., j], (rest / T).logsumexp(-1), rtol=1e-5, atol=1e-5)
         share = torch.softmax(full / T, -1).topk(5, -1).values.sum(-1).mean().item()
         assert D.topk_mass(tk, T) == pytest.approx(share, rel=1e-4)
-    path = D.topk_cache_path(teacher, seqs, 5)
+    path = XD.topk_cache_path(teacher, seqs, 5)
     assert path.exists() and str(tmp_path) in str(path)
-    again = D.cached_teacher_topk(teacher, seqs, k=5)
+    again = XD.cached_teacher_topk(teacher, seqs, k=5)
     assert torch.equal(again.values, tk.values)
     path.write_bytes(b"corrupt")  # a corrupt cache is rebuilt, never used
-    assert torch.equal(D.cached_teacher_topk(teacher, seqs, k=5).indices, tk.indices)
+    assert torch.equal(XD.cached_teacher_topk(teacher, seqs, k=5).indices, tk.indices)
 
 
 def test_batch_order_is_a_seeded_pure_function():
@@ -258,12 +259,12 @@ def test_softened_distribution_entropy_grows_with_temperature(pair):
         def decode(self, ids):
             return f"<{ids[0]}>"
 
-    ents = [D.softened_next_token(teacher, Tok(), "x", T)["entropy"] for T in (0.5, 1.0, 2.0, 8.0)]
+    ents = [XD.softened_next_token(teacher, Tok(), "x", T)["entropy"] for T in (0.5, 1.0, 2.0, 8.0)]
     assert ents == sorted(ents) and ents[-1] < math.log(V) + 1e-6
-    out = D.softened_next_token(teacher, Tok(), "x", 1.0, top=3)
+    out = XD.softened_next_token(teacher, Tok(), "x", 1.0, top=3)
     assert len(out["tokens"]) == 3 and out["probs"] == sorted(out["probs"], reverse=True)
     with pytest.raises(ValueError, match="temperature"):
-        D.softened_next_token(teacher, Tok(), "x", 0)
+        XD.softened_next_token(teacher, Tok(), "x", 0)
 
 
 def test_kv_cache_bytes_measured_matches_formula(pair):
@@ -271,7 +272,7 @@ def test_kv_cache_bytes_measured_matches_formula(pair):
     c = teacher.config
     head_dim = c.hidden_size // c.num_attention_heads
     want = 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * 4 * 10
-    assert D.kv_cache_bytes_measured(teacher, 10) == want == lk.estimate_kv_cache_bytes(c, 1, 10)
+    assert XD.kv_cache_bytes_measured(teacher, 10) == want == lk.estimate_kv_cache_bytes(c, 1, 10)
 
 
 def test_train_config_is_frozen_and_checks_types_and_ranges(pair):
@@ -308,14 +309,14 @@ def test_a_flipped_byte_in_a_checkpoint_is_refused(pair, tmp_path):
 def test_a_flipped_byte_in_the_topk_cache_is_rebuilt(pair, tmp_path, monkeypatch):
     monkeypatch.setenv("LABKIT_CACHE", str(tmp_path))
     teacher, seqs = pair
-    tk = D.cached_teacher_topk(teacher, seqs, k=5)
-    path = D.topk_cache_path(teacher, seqs, 5)
+    tk = XD.cached_teacher_topk(teacher, seqs, k=5)
+    path = XD.topk_cache_path(teacher, seqs, 5)
     raw = bytearray(path.read_bytes())
     raw[-200] ^= 0x01
     path.write_bytes(bytes(raw))
-    again = D.cached_teacher_topk(teacher, seqs, k=5)
+    again = XD.cached_teacher_topk(teacher, seqs, k=5)
     assert torch.equal(again.values, tk.values) and torch.equal(again.tail, tk.tail)
-    assert lk.repro.read_verified(path, D.TOPK_KIND, "")[0] == path.read_bytes()  # rebuilt and re-verified
+    assert lk.repro.read_verified(path, XD.TOPK_KIND, "")[0] == path.read_bytes()  # rebuilt and re-verified
 
 
 def test_depth_student_keeps_the_teachers_layers_and_leaves_the_teacher_alone(pair):
@@ -331,7 +332,7 @@ def test_depth_student_keeps_the_teachers_layers_and_leaves_the_teacher_alone(pa
     assert cut.lm_head.weight.data_ptr() == cut.get_input_embeddings().weight.data_ptr()  # still tied
     assert not cut.get_input_embeddings().weight.requires_grad
     assert lk.count_params(cut) == lk.memory.estimate_params(cut.config)["total"]
-    assert D.kv_cache_bytes_measured(cut, 4) == lk.estimate_kv_cache_bytes(cut.config, 1, 4)
+    assert XD.kv_cache_bytes_measured(cut, 4) == lk.estimate_kv_cache_bytes(cut.config, 1, 4)
     frozen = cut.get_input_embeddings().weight.clone()
     D.train_student(cut, seqs, D.TrainConfig(steps=3, batch_size=2, lr=1e-2, warmup=0), progress=False)
     assert torch.equal(cut.get_input_embeddings().weight, frozen)  # only the kept layers trained

@@ -144,3 +144,14 @@ def test_generation_keeps_only_the_last_positions_logits():
     assert score["layers"] == gen["layers"]
     with pytest.raises(ValueError, match="logits_to_keep"):
         M.estimate_activation_bytes(cfg, 2, 100, training=False, logits_to_keep=0)
+
+
+def test_run_in_subprocess_sets_and_unsets_the_childs_environment_only(monkeypatch):
+    import os
+    monkeypatch.setenv("LABKIT_TEST_VAR", "parent")
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    child, _ = M.run_in_subprocess(os.getenv, "MALLOC_MMAP_THRESHOLD_", env=M.QUIET_MALLOC)
+    assert child == M.QUIET_MALLOC["MALLOC_MMAP_THRESHOLD_"]
+    child, _ = M.run_in_subprocess(os.getenv, "LABKIT_TEST_VAR", env={"LABKIT_TEST_VAR": None})
+    assert child is None
+    assert os.environ["LABKIT_TEST_VAR"] == "parent" and "MALLOC_MMAP_THRESHOLD_" not in os.environ

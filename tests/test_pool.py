@@ -10,9 +10,10 @@ from hypothesis import given, settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 import labkit as lk
+from labkit.experiments import pool as X
+from labkit.experiments.pool import heap_pinning, time_alloc, time_alloc_fresh, time_append
 from labkit.pool import (BlockPool, PoolError, PoolExhausted, VariableAllocator, churn, cuda_caching_allocator_size,
-                         heap_pinning, make_requests, paged_waste_bound, sequences_that_fit, serving_comparison,
-                         simulate, time_alloc, time_append)
+                         make_requests, paged_waste_bound, sequences_that_fit, serving_comparison, simulate)
 
 
 # ---------------------------------------------------------------- BlockPool
@@ -292,16 +293,14 @@ def _fake_clock(monkeypatch, module, durations):
 
 
 def test_time_alloc_reports_the_best_repeat_per_call(monkeypatch):
-    import labkit.pool as P
-    _fake_clock(monkeypatch, P, [5e-3, 3e-3, 4e-3, 2e-3, 6e-3, 1e-3])    # plain ×3, then pool ×3 (20 calls each)
+    _fake_clock(monkeypatch, X, [5e-3, 3e-3, 4e-3, 2e-3, 6e-3, 1e-3])    # plain ×3, then pool ×3 (20 calls each)
     r = time_alloc(4096, n=20, repeats=3)
     assert r["plain_us"] == pytest.approx(3e-3 / 20 * 1e6) and r["pool_us"] == pytest.approx(1e-3 / 20 * 1e6)
     assert r["ratio"] == pytest.approx(3.0) and r["block_bytes"] == 4096
 
 
 def test_time_append_counts_quadratic_vs_linear_copies(monkeypatch):
-    import labkit.pool as P
-    _fake_clock(monkeypatch, P, [0.9, 0.6, 0.2, 0.3])                     # cat ×2, then pool ×2
+    _fake_clock(monkeypatch, X, [0.9, 0.6, 0.2, 0.3])                     # cat ×2, then pool ×2
     r = time_append(tokens=40, token_bytes=64, block_size=8, repeats=2)
     assert r["cat_bytes_copied"] == 64 * 40 * 41 // 2 and r["pool_bytes_copied"] == 64 * 40
     assert (r["cat_s"], r["pool_s"]) == pytest.approx((0.6, 0.2)) and r["ratio"] == pytest.approx(3.0)
@@ -317,8 +316,10 @@ def test_heap_pinning_one_live_tensor_keeps_the_freed_heap_resident():
     assert r["rss_all_live"] >= 0.8 * r["allocated_all_live"]   # pages were touched (torch.ones writes them)
     assert r["rss_one_live"] >= 0.8 * r["allocated_all_live"]   # 99 % freed, yet still resident: pinned
     assert r["rss_none_live"] <= 0.5 * r["allocated_all_live"]  # the top freed too → glibc trims the heap
-    with pytest.raises(ValueError, match="positive int"):
+    with pytest.raises(ValueError, match="≥ 1"):
         heap_pinning(n=0)
+    with pytest.raises(TypeError, match="whole number"):
+        time_alloc_fresh(n=2.5)
 
 
 # ---------------------------------------------------------------- serving simulation

@@ -90,3 +90,25 @@ def test_replace_folder_swaps_whole_folders(tmp_path):
     repro.replace_folder(tmp, dest)
     assert [p.name for p in dest.iterdir()] == ["new.txt"] and not tmp.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_verified_torch_files_and_interrupts_held_until_both_are_written(tmp_path, monkeypatch):
+    import os
+    import signal
+    path = tmp_path / "state.pt"
+    state = {"w": torch.arange(6.0).reshape(2, 3), "step": 3, "name": "run"}
+    real = repro.write_verified
+
+    def interrupted(*a, **k):              # Ctrl-C arrives while the first of the two files is being written
+        os.kill(os.getpid(), signal.SIGINT)
+        return real(*a, **k)
+    monkeypatch.setattr(repro, "write_verified", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        repro.write_verified_torch(path, state, "test-state", {"step": 3})
+    back, meta = repro.read_verified_torch(path, "test-state", "rebuild it")   # both files were written
+    assert torch.equal(back["w"], state["w"]) and back["step"] == 3 and meta == {"step": 3}
+    b = bytearray(path.read_bytes())
+    b[len(b) // 2] ^= 1
+    path.write_bytes(bytes(b))
+    with pytest.raises(repro.ChecksumError, match="rebuild it"):
+        repro.read_verified_torch(path, "test-state", "rebuild it")

@@ -11,19 +11,73 @@ protocol on the *validation* books (lk.evaluate), which no choice looks at.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 
 from .. import distill as D
 from ..evaluate import HEADLINE_TOKENS, LIVE_TOKENS, gap_closed, perplexity
+from ..memory import count_params, kv_cache_bytes
+from ..repro import ChecksumError, cache_dir, read_verified_torch, write_verified_torch
 
 TEACHER = "smollm2-135m"
 SLICE_STRIDE = 65_536  # seed s trains on the slice starting at token s · SLICE_STRIDE of the training books
 
+
+# ----------------------------------------------------------------------------------------------------------
+# The teacher's targets, computed once per slice and cached (checksummed) under lk.cache_dir()
+
+def _fingerprint(teacher) -> str:
+    """A cheap identity for a teacher: its class, size and a checksum of a few weights."""
+    h = hashlib.sha256()
+    h.update(f"{type(teacher).__name__}:{count_params(teacher)}:{int(teacher.config.vocab_size)}".encode())
+    for _, p in list(teacher.named_parameters())[:3]:
+        h.update(p.detach().reshape(-1)[:4096].float().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def topk_cache_path(teacher, seqs: torch.Tensor, k: int) -> Path:
+    """Where `cached_teacher_topk` keeps the top-k logits for these sequences (under lk.cache_dir())."""
+    h = hashlib.sha256(seqs.to(torch.int64).numpy().tobytes()).hexdigest()[:16]
+    return cache_dir() / "distill" / f"topk-{_fingerprint(teacher)}-{h}-k{int(k)}-tail.pt"
+
+
+TOPK_KIND = "distill-teacher-topk"
+
+
+def cached_teacher_topk(teacher, seqs: torch.Tensor, k: int = 32, batch_size: int = 4,
+                        progress: bool = False) -> D.TopKLogits:
+    """`teacher_topk`, computed once and cached under lk.cache_dir()/distill/ (never data/) with a sha256
+    sidecar: a cache that is corrupted, truncated, edited or of another shape is rebuilt, never used."""
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"k must be a whole number (how many logits to keep per token), got {k!r}")
+    if k < 1:
+        raise ValueError(f"k must be ≥ 1 (how many logits to keep per token), got {k}")
+    path = topk_cache_path(teacher, seqs, k)
+    if path.exists():
+        try:
+            d, _ = read_verified_torch(path, TOPK_KIND, fix="it is rebuilt")
+            out = D.TopKLogits(d["values"], d["indices"], int(d["vocab_size"]), d["tail"],
+                               tuple(float(t) for t in d["tail_temps"]))
+            if (out.values.shape[:2] == (seqs.shape[0], seqs.shape[1] - 1) and out.k == k
+                    and out.tail_temps == D.TAIL_TEMPERATURES):
+                return out
+        except (ChecksumError, KeyError, ValueError, RuntimeError):
+            pass  # rebuilt below
+    out = D.teacher_topk(teacher, seqs, k=k, batch_size=batch_size, progress=progress)
+    write_verified_torch(path, {"values": out.values, "indices": out.indices, "vocab_size": out.vocab_size,
+                                "tail": out.tail, "tail_temps": torch.tensor(out.tail_temps)},
+                         TOPK_KIND, {"k": k, "tokens": int(seqs[:, :-1].numel())})
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The experiment
 
 @dataclass(frozen=True)
 class Experiment:
@@ -91,7 +145,7 @@ def run_seed(teacher, tokenizer, exp: Experiment, seed: int, settings, select_to
              student_fn=None, lr: float | None = None) -> dict:
     """One seed: its slice, the teacher's cached top-k targets, one student per (α, T) in `settings`."""
     seqs = train_slice(tokenizer, exp, seed)
-    targets = D.cached_teacher_topk(teacher, seqs, k=exp.top_k)
+    targets = cached_teacher_topk(teacher, seqs, k=exp.top_k)
     student_fn = student_fn or (lambda: D.make_depth_student(teacher, exp.keep_layers, exp.freeze_embedding))
     out = {}
     for alpha, temp in settings:
@@ -225,7 +279,7 @@ def live_run(teacher, tokenizer, results: dict, steps: int = 5) -> dict:
     """The first `steps` steps of seed 0's CE and chosen KD runs, recomputed now (same slice, schedule, seed)."""
     exp = Experiment()
     seqs = train_slice(tokenizer, exp, exp.seeds[0])
-    targets = D.cached_teacher_topk(teacher, seqs, k=exp.top_k)
+    targets = cached_teacher_topk(teacher, seqs, k=exp.top_k)
     c = results["chosen"]
     out = {}
     for name, (alpha, temp) in {"ce": (0.0, 1.0), "kd": (c["alpha"], c["temperature"])}.items():
@@ -267,7 +321,7 @@ def size_table(models: dict, tokens: torch.Tensor, speed: bool = True) -> dict:
         rows[name] = {"params_est": estimate_params(m.config)["total"], "params": count_params(m),
                       "bytes_est": estimate_param_bytes(estimate_params(m.config)["total"]),
                       "bytes": model_bytes(m), "kv_est": kv_bytes_per_token(m.config),
-                      "kv": D.kv_cache_bytes_measured(m, 16) // 16}
+                      "kv": kv_cache_bytes_measured(m, 16) // 16}
         if speed:
             rows[name]["tok_s"] = tokens_per_second(m, tokens)
     first = next(iter(rows.values()))
@@ -336,3 +390,30 @@ def bench() -> dict:
                   for name, r in rows.items()},
         "wall_s_results": res["wall_s"],
     }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The softened distribution of the widget, and the KV cache a student keeps
+
+@torch.no_grad()
+def softened_next_token(model, tokenizer, prompt: str, temperature: float = 1.0, top: int = 10) -> dict:
+    """softmax(logits/T) of `model` for the token after `prompt`: its `top` tokens, probabilities, entropy (nats)."""
+    t = D.check_temperature(temperature)
+    if isinstance(top, bool) or not isinstance(top, int):
+        raise TypeError(f"top must be a whole number of tokens to show, got {top!r}")
+    if top < 1:
+        raise ValueError(f"top must be ≥ 1 (how many tokens to show), got {top}")
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    logits = model(input_ids=ids).logits[0, -1].float()
+    logp = torch.log_softmax(logits / t, dim=-1)
+    p = logp.exp()
+    top_p, top_i = p.topk(top)
+    return {"temperature": t, "tokens": [tokenizer.decode([int(i)]) for i in top_i],
+            "probs": [float(x) for x in top_p], "entropy": float(-(p * logp).sum()),
+            "max_entropy": math.log(p.numel())}
+
+
+@torch.no_grad()
+def kv_cache_bytes_measured(model, seq_len: int = 64) -> int:
+    """Bytes of the DynamicCache after a forward pass over `seq_len` tokens at batch 1 (lk.memory.kv_cache_bytes)."""
+    return kv_cache_bytes(model(input_ids=torch.zeros(1, seq_len, dtype=torch.long), use_cache=True).past_key_values)

@@ -1,10 +1,19 @@
-"""Experiments of notebook 05's allocator and serving sections: the block-size sweep of the serving simulation
-(data/results/pool.json, `python -m labkit results pool`) and the headline figures (`python -m labkit bench pool`).
-Decoding speed and the KV cache's own figures are in `labkit.experiments.kvcache`."""
+"""Experiments of notebook 05's allocator and serving sections: what allocation costs (a fresh tensor vs a pool
+block, growing a buffer by torch.cat vs blocks, a heap pinned by one live tensor — each measured, some in a fresh
+process), the block-size sweep of the serving simulation (data/results/pool.json, `python -m labkit results
+pool`) and the headline figures (`python -m labkit bench pool`). Decoding speed and the KV cache's own figures
+are in `labkit.experiments.kvcache`."""
 from __future__ import annotations
 
+import gc
+import os
+import time
+
+import torch
+
 from .. import repro
-from ..pool import DISTRIBUTIONS, make_requests, serving_comparison, simulate, time_alloc, time_alloc_fresh
+from ..memory import QUIET_MALLOC, current_rss, run_in_subprocess
+from ..pool import (DISTRIBUTIONS, BlockPool, positive_int, make_requests, serving_comparison, simulate)
 
 BLOCK_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
@@ -36,3 +45,110 @@ def bench() -> dict:
             out[f"alloc_{size}B"] = {k: round(v, 2) for k, v in t.items()}
         out["alloc_737280B_fresh_pages"] = {k: round(v, 2) for k, v in time_alloc_fresh(737_280).items()}
         return out
+
+
+# ---------------------------------------------------------------- allocation cost (notebook 05, §1)
+def time_alloc(block_bytes: int = 737_280, n: int = 200, repeats: int = 3) -> dict:
+    """Seconds per allocate+write+free: a fresh torch.empty each time vs reusing one block of a BlockPool.
+
+    Default size = one 16-token KV block of SmolLM2-135M in fp32 (16 · 46,080 B). Best of `repeats`.
+    """
+    numel = positive_int("block_bytes", block_bytes) // 4
+    pool = BlockPool(4, (numel,), torch.float32)
+
+    def plain():
+        for _ in range(n):
+            t = torch.empty(numel)
+            t.fill_(1.0)
+            del t
+
+    def pooled():
+        for _ in range(n):
+            b = pool.allocate()
+            pool.storage[b].fill_(1.0)
+            pool.free(b)
+
+    best = {}
+    for name, fn in (("plain", plain), ("pool", pooled)):
+        ts = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            ts.append((time.perf_counter() - t0) / n)
+        best[name] = min(ts)
+    return {"block_bytes": numel * 4, "plain_us": best["plain"] * 1e6, "pool_us": best["pool"] * 1e6,
+            "ratio": best["plain"] / best["pool"]}
+
+
+def _time_alloc_one_thread(block_bytes: int, n: int) -> dict:
+    with repro.threads(1):
+        return time_alloc(block_bytes, n=n)
+
+
+def time_alloc_fresh(block_bytes: int = 737_280, n: int = 100) -> dict:
+    """`time_alloc` in a fresh process where glibc must map fresh pages from the OS for every block
+    (MALLOC_MMAP_THRESHOLD_=65536 turns off its reuse of freed memory) — the cost a pool avoids."""
+    out, _ = run_in_subprocess(_time_alloc_one_thread, positive_int("block_bytes", block_bytes),
+                               positive_int("n", n), env=QUIET_MALLOC)
+    return out
+
+
+def _heap_pinning_child(n: int, nbytes: int) -> dict:
+    gc.collect()
+    r0 = current_rss()
+    ts = [torch.ones(nbytes // 4) for _ in range(n)]
+    r1 = current_rss()
+    last = ts[-1]
+    del ts
+    gc.collect()
+    r2 = current_rss()
+    del last
+    gc.collect()
+    return {"rss_all_live": r1 - r0, "rss_one_live": r2 - r0, "rss_none_live": current_rss() - r0}
+
+
+def heap_pinning(n: int = 200, nbytes: int = 100_000) -> dict:
+    """The CPU's version of "reserved vs allocated", in a fresh process: allocate n tensors of nbytes
+    (below glibc's mmap threshold, so they come from the heap), free all but the LAST one, then that one too.
+    RSS (resident bytes) stays high while one live tensor sits at the top of the heap: the freed space below
+    it is kept by the allocator — free, but not returned to the OS. glibc behaviour (Linux), with its default
+    settings (any MALLOC_* variable is unset for the child); other C libraries may return memory differently."""
+    n, nbytes = positive_int("n", n), positive_int("nbytes", nbytes)
+    glibc_defaults = {k: None for k in os.environ if k.startswith("MALLOC_")}
+    out, _ = run_in_subprocess(_heap_pinning_child, n, nbytes, env=glibc_defaults)
+    out.update(allocated_all_live=n * (nbytes // 4) * 4, allocated_one_live=(nbytes // 4) * 4)
+    return out
+
+
+def time_append(tokens: int = 256, token_bytes: int = 1_536, block_size: int = 16, repeats: int = 3) -> dict:
+    """Grow a per-sequence buffer one token at a time: torch.cat (a new, bigger tensor each step, as
+    transformers' DynamicCache does per layer) vs writing into blocks of a preallocated pool. Default: one
+    layer of SmolLM2-135M in fp32 (2 · 3 · 64 · 4 = 1,536 B per token). Bytes copied and seconds (best of
+    `repeats`)."""
+    tokens, numel = positive_int("tokens", tokens), positive_int("token_bytes", token_bytes) // 4
+    row = torch.ones(1, numel)
+
+    def cat():
+        buf = torch.empty(0, numel)
+        for _ in range(tokens):
+            buf = torch.cat([buf, row])
+
+    def pooled():
+        pool = BlockPool(-(-tokens // block_size), (block_size, numel))
+        table = []
+        for i in range(tokens):
+            if i % block_size == 0:
+                table.append(pool.allocate())
+            pool.storage[table[-1], i % block_size] = row[0]
+
+    best = {}
+    for name, fn in (("cat", cat), ("pool", pooled)):
+        ts = []
+        for _ in range(positive_int("repeats", repeats)):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+        best[name] = min(ts)
+    return {"tokens": tokens, "cat_bytes_copied": numel * 4 * tokens * (tokens + 1) // 2,
+            "pool_bytes_copied": numel * 4 * tokens, "cat_s": best["cat"], "pool_s": best["pool"],
+            "ratio": best["cat"] / best["pool"]}
