@@ -165,6 +165,25 @@ def quantize(x: torch.Tensor, bits: int = 8, granularity: str = "channel", group
     asymmetric: zero = min(x) (rounded down), scale = (max − zero)/(2**bits − 1), codes in [0, 2**bits − 1].
     Either way |dequantize(q) − x| ≤ scale/2 element-wise. Rows = dim 0 (output channels of a Linear weight).
     """
+    q, s, zeros, gs, granularity = _rtn_codes(x, bits, granularity, group_size, symmetric, scale_dtype)
+    packed = pack_bits(q.to(torch.uint8), bits)
+    return QTensor(packed=packed, scales=s, zeros=zeros, bits=bits, group_size=gs, shape=tuple(x.shape),
+                   symmetric=symmetric, granularity=granularity, dtype=x.dtype)
+
+
+def fake_quantize(x: torch.Tensor, bits: int = 8, granularity: str = "channel", group_size: int | None = None,
+                  symmetric: bool = True, scale_dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """dequantize(quantize(x, …)) without packing the codes: the same values, faster (for searches that try many
+    candidates, e.g. AWQ's scales and clipping; notebook 02, "After round-to-nearest")."""
+    q, s, zeros, _, _ = _rtn_codes(x, bits, granularity, group_size, symmetric, scale_dtype)
+    s = s.float().unsqueeze(-1)
+    out = (q - 2 ** (bits - 1)) * s if symmetric else q * s + zeros.float().unsqueeze(-1)
+    return out.reshape(x.shape).to(x.dtype)
+
+
+def _rtn_codes(x, bits, granularity, group_size, symmetric, scale_dtype):
+    """The rounding behind quantize: (codes [rows, groups, group_size] as floats, scales, zeros, group size,
+    granularity)."""
     _check_float(x, "quantize")
     bits = _check_bits(bits)
     if scale_dtype not in SCALE_DTYPES:
@@ -191,9 +210,7 @@ def quantize(x: torch.Tensor, bits: int = 8, granularity: str = "channel", group
         s = _round_scale(span / qmax, scale_dtype, span, qmax)
         q = torch.clamp(torch.round((g - zd.float().unsqueeze(-1)) / s.float().unsqueeze(-1)), 0, qmax)
         zeros = zd
-    packed = pack_bits(q.to(torch.uint8), bits)
-    return QTensor(packed=packed, scales=s, zeros=zeros, bits=bits, group_size=gs, shape=tuple(x.shape),
-                   symmetric=symmetric, granularity=granularity, dtype=x.dtype)
+    return q, s, zeros, gs, granularity
 
 
 def dequantize(q: QTensor) -> torch.Tensor:

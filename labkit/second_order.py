@@ -12,13 +12,14 @@ SparseGPT: Frantar & Alistarh 2023, https://arxiv.org/abs/2301.00774
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch import nn
 
-from .quantize import QTensor, pack_bits, quantize
+from .quantize import QTensor, QuantConfig, QuantLinear, _rtn_codes, pack_bits, skip_tied
 from .repro import threads
 
 
@@ -26,14 +27,19 @@ from .repro import threads
 # Hessian of the layer-wise loss
 # ---------------------------------------------------------------------------------------------------------
 class HessianAccumulator:
-    """Running H = 2/n · Σ xxᵀ over every input row x of a Linear (float64, [in, in])."""
+    """Running H = 2/n · Σ xxᵀ over every input row x of a Linear (float64, [in, in]), and the mean |x| per
+    input feature (the activation statistic AWQ scales by; labkit.awq)."""
 
     def __init__(self, in_features: int):
         self.H = torch.zeros(in_features, in_features, dtype=torch.float64)
+        self.abs_sum = torch.zeros(in_features, dtype=torch.float64)
         self.n = 0
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).double()
+        """Add a batch of inputs [..., in]. XᵀX is computed in the inputs' precision (float32 for a float32 model,
+        as GPTQ's reference code does; float64 inputs stay float64) and accumulated in float64."""
+        x = x.detach().reshape(-1, x.shape[-1])
+        x = x if x.dtype in (torch.float32, torch.float64) else x.float()
         if x.shape[1] != self.H.shape[0]:
             raise ValueError(f"inputs have {x.shape[1]} features, the Hessian {self.H.shape[0]}")
         if not torch.isfinite(x).all():
@@ -41,13 +47,20 @@ class HessianAccumulator:
         t = x.shape[0]
         self.H *= self.n / (self.n + t)
         self.n += t
-        self.H += (2.0 / self.n) * (x.T @ x)
+        self.H += (2.0 / self.n) * (x.T @ x).double()
+        self.abs_sum += x.abs().sum(0, dtype=torch.float64)
 
     @property
     def hessian(self) -> torch.Tensor:
         if self.n == 0:
             raise ValueError("no calibration inputs were seen; run the calibration tokens through the model")
         return self.H
+
+    @property
+    def abs_mean(self) -> torch.Tensor:
+        """Mean |x| of each input feature over the calibration rows (float64, [in])."""
+        self.hessian  # noqa: B018 (raises when nothing was seen)
+        return self.abs_sum / self.n
 
 
 def hessian(x: torch.Tensor) -> torch.Tensor:
@@ -104,8 +117,8 @@ class Grid:
     def params(self, w: torch.Tensor):
         """(scale [rows, 1], zero [rows, 1] or None) of the grid for the columns w [rows, g] — the same values
         labkit.quantize.quantize computes for that group."""
-        q = quantize(w.float(), self.bits, "channel", symmetric=self.symmetric)
-        return q.scales, q.zeros
+        _, scales, zeros, _, _ = _rtn_codes(w.float(), self.bits, "channel", None, self.symmetric, torch.float16)
+        return scales, zeros
 
     def codes(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:
         """Unsigned codes of w (any shape broadcastable with scale)."""
@@ -282,12 +295,32 @@ class _Stop(Exception):
     pass
 
 
+def _stat_hooks(linears: dict[str, nn.Module]):
+    """Forward hooks feeding each Linear's inputs to a HessianAccumulator; a Linear that reads the very tensor the
+    previous one read (q/k/v, gate/up) shares its accumulator. Returns (accs, handles, new_batch)."""
+    accs: dict[str, HessianAccumulator] = {}
+    last: list = [None, None]          # (input tensor, fqn whose accumulator saw it)
+
+    def hook(mod, a, o, n):
+        x = a[0]
+        if last[0] is x:
+            accs.setdefault(n, accs[last[1]])
+            return
+        accs.setdefault(n, HessianAccumulator(mod.in_features)).add(x)
+        last[:] = [x, n]
+
+    handles = [m.register_forward_hook(lambda mod, a, o, n=n: hook(mod, a, o, n)) for n, m in linears.items()]
+    return accs, handles, lambda: last.__setitem__(slice(None), [None, None])
+
+
 @torch.no_grad()
-def sequential_(model: nn.Module, batches: torch.Tensor, solve: Callable[[str, nn.Linear, torch.Tensor], None],
-                filter_fn: Callable[[nn.Module, str], bool] | None = None) -> nn.Module:
-    """Run `batches` [B, T] to the first decoder layer, then for each layer: collect H for its Linears (forward
-    hooks), call solve(fqn, linear, H) — which changes the linear in place — and feed the layer's new outputs
-    to the next layer. Returns the model. Works for Llama-style models (model.model.layers)."""
+def calibrate_layers(model: nn.Module, batches: torch.Tensor,
+                     process: Callable[[str, nn.Module, dict[str, tuple[nn.Linear, HessianAccumulator]]], None],
+                     filter_fn: Callable[[nn.Module, str], bool] | None = None) -> nn.Module:
+    """Run `batches` [B, T] to the first decoder layer, then for each layer: collect the statistics of its Linears
+    (forward hooks), call process(layer_name, layer, {fqn: (linear, accumulator)}) — which may change the layer in
+    place — and feed the layer's new outputs to the next layer. Linears that read the very same input tensor
+    (q/k/v, gate/up) share one accumulator. Works for Llama-style models (model.model.layers); returns the model."""
     layers = model.model.layers
     filter_fn = filter_fn or (lambda m, fqn: isinstance(m, nn.Linear))
     caught = {}
@@ -315,19 +348,99 @@ def sequential_(model: nn.Module, batches: torch.Tensor, solve: Callable[[str, n
             lname = prefix[id(layer)]
             linears = {f"{lname}.{n}": m for n, m in layer.named_modules()
                        if isinstance(m, nn.Linear) and filter_fn(m, f"{lname}.{n}")}
-            accs = {n: HessianAccumulator(m.in_features) for n, m in linears.items()}
-            hooks = [m.register_forward_hook(lambda mod, a, o, n=n: accs[n].add(a[0])) for n, m in linears.items()]
+            accs, hooks, new_batch = _stat_hooks(linears)
             try:
                 for x in xs:
+                    new_batch()
                     layer(x, **kw)
             finally:
                 for hk in hooks:
                     hk.remove()
-            for n, m in linears.items():
-                solve(n, m, accs[n].hessian)
+                new_batch()
+            process(lname, layer, {n: (m, accs[n]) for n, m in linears.items()})
             del accs
             xs = [layer(x, **kw) for x in xs]
             xs = [x[0] if isinstance(x, tuple) else x for x in xs]
     finally:
         model.train(was_training)
+    return model
+
+
+@contextlib.contextmanager
+def recording(model: nn.Module, filter_fn: Callable[[nn.Module, str], bool] | None = None):
+    """`with recording(model) as stats: <run inputs through model>` — stats fills with {fqn: HessianAccumulator}
+    for every selected nn.Linear (Linears that read the same tensor share one); the hooks go on exit."""
+    filter_fn = filter_fn or (lambda m, fqn: isinstance(m, nn.Linear))
+    linears = {n: m for n, m in model.named_modules() if n and isinstance(m, nn.Linear) and filter_fn(m, n)}
+    if not linears:
+        raise ValueError("recording: filter_fn selected no nn.Linear")
+    accs, hooks, new_batch = _stat_hooks(linears)
+    try:
+        yield accs
+    finally:
+        for hk in hooks:
+            hk.remove()
+        new_batch()
+
+
+@torch.no_grad()
+def collect_stats(model: nn.Module, batches: torch.Tensor,
+                  filter_fn: Callable[[nn.Module, str], bool] | None = None) -> dict[str, HessianAccumulator]:
+    """One pass of the unchanged model over token batches [B, T] (4 sequences at a time): the input statistics
+    (H and mean |x|) of every selected Linear, {fqn: HessianAccumulator}."""
+    was_training = model.training
+    model.eval()
+    try:
+        with recording(model, filter_fn) as accs:
+            for b in batches.split(4):
+                model(b, use_cache=False)
+    finally:
+        model.train(was_training)
+    return accs
+
+
+def sequential_(model: nn.Module, batches: torch.Tensor, solve: Callable[[str, nn.Linear, torch.Tensor], None],
+                filter_fn: Callable[[nn.Module, str], bool] | None = None) -> nn.Module:
+    """GPTQ/SparseGPT's layer-by-layer pass (calibrate_layers): for each Linear, solve(fqn, linear, H) changes the
+    linear in place, and the next decoder layer sees the outputs of the already-processed ones. Returns the model."""
+    def process(lname, layer, found):
+        for n, (m, acc) in found.items():
+            solve(n, m, acc.hessian)
+    return calibrate_layers(model, batches, process, filter_fn)
+
+
+def gptq_(model: nn.Module, calibration, config: QuantConfig, *, act_order: bool = True, blocksize: int = 128,
+          damp: float = 0.01, filter_fn: Callable[[nn.Module, str], bool] | None = None) -> nn.Module:
+    """GPTQ on a whole model, in place (torchao's quantize_ shape); each selected Linear becomes a QuantLinear
+    holding GPTQ's packed codes (RTN's bytes exactly). `config` is a labkit.quantize.QuantConfig.
+
+    calibration = token batches [B, T]: the paper's sequential pass (Llama-style models) — decoder layer by
+    decoder layer, each Linear solved on the inputs the already quantized layers produce.
+    calibration = the dict collect_stats returned for this unchanged model: every Linear solved on the fp32
+    model's inputs (one pass, shared with AWQ; faster, any model). Returns the model."""
+    if not isinstance(config, QuantConfig):
+        raise TypeError(f"gptq_ needs a labkit QuantConfig, got {type(config).__name__}; e.g. QuantConfig(3, group_size=64)")
+    if config.granularity == "tensor":
+        raise ValueError("GPTQ here quantizes per channel or per group, not per tensor")
+    grid = Grid(config.bits, config.group_size, config.symmetric)
+    done: dict[str, QTensor] = {}
+
+    def solve(fqn, lin, H):
+        q = gptq(lin.weight, H, grid, act_order=act_order, blocksize=blocksize, damp=damp)
+        with torch.no_grad():
+            lin.weight.copy_(q.dequantize())        # what the next layers see during a sequential pass
+        done[fqn] = q
+
+    if isinstance(calibration, dict):
+        keep = filter_fn or skip_tied(model)        # as quantize_: not a lm_head tied to the embedding
+        for fqn, acc in calibration.items():
+            lin = model.get_submodule(fqn)
+            if isinstance(lin, nn.Linear) and keep(lin, fqn):
+                solve(fqn, lin, acc.hessian)
+    else:
+        sequential_(model, calibration, solve, filter_fn)
+    for fqn, q in done.items():
+        lin = model.get_submodule(fqn)
+        parent, _, child = fqn.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, QuantLinear(q, lin.bias))
     return model

@@ -16,6 +16,7 @@ EXPERIMENTS: dict[str, str] = {
     "footprint": "labkit.experiments.footprint",
     "prune": "labkit.experiments.prune",
     "quantize": "labkit.experiments.quantize",
+    "methods": "labkit.experiments.methods",
     "distill": "labkit.experiments.distill",
     "sparse": "labkit.experiments.sparse",
     "compress": "labkit.experiments.compress",
