@@ -4,7 +4,10 @@ Defined in notebook 00 ("Check your understanding"); used by every notebook.
 """
 from __future__ import annotations
 
+import contextlib
+import inspect
 import math
+import sys
 
 
 def check(cond, what: str, hint: str = "") -> None:
@@ -44,3 +47,30 @@ def check_between(value, low, high, what: str = "", hint: str = "") -> None:
 def ok(message: str) -> None:
     """Print the fixed ✓ line that ends a check cell."""
     print(f"✓ {message}")
+
+
+@contextlib.contextmanager
+def forbid_calls(*functions, hint: str = "this exercise asks you to write it yourself"):
+    """Raise AssertionError after the block if any of `functions` ran inside it (however it was imported).
+
+    For hidden tests: `with forbid_calls(lk.prune.magnitude_mask): mask = my_magnitude_mask(w, 0.5)` fails
+    when the answer just calls labkit's reference. Watches Python-level calls with sys.setprofile."""
+    codes = {}
+    for f in functions:
+        code = getattr(inspect.unwrap(f), "__code__", None)
+        if code is None:
+            raise TypeError(f"forbid_calls needs Python functions, got {f!r}")
+        codes[code] = f"{f.__module__}.{f.__qualname__}"
+    called: list[str] = []
+
+    def profile(frame, event, arg):
+        if event == "call" and frame.f_code in codes:
+            called.append(codes[frame.f_code])
+
+    previous = sys.getprofile()
+    sys.setprofile(profile)
+    try:
+        yield
+    finally:
+        sys.setprofile(previous)
+    check(not called, f"your answer calls {called[0] if called else ''}", hint)

@@ -120,6 +120,29 @@ def test_a_notebook_without_cell_ids_gives_the_same_copy_every_time(tmp_path):
     assert student.check_student_copies(src, out) == []
 
 
+def test_nbgrader_markers_hidden_tests_and_written_answers():
+    """nbgrader's conventions: ### markers, hidden tests removed, a written answer replaced by its stub."""
+    assert strip_solutions("def f():\n    ### BEGIN SOLUTION\n    return 1\n    ### END SOLUTION") == \
+        f"def f():\n    # YOUR CODE HERE\n    {STUB}"
+    assert student.strip_hidden_tests("a\n### BEGIN HIDDEN TESTS\nsecret\n### END HIDDEN TESTS\nb") == "a\nb"
+    with pytest.raises(SolutionMarkerError, match="never closed"):
+        student.strip_hidden_tests("### BEGIN HIDDEN TESTS\nx")
+    grading = {"grade": True, "grade_id": "t", "locked": True, "points": 2, "schema_version": 3, "solution": False}
+    test_cell = new_code_cell("assert f() == 1\n### BEGIN HIDDEN TESTS\nassert f() != 2\n### END HIDDEN TESTS")
+    test_cell.metadata["nbgrader"] = {**grading, "checksum": "abc", "cell_type": "code"}
+    answer = new_markdown_cell("Why?\n### BEGIN SOLUTION\nBecause.\n### END SOLUTION")
+    answer.metadata["nbgrader"] = {**grading, "grade_id": "why", "solution": True, "locked": False}
+    whole = new_markdown_cell("The model answer, no markers.")
+    whole.metadata["nbgrader"] = {**grading, "grade_id": "why2", "solution": True, "locked": False}
+    code_whole = new_code_cell("x = 42")
+    code_whole.metadata["nbgrader"] = {**grading, "grade_id": "sol", "solution": True, "grade": False, "locked": False}
+    out = student.student_notebook(new_notebook(cells=[test_cell, answer, whole, code_whole]))
+    assert [c.source for c in out.cells] == ["assert f() == 1", "Why?\nYOUR ANSWER HERE", "YOUR ANSWER HERE",
+                                             "\n".join(student.STUB)]
+    assert out.cells[0].metadata["nbgrader"] == grading, "grading fields kept, nbgrader's checksums dropped"
+    assert not student.has_hidden_tests(out.cells[0].source) and student.has_hidden_tests(test_cell.source)
+
+
 # --- hypothesis ------------------------------------------------------------------------------------
 
 # Lines of code that are not markers (the alphabet has no newline; '#' lines may look like markers).
@@ -188,20 +211,6 @@ def test_committed_student_copies_are_current():
     assert problems == [], f"{problems}: run `python -m labkit student` (make student) and commit notebooks/student/"
 
 
-def _solution_blocks(source: str) -> list[str]:
-    blocks, current = [], None
-    for line in source.split("\n"):
-        if student.has_marker(line):
-            if current is None:
-                current = []
-            else:
-                blocks.append("\n".join(current))
-                current = None
-        elif current is not None:
-            current.append(line)
-    return [b for b in blocks if b.strip()]
-
-
 def test_no_student_copy_contains_a_solution():
     solved = sorted(NOTEBOOKS.glob(student.NOTEBOOK_GLOB))
     for path in solved:
@@ -212,7 +221,7 @@ def test_no_student_copy_contains_a_solution():
                 continue
             twin = cells[cell.get("id")]
             assert not student.has_marker(twin.source), f"{path.name}: a marker in the student copy"
-            for block in _solution_blocks(cell.source):
+            for block in student.solution_blocks(cell.source):
                 assert block not in twin.source, f"{path.name}: solution code left in the student copy"
                 assert STUB in twin.source
             assert twin.outputs == [] and twin.execution_count is None
