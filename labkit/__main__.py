@@ -8,6 +8,7 @@
   student [--check]       write notebooks/student/ copies with solutions stubbed; --check verifies them
   compress --budget B --out DIR [--ram] [--force]   export SmolLM2 compressed to fit B (0.25 of fp32, bytes,
                           or 64MB) on disk or, with --ram, in RAM once loaded; with a checksummed report
+  teach course DIR | points | hub   an nbgrader course folder, the exercises' points, a JupyterHub memory limit
 """
 from __future__ import annotations
 
@@ -285,10 +286,22 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--force", action="store_true", help="replace a previous labkit export in --out")
     k.add_argument("--results", default=None, help=argparse.SUPPRESS)  # another capstone.json (tests)
     k.set_defaults(fn=cmd_compress)
+    t = sub.add_parser("teach", help="classroom: nbgrader course folder, points, JupyterHub memory (docs/teaching.md)",
+                       add_help=False)
+    t.add_argument("rest", nargs=argparse.REMAINDER)
+    t.set_defaults(fn=cmd_teach)
     return p
 
 
+def cmd_teach(args) -> int:
+    from . import teach
+    return teach.main(args.rest)
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["teach"]:  # its own parser, options included (argparse's REMAINDER drops a leading --help)
+        return cmd_teach(argparse.Namespace(rest=argv[1:]))
     args = build_parser().parse_args(argv)
     return args.fn(args)
 

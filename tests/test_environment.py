@@ -59,7 +59,8 @@ def normalise(requirement: str) -> str:
 def pyproject_requirements() -> list[str]:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     extras = project.get("optional-dependencies", {})
-    return [normalise(r) for r in project["dependencies"] + extras.get("lab", []) + extras.get("test", [])]
+    return [normalise(r) for r in project["dependencies"] + extras.get("lab", []) + extras.get("test", [])
+            + extras.get("teach", [])]
 
 
 def environment() -> dict:
@@ -96,7 +97,7 @@ def test_environment_yml_and_pyproject_list_the_same_packages_and_pins():
     only_conda, only_pyproject = sorted(set(conda) - set(pyproject)), sorted(set(pyproject) - set(conda))
     assert not only_conda and not only_pyproject, (
         f"environment.yml and pyproject.toml disagree: only in environment.yml {only_conda}, "
-        f"only in pyproject.toml (dependencies + lab + test extras) {only_pyproject}")
+        f"only in pyproject.toml (dependencies + lab + test + teach extras) {only_pyproject}")
 
 
 def test_python_version_matches_requires_python():
