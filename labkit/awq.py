@@ -69,6 +69,7 @@ class ScaleSearch:
     alpha: float                         # the chosen exponent
     scales: torch.Tensor                 # s for the searched channels (float64)
     errors: dict = field(default_factory=dict)   # α → relative output error of RTN(W·s)/s
+
     @property
     def rtn_error(self) -> float:
         return self.errors[0.0]

@@ -236,7 +236,8 @@ def make_results() -> dict:
 
 def bench() -> dict:
     """Headline figures of notebook 02: perplexity and bytes per format (1,024 tokens), MiniLM cosine, the kernel
-    table (2048², batch 1 and 8, one thread: speed ratios vs fp32) and the bandwidth limit (256 MB, same kernels)."""
+    table (2048², batch 1 and 8, one thread: speed ratios vs fp32), the bandwidth limit (256 MB, same kernels) and
+    `methods`: fp32/RTN/GPTQ/AWQ perplexity, bits per weight and gap closed per setting (data/results/methods.json)."""
     from ..evaluate import LIVE_TOKENS, eval_tokens
     from ..models import load_model, sentence_embeddings
     model, tok = load_model("smollm2-135m")
@@ -263,6 +264,9 @@ def bench() -> dict:
     out["read_gb_per_s"] = round(bw["read_gb_per_s"], 2)
     out["matvec_256MB"] = {k: {"gb_per_s": round(p["gb_per_s"], 2), "speedup": round(p["achieved_speedup"], 2),
                                "bound_speedup": round(p["bound_speedup"], 2)} for k, p in bw["paths"].items()}
+    from ..repro import load_results
+    from .methods import table
+    out["methods"] = table(load_results("methods"))   # RTN/GPTQ/AWQ per setting (the cached whole-model run)
     return out
 
 
