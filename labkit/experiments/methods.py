@@ -63,13 +63,12 @@ def _log(msg: str, t0: float) -> None:
 
 
 def make_results() -> dict:
-    """RTN, GPTQ (act-order) and AWQ (scale search + clipping; at int3 g64 also scaling alone) on SmolLM2-135M for
-    each setting: perplexity on the protocol's headline budget, bits per weight with scales and zero points, the
-    share of RTN's log-perplexity gap each method closes; asymmetric vs symmetric at 3.5 bits per weight (RTN); bf16
-    for the chart; the MiniLM control. GPTQ and AWQ share ONE calibration pass of the fp32 model (64 × 256 train
-    tokens), which keeps the command within ~20 minutes on a busy 2-core machine. LABKIT_FULL=1 adds GPTQ's
-    sequential pass (the paper's: each layer calibrated on the quantized layers' outputs), AWQ at 3.5 bits and the
-    int8/int4-g64 RTN points."""
+    """RTN, GPTQ (act-order, the paper's sequential pass) and AWQ (scale search + clipping) on SmolLM2-135M for each
+    setting: perplexity on the protocol's headline budget, bits per weight with scales and zero points, the share of
+    RTN's log-perplexity gap each method closes; at int3 g64 also AWQ's scaling alone and GPTQ from one pass of the
+    fp32 model (the statistics AWQ uses); asymmetric vs symmetric at 3.5 bits per weight (RTN); bf16 for the chart;
+    the MiniLM control. Calibration: 64 × 256 train tokens. LABKIT_FULL=1 adds the one-pass GPTQ and scaling-alone
+    points at int4 per channel, AWQ at 3.5 bits, and the int8/int4-g64 RTN points."""
     from ..repro import threads
     with threads(1):    # one thread: faster on a shared 2-core machine, and the numbers do not depend on it
         return _make_results()
@@ -104,10 +103,10 @@ def _make_results() -> dict:
         for method in methods:
             t = time.perf_counter()
             m = copy.deepcopy(model)
-            if method == "gptq":             # every Linear on the fp32 model's inputs: the pass AWQ uses
-                SO.gptq_(m, stats, cfg, act_order=True)
-            elif method == "gptq_sequential":  # the paper's layer-by-layer pass (LABKIT_FULL=1: slower)
+            if method == "gptq":               # the paper's pass: each decoder layer on the quantized ones' outputs
                 SO.gptq_(m, calib, cfg, act_order=True)
+            elif method == "gptq_one_pass":    # every Linear on the fp32 model's inputs (the statistics AWQ uses)
+                SO.gptq_(m, stats, cfg, act_order=True)
             else:
                 rep = A.awq_(m, stats, cfg, clip=(method == "awq"))
                 Q.quantize_(m, cfg)
@@ -123,8 +122,8 @@ def _make_results() -> dict:
         settings[name] = row
 
     full = full_mode()
-    run("int3-g64", ("gptq", "awq", "awq_scale_only") + (("gptq_sequential",) if full else ()))
-    run("int4-pc", ("gptq", "awq") + (("gptq_sequential", "awq_scale_only") if full else ()))
+    run("int3-g64", ("gptq", "gptq_one_pass", "awq", "awq_scale_only"))
+    run("int4-pc", ("gptq", "awq") + (("gptq_one_pass", "awq_scale_only") if full else ()))
     for name in EQUAL_BITS:
         run(name, ("awq",) if full else ())
     run("int4-g32-asym", ())
@@ -139,7 +138,7 @@ def _make_results() -> dict:
     _log(f"MiniLM {minilm['settings']}", t0)
     return dict(model="smollm2-135m", eval_tokens=EVAL_TOKENS, fp32=fp32,
                 calibration=dict(split="train", **CALIB, tokens=CALIB["n_samples"] * CALIB["seq_len"]),
-                gptq=dict(act_order=True, blocksize=128, damp=0.01, inputs="fp32 model, the pass AWQ uses"),
+                gptq=dict(act_order=True, blocksize=128, damp=0.01, sequential=True),
                 full_mode=full,
                 awq=dict(alphas=list(A.ALPHAS), clip_ratios=list(A.CLIP_RATIOS), statistics="fp32 model, one pass"),
                 settings=settings, other_points=others, minilm=minilm, seconds=seconds, threads=1,
@@ -195,7 +194,7 @@ def table(res: dict) -> dict:
     for name, row in res["settings"].items():
         r = {"fp32_ppl": round(res["fp32"]["ppl"], 2), "rtn_ppl": round(row["rtn"]["ppl"], 2),
              "bits_per_weight": round(row["rtn"]["bits_per_weight"], 4)}
-        for m in ("gptq", "awq", "awq_scale_only", "gptq_sequential"):
+        for m in ("gptq", "awq", "awq_scale_only", "gptq_one_pass"):
             if m in row:
                 r[f"{m}_ppl"] = round(row[m]["ppl"], 2)
                 if row[m].get("gap_closed") is not None:
