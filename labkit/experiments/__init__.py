@@ -16,6 +16,7 @@ EXPERIMENTS: dict[str, str] = {
     "footprint": "labkit.experiments.footprint",
     "prune": "labkit.experiments.prune",
     "quantize": "labkit.experiments.quantize",
+    "library_methods": "labkit.experiments.library_methods",
     "methods": "labkit.experiments.methods",
     "distill": "labkit.experiments.distill",
     "sparse": "labkit.experiments.sparse",
