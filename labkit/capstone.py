@@ -69,8 +69,9 @@ class Recipe:
             raise ValueError(f"Recipe.entropy={self.entropy!r}; use one of {ENTROPY}")
         if self.quant == "none" and self.entropy != "none":
             raise ValueError("entropy coding applies to integer codes: pick quant='int' or 'kmeans' with it")
-        if self.quant == "int":
-            Q._check_bits(self.bits)
+        if self.quant == "int" and (isinstance(self.bits, bool) or not isinstance(self.bits, int)
+                                    or self.bits not in Q.SUPPORTED_BITS):
+            raise ValueError(f"bits={self.bits!r} is not supported for quant='int'; use one of {Q.SUPPORTED_BITS}")
         if self.quant == "kmeans" and not (isinstance(self.bits, int) and 1 <= self.bits <= 8):
             raise ValueError(f"k-means sharing needs bits in 1..8, got {self.bits!r}")
         if self.group_size is not None and (self.quant != "int" or int(self.group_size) < 1):
@@ -136,30 +137,72 @@ def recode(packed: "Compressed", entropy: str) -> "Compressed":
     return out
 
 
+def _masks_by_tensor(model: nn.Module, masks: dict[str, torch.Tensor], aliases: dict[str, str]) -> dict:
+    """{state name: keep-mask} for masks keyed by module fqn (as lk.prune returns them); checked, nothing changed."""
+    modules = dict(model.named_modules())
+    out = {}
+    for fqn, mask in masks.items():
+        weight = getattr(modules.get(fqn), "weight", None)
+        if not isinstance(weight, torch.Tensor):
+            raise ValueError(f"mask {fqn!r} names no module with a weight in this model; use the keys of "
+                             "lk.prune.compute_masks(model, ...)")
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != weight.shape:
+            raise ValueError(f"mask {fqn!r} must be a bool tensor of shape {tuple(weight.shape)}")
+        out[aliases.get(f"{fqn}.weight", f"{fqn}.weight")] = mask
+    return out
+
+
+def _check_tensor(name: str, t: torch.Tensor, recipe: Recipe) -> None:
+    """Refuse, before any weight changes, a tensor compress_ could not encode (named, with the fix)."""
+    if not t.is_floating_point():
+        raise TypeError(f"{name} is {t.dtype}; compress_ expects a float model (load it in fp32)")
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} (shape {tuple(t.shape)}) holds {int((~torch.isfinite(t)).sum())} NaN/inf "
+                         "values; no scale or codebook can store them: reload or repair the model first")
+    if recipe.quant == "int" and recipe.group_size and t.dim() == 2 and t.shape[1] % recipe.group_size:
+        raise ValueError(f"group_size={recipe.group_size} does not divide the rows of {name} (shape "
+                         f"{tuple(t.shape)}): pick a group size that divides every matrix's last dimension "
+                         "(e.g. 32 or a common divisor), or group_size=None for one scale per row")
+
+
 @torch.no_grad()
 def compress_(model: nn.Module, recipe: Recipe, masks: dict[str, torch.Tensor] | None = None) -> Compressed:
     """In place: prune (magnitude, or the given keep-masks) and replace every weight by exactly what the stored
-    form decodes to; return the stored form. The live model then IS the compressed model (notebook 07 §4)."""
+    form decodes to; return the stored form. The live model then IS the compressed model (notebook 07 §4).
+    All-or-nothing: every tensor is checked and encoded before the first weight changes (peak RAM: one more
+    fp32 copy of the weights), and the weights are put back if anything fails."""
     from . import prune as P
     if not isinstance(recipe, Recipe):
         raise TypeError(f"compress_ needs a labkit Recipe, got {type(recipe).__name__}")
+    prunable = default_sparse_names(model)
+    state, aliases = unique_state(model)
+    for name, t in state.items():
+        _check_tensor(name, t, recipe)
+    keep = {}
     if recipe.sparsity:
         if masks is None:
             masks = P.compute_masks(model, P.PruneConfig("magnitude", recipe.sparsity))
-        P.apply_masks_(model, masks)
-    prunable = default_sparse_names(model)
-    state, aliases = unique_state(model)
-    entries = {}
-    for name, t in state.items():
-        if not t.is_floating_point():
-            raise TypeError(f"{name} is {t.dtype}; compress_ expects a float model (load it in fp32)")
-        w = t.detach()
+        keep = _masks_by_tensor(model, masks, aliases)
+    entries, new = {}, {}
+    for name, t in state.items():       # encode everything first: the model is untouched until all succeeded
+        w = t.detach() * keep[name] if name in keep else t.detach()
         this = recipe if name in prunable else replace(recipe, sparsity=0.0)   # the embedding is never pruned
         entry, rec = encode_matrix(w, this if w.dim() == 2 else Recipe())
         if name in prunable and recipe.sparsity:
             entry["nnz"] = int((w != 0).sum())
         entries[name] = entry
-        t.copy_(rec.to(t.dtype).reshape(t.shape))
+        new[name] = rec.to(t.dtype).reshape(t.shape)
+    swapped = []
+    try:
+        for name, t in state.items():   # swap: `new` ends up holding the originals, to put back on failure
+            old = t.clone()
+            t.copy_(new[name])
+            new[name] = old
+            swapped.append(name)
+    except BaseException:
+        for name in swapped:
+            state[name].copy_(new[name])
+        raise
     cfg = getattr(model, "config", None)
     config = json.loads(cfg.to_json_string()) if cfg is not None else None
     if config:
