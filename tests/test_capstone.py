@@ -155,6 +155,53 @@ def test_stage_bytes_follow_the_formulas():
     assert st_["fp32"] > st_["pruned"] > st_["quantized"] > st_["entropy"]   # zeros compress
 
 
+def _state(model):
+    return {n: t.clone() for n, t in model.state_dict().items()}
+
+
+def test_compress_names_the_tensor_a_group_size_does_not_fit_and_changes_nothing():
+    model = tiny_llama(intermediate_size=96)                  # down_proj rows have 96 columns: 64 does not divide
+    before = _state(model)
+    with pytest.raises(ValueError, match=r"down_proj\.weight \(shape \(\d+, 96\)\).*group size"):
+        K.compress_(model, K.Recipe(0.5, "int", 4, 64))
+    assert all(torch.equal(t, before[n]) for n, t in model.state_dict().items())
+
+
+def test_compress_refuses_inf_by_name_and_bad_masks_before_changing_anything():
+    model = tiny_llama()
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[0, 0] = float("inf")
+    before = _state(model)
+    with pytest.raises(ValueError, match=r"layers\.1\.mlp\.up_proj\.weight \(shape .*NaN/inf"):
+        K.compress_(model, K.Recipe(quant="int", bits=4))
+    assert all(torch.equal(t, before[n]) for n, t in model.state_dict().items())
+    model = tiny_llama()
+    before = _state(model)
+    with pytest.raises(ValueError, match="bool tensor of shape"):
+        K.compress_(model, K.Recipe(0.5), masks={"model.layers.0.mlp.up_proj": torch.ones(3, 3, dtype=torch.bool)})
+    assert all(torch.equal(t, before[n]) for n, t in model.state_dict().items())
+
+
+def test_compress_puts_the_weights_back_when_a_later_tensor_fails(monkeypatch):
+    """A failure nothing checks for up front (here: encoding the 5th tensor) still leaves the model as it was."""
+    model, calls = tiny_llama(), []
+    before = _state(model)
+    real = compressed_format.encode_matrix
+
+    def flaky(w, recipe):
+        calls.append(1)
+        if len(calls) == 5:
+            raise RuntimeError("out of memory")
+        return real(w, recipe)
+    monkeypatch.setattr(K, "encode_matrix", flaky)
+    with pytest.raises(RuntimeError):
+        K.compress_(model, K.Recipe(0.5, "int", 4))
+    assert all(torch.equal(t, before[n]) for n, t in model.state_dict().items())
+    monkeypatch.setattr(K, "encode_matrix", real)
+    K.compress_(model, K.Recipe(0.5, "int", 4))               # and the same call works afterwards
+    assert not all(torch.equal(t, before[n]) for n, t in model.state_dict().items())
+
+
 def test_corrupted_or_edited_export_is_detected(tmp_path):
     K.export(K.compress_(tiny_llama(), K.Recipe(quant="int", bits=8)), tmp_path)
     weights = tmp_path / K.WEIGHTS
@@ -342,3 +389,20 @@ def test_reader_converts_dtype_chunk_by_chunk(tmp_path):
     with K.SafetensorsReader(tmp_path / "f.safetensors", chunk_bytes=4 * 1000) as f:   # 23 chunks, a partial last
         assert torch.equal(f.get_tensor("w", torch.bfloat16), w.to(torch.bfloat16))
         assert torch.equal(f.get_tensor("w"), w) and f.scratch.numel() == 4000           # one staging buffer
+
+
+# ----------------------------------------------------------------------------------------------- the distilled point
+def test_distilled_point_comes_from_the_shipped_distill_results():
+    """The capstone chart's distilled student: the KD depth student of data/results/distill.json, never dropped."""
+    from labkit.experiments import capstone as X
+    from labkit.repro import load_results
+    d, res = load_results("distill"), load_results("capstone")
+    p = X.distilled_point(eval_tokens=res["eval"]["max_tokens"])
+    assert p is not None and p["bytes"] == d["depth"]["bytes"] and p["ppl"] == d["depth"]["kd_ppl_mean"]
+    assert p["teacher_ppl"] == d["teacher"]["val_ppl"] and p["eval_tokens"] == d["eval"]["val_tokens"]
+    if p["eval_tokens"] != res["eval"]["max_tokens"]:                      # another budget: the name says so
+        assert "not ppl" in p["name"]
+    assert any(q["label"] == p["name"] for q in X.chart_points(res, "disk"))
+    assert any(q["label"] == p["name"] for q in X.chart_points(res, "ram"))
+    with pytest.raises(ValueError, match="python -m labkit results distill"):
+        X.distilled_point({"teacher": d["teacher"]})

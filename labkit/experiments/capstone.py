@@ -78,23 +78,25 @@ def deep_compression_stages(grid: list[dict], huffman: "Compressed", folder) -> 
     return rows
 
 
-def distilled_point(teacher_config, results: dict | None = None) -> dict | None:
-    """The distilled student of notebook 03 (data/results/distill.json), as a point: fp32 bytes of its
-    parameters and its own validation perplexity (its eval, not this grid's); None if there are no results."""
+def distilled_point(results: dict | None = None, eval_tokens: int = EVAL_TOKENS) -> dict:
+    """Notebook 03's teacher-initialised depth student after KD (data/results/distill.json, `python -m labkit
+    results distill`) as a point: fp32 bytes of its weights and its mean validation perplexity over the seeds.
+    That perplexity is on distill.json's budget (4,096 tokens), not this grid's `eval_tokens`: when they differ
+    the name says so, and "eval_tokens" / "teacher_ppl" (the teacher on the same tokens) travel with the point.
+    A missing or outdated distill.json raises (FileNotFoundError / ValueError) instead of dropping the point."""
+    from ..evaluate import ppl_label
     from ..repro import load_results
+    d = load_results("distill") if results is None else results
     try:
-        d = results or load_results("distill")
-        cfg = d["config"]["student"]
-        run = d["headline"]["kd_run"]
-        from ..distill import StudentConfig, make_student
-        from ..memory import model_bytes
-        sc = StudentConfig(**{k: v for k, v in cfg.items() if k in StudentConfig.__dataclass_fields__})
-        student = make_student(teacher_config, sc)
-        return {"name": f"distilled student ({run})", "techniques": ["distill"], "bytes": model_bytes(student),
-                "ppl": float(d["runs"][run]["val_ppl"]), "source": "data/results/distill.json",
-                "eval_tokens": d["config"]["eval_tokens"]}
-    except (FileNotFoundError, KeyError, TypeError, ValueError, ImportError, AttributeError):
-        return None
+        depth, tokens = d["depth"], int(d["eval"]["val_tokens"])
+        n, teacher = len(d["config"]["keep_layers"]), float(d["teacher"]["val_ppl"])
+        point = {"bytes": int(depth["bytes"]), "ppl": float(depth["kd_ppl_mean"]), "seeds": int(depth["seeds"])}
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"data/results/distill.json lacks the depth student's KD result ({e!r}); regenerate it "
+                         "with `python -m labkit results distill`") from None
+    budget = f" ({ppl_label(tokens)}, not {ppl_label(eval_tokens)})" if tokens != eval_tokens else ""
+    return {"name": f"distilled: {n} layers + KD{budget}", "techniques": ["distill"], **point,
+            "eval_tokens": tokens, "teacher_ppl": teacher, "source": "data/results/distill.json"}
 
 
 def make_results() -> dict:
@@ -140,10 +142,9 @@ def make_results() -> dict:
         stages = deep_compression_stages(grid, huff, tmp)
     next(r for r in stages if r["stage"] == "huffman")["lossless_checked_on"] = lossless
     del huff
-    student = distilled_point(model.config)
     return {"model": "smollm2-135m", "eval": {"split": "validation", "max_tokens": EVAL_TOKENS, "seq_len": 256},
             "fp32_bytes": grid[0]["bytes"], "fp32_model_bytes": model_bytes(model), "stages": stages, "grid": grid,
-            "others": [student] if student else [], "kmeans_sample": KMEANS_SAMPLE, "zstd_level": ZSTD_LEVEL,
+            "kmeans_sample": KMEANS_SAMPLE, "zstd_level": ZSTD_LEVEL,
             "log": log, "seconds": round(time.perf_counter() - t0, 1)}
 
 
@@ -489,9 +490,11 @@ def _tech(p: dict) -> str:
     return "magnitude" if r.get("sparsity") else "fp32"
 
 
-def chart_points(results: dict, kind: str = "disk", max_ppl: float = 3000.0) -> list[dict]:
+def chart_points(results: dict, kind: str = "disk", max_ppl: float = 3000.0, distilled: bool = True) -> list[dict]:
     """The grid as lk.plots.memory_quality points on `kind` bytes ("disk": the file; "ram": once loaded by
-    load_compressed); entropy-coded recipes are triangles. Points above max_ppl are left off the chart."""
+    load_compressed); entropy-coded recipes are triangles. Points above max_ppl are left off the chart. With
+    `distilled`, notebook 03's distilled student joins as a square (fp32: the same bytes on disk and in RAM; its
+    name says when its perplexity is on another token budget, see distilled_point)."""
     key = {"disk": "bytes", "ram": "ram_bytes"}[kind]
     pts = []
     for p in search_points(results):
@@ -500,4 +503,8 @@ def chart_points(results: dict, kind: str = "disk", max_ppl: float = 3000.0) -> 
         pts.append({"bytes": p[key], "quality": p["ppl"], "technique": _tech(p), "label": p["name"],
                     "reference": p["name"] == "fp32", "marker": "^" if "entropy" in p["techniques"] else "o",
                     "name": p["name"], "ppl": p["ppl"], key: p[key]})
+    d = distilled_point(eval_tokens=results["eval"]["max_tokens"]) if distilled else None
+    if d and d["ppl"] <= max_ppl:
+        pts.append({"bytes": d["bytes"], "quality": d["ppl"], "technique": "distillation", "label": d["name"],
+                    "marker": "s", "annotate": True, "name": d["name"], "ppl": d["ppl"], key: d["bytes"]})
     return pts
