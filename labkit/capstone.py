@@ -23,8 +23,8 @@ from torch import nn
 
 from . import quantize as Q
 from .compressed_format import (KIND, KMEANS_SAMPLE, MANIFEST, REPORT, SIDE_PARTS, WEIGHTS,  # noqa: F401
-                                ZSTD_LEVEL, Compressed, SafetensorsReader, _decode_codes, _encode_codes,
-                                _packed_codes, _stage_bytes, check_export_folder, decode_matrix, empty_model,
+                                ZSTD_LEVEL, Compressed, SafetensorsReader, decode_codes, encode_codes,
+                                packed_codes, count_stage_bytes, check_export_folder, decode_matrix, empty_model,
                                 encode_matrix, export, int_qtensor, load_compressed, ram_formula_bytes, read_report,
                                 share, share_rows, unique_state)
 from .storage import default_sparse_names
@@ -127,13 +127,13 @@ def recode(packed: "Compressed", entropy: str) -> "Compressed":
         if e["format"] not in ("int", "kmeans"):
             entries[name] = e
             continue
-        codes = _decode_codes(e["parts"], e, math.prod(e["shape"]))
+        codes = decode_codes(e["parts"], e, math.prod(e["shape"]))
         side = {k: v for k, v in e["parts"].items() if k in SIDE_PARTS}
         meta = {k: v for k, v in e.items() if k not in ("parts", "n_bits")}
-        coded, extra = _encode_codes(codes, e["bits"], entropy)
+        coded, extra = encode_codes(codes, e["bits"], entropy)
         entries[name] = {**meta, **extra, "parts": {**side, **coded}}
     out = Compressed(recipe, entries, packed.aliases, packed.config, packed.attn_implementation)
-    out.stage_bytes = _stage_bytes(entries, recipe)
+    out.stage_bytes = count_stage_bytes(entries, recipe)
     return out
 
 
@@ -208,7 +208,7 @@ def compress_(model: nn.Module, recipe: Recipe, masks: dict[str, torch.Tensor] |
     if config:
         config.pop("quantization_config", None)
     out = Compressed(recipe, entries, aliases, config, getattr(cfg, "_attn_implementation", None))
-    out.stage_bytes = _stage_bytes(entries, recipe)
+    out.stage_bytes = count_stage_bytes(entries, recipe)
     return out
 
 

@@ -73,7 +73,7 @@ def share_rows(w: torch.Tensor, bits: int) -> tuple[np.ndarray, torch.Tensor]:
     return sym.reshape(-1).numpy(), torch.cat([torch.zeros(len(w), 1), cent], 1).half()
 
 
-def _encode_codes(codes: np.ndarray, bits: int, entropy: str) -> tuple[dict[str, torch.Tensor], dict]:
+def encode_codes(codes: np.ndarray, bits: int, entropy: str) -> tuple[dict[str, torch.Tensor], dict]:
     """Codes (uint8, flat) → stored tensors: bit-packed, zstd of one code per byte, or canonical Huffman."""
     if entropy == "none":
         return {"packed": Q.pack_bits(torch.from_numpy(codes), bits)}, {}
@@ -88,8 +88,8 @@ def _encode_codes(codes: np.ndarray, bits: int, entropy: str) -> tuple[dict[str,
              "huffman_lengths": torch.from_numpy(enc.lengths.copy())}, {"n_bits": enc.n_bits})
 
 
-def _decode_codes(parts: dict[str, torch.Tensor], meta: dict, n: int) -> np.ndarray:
-    """Inverse of _encode_codes: n uint8 codes."""
+def decode_codes(parts: dict[str, torch.Tensor], meta: dict, n: int) -> np.ndarray:
+    """Inverse of encode_codes: n uint8 codes."""
     bits = meta["bits"]
     if "packed" in parts:
         return Q.unpack_bits(parts["packed"], bits, n).numpy()
@@ -102,14 +102,14 @@ def _decode_codes(parts: dict[str, torch.Tensor], meta: dict, n: int) -> np.ndar
     return C.huffman_decode(enc)
 
 
-def _packed_codes(parts: dict, meta: dict, n: int, chunk: int = 1 << 16) -> torch.Tensor:
+def packed_codes(parts: dict, meta: dict, n: int, chunk: int = 1 << 16) -> torch.Tensor:
     """Entropy-coded codes → bit-packed codes. zstd streams: `parts["zstd"]` is the compressed tensor or a file-like
     object (SafetensorsReader.stream: read straight from the file), decompressed `chunk` codes at a time into one
     reused buffer and packed into the preallocated result, so the extra memory is one chunk plus zstd's window —
     never one byte per code for a whole matrix. Huffman decodes whole, then packs."""
     bits = meta["bits"]
     if "zstd" not in parts:
-        return Q.pack_bits(torch.from_numpy(_decode_codes(parts, meta, n)), bits)
+        return Q.pack_bits(torch.from_numpy(decode_codes(parts, meta, n)), bits)
     import zstandard
     if chunk < 8 or chunk % 8:
         raise ValueError(f"chunk={chunk} must be a positive multiple of 8 codes (8 codes pack into whole bytes)")
@@ -186,7 +186,7 @@ def encode_matrix(w: torch.Tensor, recipe: Recipe) -> tuple[dict, torch.Tensor]:
         else:
             if codes is None:
                 codes = Q.unpack_bits(packed, meta["bits"], w.numel()).numpy()
-            coded, extra = _encode_codes(codes, meta["bits"], recipe.entropy)
+            coded, extra = encode_codes(codes, meta["bits"], recipe.entropy)
             parts.update(coded)
             meta.update(extra)
     return {"format": fmt, **meta, "parts": parts}, _reconstruct(fmt, codes, side, meta, packed)
@@ -198,7 +198,7 @@ def decode_matrix(entry: dict) -> torch.Tensor:
     side = {k: v for k, v in parts.items() if k in SIDE_PARTS}
     if entry["format"] not in ("int", "kmeans") or "packed" in parts:
         return _reconstruct(entry["format"], None, side, entry, parts.get("packed"))
-    return _reconstruct(entry["format"], _decode_codes(parts, entry, math.prod(entry["shape"])), side, entry)
+    return _reconstruct(entry["format"], decode_codes(parts, entry, math.prod(entry["shape"])), side, entry)
 
 
 # ----------------------------------------------------------------------------------------------- the model
@@ -235,7 +235,7 @@ def unique_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, s
     return out, aliases
 
 
-def _stage_bytes(entries: dict[str, dict], recipe: Recipe) -> dict[str, int]:
+def count_stage_bytes(entries: dict[str, dict], recipe: Recipe) -> dict[str, int]:
     """Bytes of the stored tensors after each stage of the recipe (file header not included): fp32 → pruned
     (bitmap: 1 bit per position + fp32 nonzeros) → quantized/shared (bit-packed codes + scales/codebook) →
     entropy coded."""
@@ -488,7 +488,7 @@ def load_compressed(folder, packed: bool = True, dtype: torch.dtype = torch.floa
                 parts = {p: f.stream(f"{name}/{p}") if p == "zstd" else f.get_tensor(f"{name}/{p}")
                          for p in meta["parts"]}
                 if "packed" not in parts:
-                    parts = {**parts, "packed": _packed_codes(parts, meta, math.prod(meta["shape"]))}
+                    parts = {**parts, "packed": packed_codes(parts, meta, math.prod(meta["shape"]))}
                 q = int_qtensor(parts["packed"], parts, meta)
                 new = Q.QuantEmbedding(q) if isinstance(mod, nn.Embedding) else Q.QuantLinear(q, mod.bias)
                 _set_module(model, fqn, new)

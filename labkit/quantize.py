@@ -165,7 +165,7 @@ def quantize(x: torch.Tensor, bits: int = 8, granularity: str = "channel", group
     asymmetric: zero = min(x) (rounded down), scale = (max − zero)/(2**bits − 1), codes in [0, 2**bits − 1].
     Either way |dequantize(q) − x| ≤ scale/2 element-wise. Rows = dim 0 (output channels of a Linear weight).
     """
-    q, s, zeros, gs, granularity = _rtn_codes(x, bits, granularity, group_size, symmetric, scale_dtype)
+    q, s, zeros, gs, granularity = rtn_codes(x, bits, granularity, group_size, symmetric, scale_dtype)
     packed = pack_bits(q.to(torch.uint8), bits)
     return QTensor(packed=packed, scales=s, zeros=zeros, bits=bits, group_size=gs, shape=tuple(x.shape),
                    symmetric=symmetric, granularity=granularity, dtype=x.dtype)
@@ -175,13 +175,13 @@ def fake_quantize(x: torch.Tensor, bits: int = 8, granularity: str = "channel", 
                   symmetric: bool = True, scale_dtype: torch.dtype = torch.float16) -> torch.Tensor:
     """dequantize(quantize(x, …)) without packing the codes: the same values, faster (for searches that try many
     candidates, e.g. AWQ's scales and clipping; notebook 02, "After round-to-nearest")."""
-    q, s, zeros, _, _ = _rtn_codes(x, bits, granularity, group_size, symmetric, scale_dtype)
+    q, s, zeros, _, _ = rtn_codes(x, bits, granularity, group_size, symmetric, scale_dtype)
     s = s.float().unsqueeze(-1)
     out = (q - 2 ** (bits - 1)) * s if symmetric else q * s + zeros.float().unsqueeze(-1)
     return out.reshape(x.shape).to(x.dtype)
 
 
-def _rtn_codes(x, bits, granularity, group_size, symmetric, scale_dtype):
+def rtn_codes(x, bits, granularity, group_size, symmetric, scale_dtype):
     """The rounding behind quantize: (codes [rows, groups, group_size] as floats, scales, zeros, group size,
     granularity)."""
     _check_float(x, "quantize")
@@ -565,7 +565,7 @@ def int8_matmul_errors(x: torch.Tensor, w: torch.Tensor, threshold: float = 6.0)
 # --------------------------------------------------------------------------------------------------
 # 6. Real libraries: torchao and torch.ao (notebook 02, "What a real library does")
 # --------------------------------------------------------------------------------------------------
-def _quiet_torchao():
+def quiet_torchao():
     import logging
     logging.getLogger("torchao").setLevel(logging.ERROR)
     logging.getLogger("torch._dynamo").setLevel(logging.ERROR)
@@ -575,7 +575,7 @@ def _quiet_torchao():
 def torchao_int8_weight(linear: nn.Linear) -> dict:
     """torchao Int8WeightOnlyConfig on a copy of `linear`: its int8 codes, scales and dequantized weight."""
     import copy
-    _quiet_torchao()
+    quiet_torchao()
     from torchao.quantization import Int8WeightOnlyConfig
     from torchao.quantization import quantize_ as ao_quantize_
     m = nn.Sequential(copy.deepcopy(linear))
@@ -593,7 +593,7 @@ def torchao_config(kind: str, group_size: int = 64):
     int4 weight-only on a CPU is `torchao.prototype.quantization.int4.PrototypeInt4WeightOnlyConfig`: it needs a
     bf16 Linear and packs it as an `Int4OpaqueTensor` (two codes per byte + bf16 scale and zero per group) for
     `aten._weight_int4pack_mm_for_cpu`. (The non-prototype `Int4WeightOnlyConfig` packings target CUDA.)"""
-    _quiet_torchao()
+    quiet_torchao()
     if kind == "int8 weight-only":
         from torchao.quantization import Int8WeightOnlyConfig
         return Int8WeightOnlyConfig()

@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .quantize import QTensor, QuantConfig, QuantLinear, _rtn_codes, pack_bits, skip_tied
+from .quantize import QTensor, QuantConfig, QuantLinear, rtn_codes, pack_bits, skip_tied
 from .repro import threads
 
 
@@ -117,7 +117,7 @@ class Grid:
     def params(self, w: torch.Tensor):
         """(scale [rows, 1], zero [rows, 1] or None) of the grid for the columns w [rows, g] — the same values
         labkit.quantize.quantize computes for that group."""
-        _, scales, zeros, _, _ = _rtn_codes(w.float(), self.bits, "channel", None, self.symmetric, torch.float16)
+        _, scales, zeros, _, _ = rtn_codes(w.float(), self.bits, "channel", None, self.symmetric, torch.float16)
         return scales, zeros
 
     def codes(self, w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:

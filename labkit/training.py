@@ -410,10 +410,10 @@ def lowbit_adam(params, bits: int = 8, **kwargs):
     import logging
     import warnings
 
-    from labkit.quantize import _quiet_torchao
+    from labkit.quantize import quiet_torchao
     if bits not in LOWBIT_ADAM:
         raise ValueError(f"low-bit Adam comes in {sorted(LOWBIT_ADAM)} bits (torchao.optim), got {bits!r}")
-    _quiet_torchao()
+    quiet_torchao()
     logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)     # a deprecation notice at import
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -358,8 +358,8 @@ def test_zstd_codes_decode_chunk_by_chunk_to_the_packed_codes(bits):
     import numpy as np
     n = 100_003
     codes = np.random.default_rng(bits).integers(0, 2**bits, n).astype(np.uint8)
-    parts, _ = K._encode_codes(codes, bits, "zstd")
-    got = K._packed_codes(parts, {"bits": bits}, n, chunk=1 << 10)
+    parts, _ = K.encode_codes(codes, bits, "zstd")
+    got = K.packed_codes(parts, {"bits": bits}, n, chunk=1 << 10)
     assert torch.equal(got, Q.pack_bits(torch.from_numpy(codes), bits))
 
 
@@ -368,18 +368,18 @@ def test_zstd_codes_stream_from_the_file_chunk_by_chunk(tmp_path):
     from safetensors.torch import save_file
     n, bits = 50_001, 4
     codes = np.random.default_rng(0).integers(0, 2**bits, n).astype(np.uint8)
-    parts, _ = K._encode_codes(codes, bits, "zstd")
+    parts, _ = K.encode_codes(codes, bits, "zstd")
     save_file({"a": torch.arange(7.0), "w/zstd": parts["zstd"], "z": torch.ones(3)}, str(tmp_path / "f.safetensors"))
     with K.SafetensorsReader(tmp_path / "f.safetensors") as f:
         src = f.stream("w/zstd")
-        got = K._packed_codes({"zstd": src}, {"bits": bits}, n, chunk=1 << 12)
+        got = K.packed_codes({"zstd": src}, {"bits": bits}, n, chunk=1 << 12)
         assert torch.equal(f.get_tensor("z"), torch.ones(3))          # the stream left the reader usable
     assert torch.equal(got, Q.pack_bits(torch.from_numpy(codes), bits))
-    short, _ = K._encode_codes(codes[: n // 2], bits, "zstd")
+    short, _ = K.encode_codes(codes[: n // 2], bits, "zstd")
     with pytest.raises(ChecksumError, match="ends after"):
-        K._packed_codes(short, {"bits": bits}, n, chunk=1 << 12)
+        K.packed_codes(short, {"bits": bits}, n, chunk=1 << 12)
     with pytest.raises(ValueError, match="multiple of 8"):
-        K._packed_codes(parts, {"bits": bits}, n, chunk=100)
+        K.packed_codes(parts, {"bits": bits}, n, chunk=100)
 
 
 def test_reader_converts_dtype_chunk_by_chunk(tmp_path):

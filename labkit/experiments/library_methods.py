@@ -129,7 +129,7 @@ def torchao_smoothquant(lin: nn.Linear, x_cal: torch.Tensor, x_val: torch.Tensor
     """torchao.prototype.smoothquant.SmoothQuantConfig over Int8DynamicActivationInt8WeightConfig (int8 weights per
     row, int8 activations per token, 1/s kept as the weight's act_pre_scale) on a copy of `lin`: prepare, one
     calibration pass, convert; output error on x_val and bytes."""
-    Q._quiet_torchao()
+    Q.quiet_torchao()
     from torchao.prototype.smoothquant import SmoothQuantConfig
     from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
     from ..memory import tensor_bytes
@@ -155,7 +155,7 @@ def torchao_smoothquant(lin: nn.Linear, x_cal: torch.Tensor, x_val: torch.Tensor
 def torchao_gptq(lin: nn.Linear, x_cal: torch.Tensor, x_val: torch.Tensor, base: str) -> dict:
     """torchao.prototype.gptq.GPTQConfig (observe → calibrate → convert) over Int8WeightOnlyConfig ("int8") or
     Int4WeightOnlyConfig(group_size=GROUP_SIZE) ("int4") on a copy of `lin`."""
-    Q._quiet_torchao()
+    Q.quiet_torchao()
     step = "config"
     try:
         from torchao.prototype.gptq import GPTQConfig
@@ -184,7 +184,7 @@ def torchao_awq(lin: nn.Linear, x_cal: torch.Tensor, x_val: torch.Tensor, base: 
     """torchao.prototype.awq.AWQConfig (prepare → calibrate → convert) over Int8WeightOnlyConfig on the fp32 layer
     ("int8"), the CPU int4 config PrototypeInt4WeightOnlyConfig(group_size=GROUP_SIZE) on a bf16 copy ("int4-cpu")
     or Int4WeightOnlyConfig ("int4"); awq=False applies the base config alone (round-to-nearest)."""
-    Q._quiet_torchao()
+    Q.quiet_torchao()
     step = "config"
     try:
         from torchao.prototype.awq import AWQConfig

@@ -34,7 +34,7 @@ def kernel_variants(base: nn.Linear, compile: bool = False, group_size: int = 64
 
     Returns {name: {"module", "dtype" (of its input), "kind" ("teaching" | "production" | "reference"),
     "reference" (the fp32 weight its codes stand for, for the tolerance check)}}."""
-    Q._quiet_torchao()
+    Q.quiet_torchao()
     out = {"fp32": dict(module=nn.Sequential(copy.deepcopy(base)), dtype=torch.float32, kind="reference"),
            "bf16": dict(module=nn.Sequential(copy.deepcopy(base)).to(torch.bfloat16), dtype=torch.bfloat16,
                         kind="reference")}
