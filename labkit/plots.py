@@ -651,9 +651,6 @@ def memory_vs_accuracy(smol: list[dict], minilm: list[dict], minilm_fp32_bytes: 
     for i, g in enumerate(dict.fromkeys(_gran_label(p) for p in smol if "bits" in p)):
         ps = [p for p in smol if "bits" in p and _gran_label(p) == g]
         a.scatter([_mb(p["model_bytes"]) for p in ps], [p["ppl"] for p in ps], color=PALETTE[i % 8], label=g)
-        for p in ps:
-            a.annotate(f"{p['bits']}b", (_mb(p["model_bytes"]), p["ppl"]), fontsize=7, xytext=(3, 2),
-                       textcoords="offset points")
     for p in smol:
         if p["name"] in ("fp32", "bf16"):
             a.scatter([_mb(p["model_bytes"])], [p["ppl"]], color="k", marker="s")
@@ -667,12 +664,20 @@ def memory_vs_accuracy(smol: list[dict], minilm: list[dict], minilm_fp32_bytes: 
     for i, g in enumerate(dict.fromkeys(_gran_label(p) for p in minilm)):
         ps = [p for p in minilm if _gran_label(p) == g]
         b.scatter([_mb(p["linear_bytes"]) for p in ps], [p["mean"] for p in ps], color=PALETTE[i % 8], label=g)
-        for p in ps:
-            b.annotate(f"{p['bits']}b", (_mb(p["linear_bytes"]), p["mean"]), fontsize=7, xytext=(3, 2),
-                       textcoords="offset points")
     if minilm_fp32_bytes:
         b.scatter([_mb(minilm_fp32_bytes)], [1.0], color="k", marker="s")
         b.annotate("fp32", (_mb(minilm_fp32_bytes), 1.0), fontsize=8, xytext=(3, -10), textcoords="offset points")
+    fig.tight_layout()
+    # one "N-bit" label per bit width (at its per-channel point), placed off the other labels and markers
+    for ax, pts, key, q in ((a, [p for p in smol if "bits" in p], "model_bytes", "ppl"), (b, minilm, "linear_bytes", "mean")):
+        first = {}
+        for p in pts:
+            first.setdefault(p["bits"], p)
+        texts = [ax.annotate(f"{bits}-bit", (_mb(p[key]), p[q]), fontsize=7, xytext=(6, 4), textcoords="offset points",
+                             bbox=dict(boxstyle="round,pad=0.1", fc="white", ec="none", alpha=0.7))
+                 for bits, p in first.items()]
+        fig.canvas.draw()
+        place_labels(ax, texts, ax.transData.transform([(_mb(p[key]), p[q]) for p in pts]))
     b.set_xlabel("Linear weight bytes (MB)")
     b.set_ylabel("mean cosine to fp32 embeddings (higher is better)")
     b.set_title("MiniLM (never quantized before)")

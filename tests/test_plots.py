@@ -77,3 +77,18 @@ def test_log_axis_labels_are_plain_and_distinct(lo, hi):
     assert len(set(labels)) == len(labels), f"repeated tick labels {labels}"
     assert not any("10^" in s or "times" in s or "×" in s for s in labels), labels
     plt.close("all")
+
+
+def test_quantization_sweep_labels_each_bit_width_once_without_overlap():
+    smol, mini = [], []
+    for g, (gran, size) in enumerate([("channel", None), ("group", 192), ("group", 64), ("group", 32)]):
+        for bits in (2, 3, 4, 8):
+            common = dict(bits=bits, granularity=gran, group_size=size, symmetric=True)
+            smol.append(dict(common, name=f"int{bits}-{g}", model_bytes=(130 + bits * 12 + g) * 1e6, ppl=30 * 9.0 ** (8 - bits)))
+            mini.append(dict(common, linear_bytes=(bits * 1.4 + g * 0.1) * 1e6, mean=1 - 0.1 * (8 - bits)))
+    a, b = plots.memory_vs_accuracy(smol, mini)
+    for ax in (a, b):
+        boxes = _label_boxes(ax)
+        assert sorted(t.get_text() for t in ax.texts) == ["2-bit", "3-bit", "4-bit", "8-bit"]
+        assert not [(i, j) for i in range(len(boxes)) for j in range(i) if boxes[i].overlaps(boxes[j])]
+    plt.close("all")
