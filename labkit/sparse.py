@@ -11,7 +11,6 @@ with `to_dense()`, reports `nbytes` measured from those tensors, and has a `form
 """
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass
 
@@ -19,6 +18,11 @@ import numpy as np
 import torch
 
 from .compress import pack_bits, unpack_bits
+# The checks on a matrix, shape and block size, and the random test matrices, live in labkit/sparse_matrices.py;
+# random_sparse and nm_sparse are re-exported (notebook 04 uses lk.sparse.random_sparse).
+from .sparse_matrices import (  # noqa: F401
+    check_block, check_count, check_matrix, check_shape, nm_sparse, random_sparse,
+)
 
 INDEX_DTYPES = (torch.int32, torch.int64)
 FORMATS = ("dense", "coo", "csr", "csr32", "bsr", "bitmap", "2:4")
@@ -34,22 +38,6 @@ def _elsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def check_matrix(dense, what: str = "dense") -> torch.Tensor:
-    """A 2-D floating-point tensor, or a clear TypeError/ValueError."""
-    if not isinstance(dense, torch.Tensor):
-        raise TypeError(f"{what} must be a torch.Tensor, got {type(dense).__name__}; "
-                        f"convert with torch.as_tensor(x, dtype=torch.float32)")
-    if dense.layout != torch.strided:
-        raise TypeError(f"{what} must be a dense (strided) tensor, got layout {dense.layout}; call .to_dense() first")
-    if not dense.is_floating_point():
-        raise TypeError(f"{what} must be a floating-point tensor (weights), got {dense.dtype}; "
-                        f"convert with .float()")
-    if dense.dim() != 2:
-        raise ValueError(f"{what} must be a 2-D matrix, got shape {tuple(dense.shape)}; "
-                         f"reshape it (e.g. w.reshape(w.shape[0], -1)) or store each matrix separately")
-    return dense.detach().cpu()
-
-
 def _check_index_dtype(index_dtype) -> torch.dtype:
     if index_dtype not in INDEX_DTYPES:
         raise TypeError(f"index_dtype must be torch.int32 or torch.int64, got {index_dtype}")
@@ -59,52 +47,6 @@ def _check_index_dtype(index_dtype) -> torch.dtype:
 def _check_fits(n: int, index_dtype: torch.dtype, what: str) -> None:
     if index_dtype == torch.int32 and n > torch.iinfo(torch.int32).max:
         raise ValueError(f"{what} = {n} does not fit in int32 indices; use index_dtype=torch.int64")
-
-
-def check_block(shape, blocksize) -> tuple[int, int]:
-    """(br, bc) from an int or a pair of positive ints that divide the matrix shape."""
-    if isinstance(blocksize, int) and not isinstance(blocksize, bool):
-        blocksize = (blocksize, blocksize)
-    if not isinstance(blocksize, (tuple, list)) or len(blocksize) != 2 or \
-            not all(isinstance(b, int) and not isinstance(b, bool) for b in blocksize):
-        raise TypeError(f"blocksize must be an int or a pair of ints (rows, cols), e.g. (4, 4); got {blocksize!r}")
-    br, bc = blocksize
-    if br < 1 or bc < 1:
-        raise ValueError(f"blocksize must be positive, got {blocksize}")
-    rows, cols = check_shape(shape)
-    if rows % br or cols % bc:
-        raise ValueError(f"shape {tuple(shape)} is not divisible by blocksize {(br, bc)}; pick a block size that "
-                         f"divides both dimensions (e.g. {math.gcd(rows, 16)}×{math.gcd(cols, 16)}) or pad the matrix")
-    return br, bc
-
-
-def check_shape(shape) -> tuple[int, int]:
-    """(rows, cols) as two whole numbers ≥ 0, or a clear error."""
-    if isinstance(shape, torch.Size):
-        shape = tuple(shape)
-    if not isinstance(shape, (tuple, list)) or len(shape) != 2:
-        raise ValueError(f"shape must be (rows, cols), got {shape!r}")
-    if not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
-        raise TypeError(f"shape must hold two whole numbers, got {shape!r}")
-    if min(shape) < 0:
-        raise ValueError(f"shape must not be negative, got {tuple(shape)}")
-    return int(shape[0]), int(shape[1])
-
-
-def _check_count(n, what: str, most: int | None = None) -> int:
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
-        raise TypeError(f"{what} must be a whole number, got {n!r}")
-    if n < 0 or (most is not None and n > most):
-        raise ValueError(f"{what} = {n} is out of range [0, {most}]" if most is not None else f"{what} must be ≥ 0, got {n}")
-    return int(n)
-
-
-def _check_density(density) -> float:
-    if isinstance(density, bool) or not isinstance(density, (int, float)):
-        raise TypeError(f"density must be a number in [0, 1], got {density!r}")
-    if not 0.0 <= density <= 1.0:
-        raise ValueError(f"density must be in [0, 1], got {density}")
-    return float(density)
 
 
 # The index work below runs in NumPy (single-threaded, fast on a busy 2-core machine). Values are moved as
@@ -452,7 +394,7 @@ def formula_bytes(fmt: str, shape, nnz: int, value_dtype=torch.float32, index_dt
     """Exact bytes of `fmt` for a matrix of `shape` with `nnz` nonzeros (BSR needs n_blocks)."""
     rows, cols = check_shape(shape)
     if nnz is not None:
-        _check_count(nnz, "nnz", rows * cols)
+        check_count(nnz, "nnz", rows * cols)
     if value_dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
         raise TypeError(f"value_dtype must be a floating-point torch dtype, got {value_dtype}")
     _check_index_dtype(index_dtype)
@@ -508,34 +450,3 @@ def storage_break_even(fmt: str, shape=(4096, 4096), value_dtype=torch.float32, 
     f0 = formula_bytes(fmt, shape, 0, value_dtype, index_dtype)
     f1 = formula_bytes(fmt, shape, 1, value_dtype, index_dtype) - f0
     return max(0.0, min(1.0, (dense - f0) / f1 / n))
-
-
-# ----------------------------------------------------------------------------------------------- random matrices
-def random_sparse(shape, density: float, seed: int = 0, blocksize=None, dtype=torch.float32) -> torch.Tensor:
-    """A random dense matrix with a fraction `density` of nonzeros (whole blocks kept if blocksize is given)."""
-    _check_density(density)
-    check_shape(shape)
-    _check_count(seed, "seed")
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(shape, generator=g, dtype=dtype)
-    if blocksize is None:
-        keep = torch.rand(shape, generator=g) < density
-    else:
-        br, bc = check_block(shape, blocksize)
-        kb = torch.rand(shape[0] // br, shape[1] // bc, generator=g) < density
-        keep = kb.repeat_interleave(br, 0).repeat_interleave(bc, 1)
-    return w * keep
-
-
-def nm_sparse(shape, n: int = 2, m: int = 4, seed: int = 0) -> torch.Tensor:
-    """A random matrix with exactly n nonzeros in every group of m along each row (magnitude top-n)."""
-    _check_count(n, "n"), _check_count(m, "m"), _check_count(seed, "seed")
-    if not 0 < n < m:
-        raise ValueError(f"N:M needs 0 < N < M, got {n}:{m}")
-    rows, cols = check_shape(shape)
-    if cols % m:
-        raise ValueError(f"columns ({cols}) must be a multiple of M={m}")
-    w = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
-    g = w.reshape(rows, cols // m, m)
-    keep = torch.zeros_like(g, dtype=torch.bool).scatter_(-1, g.abs().topk(n, dim=-1).indices, True)
-    return (g * keep).reshape(rows, cols)
