@@ -80,11 +80,6 @@ class PruneConfig:
         return self.method == "sparsegpt" or (self.method == "nm" and self.score == "sparsegpt")
 
     @property
-    def target_sparsity(self) -> float:
-        """The fraction of zeros this config produces."""
-        return 1.0 - self.n / self.m if self.method == "nm" else float(self.sparsity)
-
-    @property
     def label(self) -> str:
         """Short name for tables and plots, e.g. 'magnitude 50%' or '2:4 wanda'."""
         if self.method == "nm":
