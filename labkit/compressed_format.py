@@ -216,6 +216,7 @@ class Compressed:
         """The tensors the safetensors file holds: '<weight name>/<part>'."""
         return {f"{n}/{p}": t.contiguous() for n, e in self.entries.items() for p, t in e["parts"].items()}
 
+    @property
     def nbytes(self) -> int:
         """Exact size of the safetensors file (serialized in memory: header + tensors)."""
         from safetensors.torch import save

@@ -107,13 +107,14 @@ class QTensor:
     def dequantize(self) -> torch.Tensor:
         return dequantize(self)
 
+    @property
     def nbytes(self) -> int:
         """Bytes actually held: packed codes + scales (+ zeros)."""
         return sum(t.numel() * t.element_size() for t in (self.packed, self.scales, self.zeros) if t is not None)
 
     def bits_per_value(self) -> float:
         """Effective bits per weight, scales included (e.g. 4 + 16/32 = 4.5 for int4 g32 symmetric)."""
-        return 8 * self.nbytes() / self.numel
+        return 8 * self.nbytes / self.numel
 
     def expected_nbytes(self) -> int:
         """The formula: numel·bits/8 (rounded up) + groups·(scale [+ zero]) bytes."""
@@ -327,7 +328,7 @@ class QuantLinear(nn.Module):
     @property
     def nbytes(self) -> int:
         """Bytes held by the packed weight (codes, scales, zeros), as the formula says."""
-        return self.qtensor().nbytes()
+        return self.qtensor().nbytes
 
     def rows(self, r0: int, r1: int) -> torch.Tensor:
         """fp32 weight rows r0:r1, dequantized from the packed codes of those rows only."""

@@ -138,7 +138,7 @@ def test_export_load_generates_the_same_tokens(tmp_path, recipe):
         assert report["bytes"]["ram_formula"] == report["bytes"]["fp32"]
     naive = K.load_compressed(tmp_path, packed=False)                           # everything decoded to fp32
     assert torch.equal(_generate(naive), before)
-    assert report["bytes"]["weights_file"] == (tmp_path / K.WEIGHTS).stat().st_size == packed.nbytes()
+    assert report["bytes"]["weights_file"] == (tmp_path / K.WEIGHTS).stat().st_size == packed.nbytes
     assert report["recipe"] == recipe.to_dict()
 
 

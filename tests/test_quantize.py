@@ -74,7 +74,7 @@ def test_dequantize_error_within_half_scale(x, bits, symmetric, granularity, sca
     err = (d - x).abs()
     tol = _bound(q, x) * (1 + 1e-5) + 1e-6 * x.abs().max() + 1e-30
     assert (err <= tol).all(), float((err - tol).max())
-    assert q.nbytes() == q.expected_nbytes()
+    assert q.nbytes == q.expected_nbytes()
     codes = q.codes()
     assert int(codes.max()) < 2**bits
 
@@ -104,9 +104,9 @@ def test_bytes_in_memory_and_on_disk(tmp_path):
         for kw in (dict(granularity="channel"), dict(group_size=32)):
             q = Q.quantize(w, bits, **kw)
             n_groups = 64 if "granularity" in kw else 64 * 256 // 32
-            assert q.nbytes() == w.numel() * bits // 8 + 2 * n_groups  # codes + fp16 scales
+            assert q.nbytes == w.numel() * bits // 8 + 2 * n_groups  # codes + fp16 scales
             size = Q.save_qtensor(q, tmp_path / "q.safetensors")
-            assert q.nbytes() < size < q.nbytes() + 1024  # only the safetensors header on top
+            assert q.nbytes < size < q.nbytes + 1024  # only the safetensors header on top
     assert Q.quantize(w, 4, group_size=32).bits_per_value() == pytest.approx(4.5)
     assert Q.quantize(w, 4, group_size=32, symmetric=False).bits_per_value() == pytest.approx(5.0)
 
@@ -333,7 +333,7 @@ def test_quant_embedding_and_tied_head_share_the_packed_table():
     x = torch.randn(2, 32)
     assert torch.allclose(head(x), x @ Q.dequantize(q).T, atol=1e-5)
     from labkit.memory import tensor_bytes
-    assert tensor_bytes(nn.ModuleList([emb, head])) == q.nbytes()
+    assert tensor_bytes(nn.ModuleList([emb, head])) == q.nbytes
 
 
 def test_quant_config_is_frozen_and_type_checked():

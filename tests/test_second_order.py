@@ -76,7 +76,7 @@ def test_gptq_qtensor_round_trip_and_bytes():
     grid = so.Grid(3, 32, False)
     q = so.gptq(W.float(), H, grid)
     ref = lk.quantize.quantize(W.float(), 3, group_size=32, symmetric=False)
-    assert q.nbytes() == ref.nbytes() and q.bits_per_value() == ref.bits_per_value()
+    assert q.nbytes == ref.nbytes and q.bits_per_value() == ref.bits_per_value()
     fast = so.obs_solve(W.float(), H, grid=grid).weight
     assert torch.allclose(q.dequantize(), fast, atol=1e-5)
 

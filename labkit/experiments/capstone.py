@@ -36,7 +36,7 @@ class _Restorer:
 
 def _point(packed: "Compressed", ppl: float) -> dict:
     r = packed.recipe
-    return {"name": r.name, "recipe": r.to_dict(), "techniques": r.techniques, "bytes": packed.nbytes(),
+    return {"name": r.name, "recipe": r.to_dict(), "techniques": r.techniques, "bytes": packed.nbytes,
             "ram_bytes": ram_formula_bytes(packed), "stage_bytes": packed.stage_bytes, "ppl": ppl}
 
 

@@ -226,7 +226,7 @@ def labkit_gptq(lin: nn.Linear, x_cal: torch.Tensor, x_val: torch.Tensor, config
     q = gptq(w, hessian(x_cal), grid, act_order=True)
     rtn = Q.quantize(w, config.bits, config.granularity, config.group_size, config.symmetric)
     ref = x_val @ w.T
-    return {"setting": config.name, "bytes": q.nbytes(), "rtn_bytes": rtn.nbytes(),
+    return {"setting": config.name, "bytes": q.nbytes, "rtn_bytes": rtn.nbytes,
             "gptq_error": _rel(x_val @ q.dequantize().T, ref), "rtn_error": _rel(x_val @ rtn.dequantize().T, ref)}
 
 
@@ -242,7 +242,7 @@ def labkit_awq(lin: nn.Linear, x_cal: torch.Tensor, x_val: torch.Tensor, config:
         return {"available": False, "reason": f"{type(e).__name__}: {e}"}
     ref = x_val @ w.T
     return {"available": True, "setting": config.name, "alpha": found.alpha,
-            "bytes": Q.quantize(w, config.bits, config.granularity, config.group_size, config.symmetric).nbytes(),
+            "bytes": Q.quantize(w, config.bits, config.granularity, config.group_size, config.symmetric).nbytes,
             "awq_error": _rel(x_val @ new.T, ref), "rtn_error": _rel(x_val @ A.fake_quantize(w, config).T, ref)}
 
 
