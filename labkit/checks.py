@@ -1,12 +1,14 @@
 """Checks for notebooks and exercises: asserts that say what was expected and give a hint.
 
-Defined in notebook 00 ("Check your understanding"); used by every notebook.
+Defined in notebook 00 ("Check your understanding"); used by every notebook. At the end, `real_number` and
+`whole_number`: the argument checks labkit's own functions share (a TypeError or ValueError naming the argument).
 """
 from __future__ import annotations
 
 import contextlib
 import inspect
 import math
+import numbers
 import sys
 
 
@@ -74,3 +76,21 @@ def forbid_calls(*functions, hint: str = "this exercise asks you to write it you
     finally:
         sys.setprofile(previous)
     check(not called, f"your answer calls {called[0] if called else ''}", hint)
+
+
+# ---- argument checks for labkit's own functions (TypeError / ValueError, never AssertionError) ------------
+
+def real_number(name: str, value, hint: str) -> float:
+    """value as a float; TypeError naming `name` (and the hint: what to pass) unless it is a real number."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number ({hint}), got {value!r} of type {type(value).__name__}")
+    return float(value)
+
+
+def whole_number(name: str, value, low: int, hint: str) -> int:
+    """value as an int; TypeError unless a whole number (never truncated), ValueError when it is below `low`."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be a whole number ({hint}), got {value!r} of type {type(value).__name__}")
+    if value < low:
+        raise ValueError(f"{name} must be ≥ {low} ({hint}), got {value}")
+    return int(value)

@@ -5,7 +5,8 @@ Defined in notebook 03 (Distillation). The pieces, in the order the notebook tea
   teacher's own decoder layers and its tied embedding; `make_student` builds a small one from random weights;
 - `kd_loss`: α·T²·KL(softmax(t/T) ‖ softmax(s/T)) + (1−α)·CE(s, labels) (Hinton et al. 2015);
 - `teacher_topk`: the teacher runs once per batch of text; its top-k logits are kept (k·8 bytes per token
-  instead of vocab·4), plus the log-mass of the other tokens at a few temperatures (4 bytes each);
+  instead of vocab·4), plus the log-mass of the other tokens at a few temperatures (4 bytes each) — in
+  labkit/teacher_targets.py, re-exported here;
 - `train_student`: AdamW, a progress bar, checksummed checkpoints and resume after an interruption.
 The on-disk cache of the teacher's targets (`cached_teacher_topk`, checksummed, rebuilt when damaged), the stored
 experiment, bench figures and widget helpers live in `labkit.experiments.distill`.
@@ -15,45 +16,28 @@ from __future__ import annotations
 import copy
 import hashlib
 import math
-import numbers
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from .checks import real_number, whole_number
 from .models import LlamaSpec, build_llama
+# The teacher's targets (top-k logits and their tail mass) have their own module; re-exported (notebook 03 uses
+# distill.TopKLogits, distill.tail_logmass, distill.topk_mass, distill.logit_cache_bytes, distill.TAIL_TEMPERATURES).
+from .teacher_targets import (  # noqa: F401
+    TAIL_TEMPERATURES, TopKLogits, check_temperature, logit_cache_bytes, tail_logmass, teacher_topk, topk_mass,
+    vocab_size_of,
+)
 
 # ----------------------------------------------------------------------------------------------------------
 # Inputs that are checked everywhere
 
 
-def _number(name: str, value, hint: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a number ({hint}), got {value!r} of type {type(value).__name__}")
-    return float(value)
-
-
-def _whole(name: str, value, low: int, hint: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be a whole number ({hint}), got {value!r} of type {type(value).__name__}")
-    if value < low:
-        raise ValueError(f"{name} must be ≥ {low} ({hint}), got {value}")
-    return int(value)
-
-
-def check_temperature(temperature) -> float:
-    """The temperature as a float; TypeError for a non-number, ValueError unless finite and > 0."""
-    t = _number("temperature", temperature, "1 = the model's own distribution, 2–4 = softer targets")
-    if not (t > 0 and math.isfinite(t)):
-        raise ValueError(f"temperature must be a finite number > 0 (1 = the model's own distribution, "
-                         f"2–4 = softer targets); got {temperature}")
-    return t
-
-
 def check_alpha(alpha) -> float:
     """α as a float; TypeError for a non-number (a string too), ValueError outside [0, 1]."""
-    a = _number("alpha", alpha, "0 = hard labels only, 1 = distillation only")
+    a = real_number("alpha", alpha, "0 = hard labels only, 1 = distillation only")
     if not (0.0 <= a <= 1.0):
         raise ValueError(f"alpha must be in [0, 1] (0 = hard labels only, 1 = distillation only); got {alpha}")
     return a
@@ -61,8 +45,8 @@ def check_alpha(alpha) -> float:
 
 def check_vocab(teacher, student, tokenizer=None) -> int:
     """Raise ValueError unless teacher and student (and the tokenizer, if given) share one vocabulary."""
-    tv = _vocab_size(teacher)
-    sv = _vocab_size(student)
+    tv = vocab_size_of(teacher)
+    sv = vocab_size_of(student)
     if tv != sv:
         raise ValueError(f"vocabulary mismatch: teacher has {tv} tokens, student has {sv}; distillation compares "
                          f"their logits token by token, so build the student with make_student(teacher.config)")
@@ -70,11 +54,6 @@ def check_vocab(teacher, student, tokenizer=None) -> int:
         raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the models only {sv}; "
                          f"use the teacher's own tokenizer")
     return tv
-
-
-def _vocab_size(model_or_config) -> int:
-    cfg = getattr(model_or_config, "config", model_or_config)
-    return int(cfg.vocab_size)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -91,7 +70,7 @@ def make_depth_student(teacher, keep, freeze_embedding: bool = True):
     n = len(layers)
     if isinstance(keep, (str, bytes)) or not hasattr(keep, "__iter__"):
         raise TypeError(f"keep must be a list of layer indices in [0, {n}), got {keep!r}")
-    keep = [_whole("layer index", i, 0, f"0 … {n - 1}") for i in keep]
+    keep = [whole_number("layer index", i, 0, f"0 … {n - 1}") for i in keep]
     if not keep or any(i >= n for i in keep) or sorted(set(keep)) != keep:
         raise ValueError(f"keep must list distinct layer indices in increasing order within [0, {n}), got {keep}")
     if not isinstance(freeze_embedding, bool):
@@ -126,7 +105,8 @@ def make_student(teacher_config, spec: LlamaSpec | None = None, seed: int = 0, *
                          "token); drop vocab_size")
     teacher = {"vocab_size": tc.vocab_size, "rms_norm_eps": getattr(tc, "rms_norm_eps", 1e-5),
                **{k: getattr(tc, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}}
-    return build_llama(replace(spec or STUDENT, **teacher, **overrides), _whole("seed", seed, 0, "any whole number ≥ 0"))
+    return build_llama(replace(spec or STUDENT, **teacher, **overrides),
+                       whole_number("seed", seed, 0, "any whole number ≥ 0"))
 
 
 def embedding_share(model) -> float:
@@ -138,53 +118,6 @@ def embedding_share(model) -> float:
 
 # ----------------------------------------------------------------------------------------------------------
 # The loss
-
-
-# Temperatures at which the teacher-logit cache also keeps the log-mass of the tokens outside its top k.
-TAIL_TEMPERATURES = (1.0, 2.0, 4.0)
-
-
-@dataclass
-class TopKLogits:
-    """The teacher's k largest logits per position (values float32, indices int32), shape [..., k].
-
-    `tail[..., j]` (optional, float32) is log Σ_{i ∉ top-k} exp(logit_i / tail_temps[j]): the softened mass of
-    the other V − k tokens, so the KD loss can keep it as one extra bucket instead of pretending it is zero.
-    """
-    values: torch.Tensor
-    indices: torch.Tensor
-    vocab_size: int
-    tail: torch.Tensor | None = None
-    tail_temps: tuple = ()
-
-    def __post_init__(self):
-        if self.values.shape != self.indices.shape:
-            raise ValueError(f"values {tuple(self.values.shape)} and indices {tuple(self.indices.shape)} differ")
-        self.tail_temps = tuple(float(t) for t in self.tail_temps)
-        if self.tail is not None and tuple(self.tail.shape) != (*self.values.shape[:-1], len(self.tail_temps)):
-            raise ValueError(f"tail {tuple(self.tail.shape)} must be [..., {len(self.tail_temps)}] "
-                             f"(one log-mass per temperature in tail_temps)")
-
-    def __getitem__(self, idx) -> "TopKLogits":
-        tail = self.tail[idx] if self.tail is not None else None
-        return TopKLogits(self.values[idx], self.indices[idx], self.vocab_size, tail, self.tail_temps)
-
-    @property
-    def k(self) -> int:
-        return int(self.values.shape[-1])
-
-    def tail_at(self, temperature: float) -> torch.Tensor | None:
-        """The stored tail log-mass at this temperature ([...]), or None when it was not cached."""
-        for j, t in enumerate(self.tail_temps):
-            if self.tail is not None and math.isclose(t, float(temperature)):
-                return self.tail[..., j]
-        return None
-
-    @property
-    def nbytes(self) -> int:
-        tail = 0 if self.tail is None else self.tail.numel() * self.tail.element_size()
-        return (self.values.numel() * self.values.element_size()
-                + self.indices.numel() * self.indices.element_size() + tail)
 
 
 def kd_loss(student_logits, teacher_logits, labels=None, temperature: float = 1.0, alpha: float = 0.5,
@@ -259,7 +192,7 @@ def kd_loss(student_logits, teacher_logits, labels=None, temperature: float = 1.
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Data and the teacher-logit cache
+# Data
 
 
 def make_sequences(tokens: torch.Tensor, seq_len: int, n_seqs: int, offset: int = 0) -> torch.Tensor:
@@ -267,64 +200,13 @@ def make_sequences(tokens: torch.Tensor, seq_len: int, n_seqs: int, offset: int 
     if not isinstance(tokens, torch.Tensor) or tokens.dim() != 1 or tokens.is_floating_point():
         raise TypeError(f"tokens must be a 1-D tensor of token ids (e.g. lk.data.tokens(...)), got "
                         f"{type(tokens).__name__} {tuple(getattr(tokens, 'shape', ()))}")
-    seq_len = _whole("seq_len", seq_len, 1, "tokens per training sequence, e.g. 128")
-    n_seqs = _whole("n_seqs", n_seqs, 1, "how many sequences")
-    offset = _whole("offset", offset, 0, "where in `tokens` to start")
+    seq_len = whole_number("seq_len", seq_len, 1, "tokens per training sequence, e.g. 128")
+    n_seqs = whole_number("n_seqs", n_seqs, 1, "how many sequences")
+    offset = whole_number("offset", offset, 0, "where in `tokens` to start")
     need = offset + n_seqs * (seq_len + 1)
     if tokens.numel() < need:
         raise ValueError(f"{n_seqs} sequences of {seq_len}+1 tokens need {need} tokens, only {tokens.numel()}")
     return tokens[offset:need].reshape(n_seqs, seq_len + 1).clone()
-
-
-def tail_logmass(logits: torch.Tensor, indices: torch.Tensor, temps=TAIL_TEMPERATURES) -> torch.Tensor:
-    """[..., len(temps)]: log Σ exp(logits/T) over the tokens *not* in `indices`, one column per T."""
-    rest = logits.float().scatter(-1, indices.long(), float("-inf"))
-    return torch.stack([(rest / check_temperature(t)).logsumexp(-1) for t in temps], dim=-1)
-
-
-@torch.no_grad()
-def teacher_topk(teacher, seqs: torch.Tensor, k: int = 32, batch_size: int = 4, progress: bool = False,
-                 tail_temps=TAIL_TEMPERATURES) -> TopKLogits:
-    """Run the teacher once over `seqs[:, :-1]`; keep its k largest logits and the tail log-mass per position."""
-    from tqdm.auto import tqdm
-
-    k = _whole("k", k, 1, f"how many logits to keep per token, at most the vocabulary {_vocab_size(teacher)}")
-    if k > _vocab_size(teacher):
-        raise ValueError(f"k must be in [1, vocab size {_vocab_size(teacher)}], got {k}")
-    batch_size = _whole("batch_size", batch_size, 1, "sequences per teacher forward pass")
-    vals, idxs, tails = [], [], []
-    was_training = teacher.training
-    teacher.eval()
-    for i in tqdm(range(0, seqs.shape[0], batch_size), desc="teacher top-k", disable=not progress):
-        logits = teacher(input_ids=seqs[i:i + batch_size, :-1]).logits.float()
-        v, ix = logits.topk(int(k), dim=-1)
-        vals.append(v)
-        idxs.append(ix.to(torch.int32))
-        if tail_temps:
-            tails.append(tail_logmass(logits, ix, tail_temps))
-        del logits
-    teacher.train(was_training)
-    return TopKLogits(torch.cat(vals), torch.cat(idxs), _vocab_size(teacher),
-                      torch.cat(tails) if tail_temps else None, tuple(tail_temps))
-
-
-def topk_mass(tl: TopKLogits, temperature: float = 1.0) -> float:
-    """Mean share of the teacher's softened probability (at T) that falls on its top k tokens (needs the tail)."""
-    tail = tl.tail_at(check_temperature(temperature))
-    if tail is None:
-        raise ValueError(f"no tail log-mass stored at T = {temperature:g} (stored: {tl.tail_temps})")
-    top = (tl.values.float() / float(temperature)).logsumexp(-1)
-    return float((top - torch.logaddexp(top, tail.float())).exp().mean())
-
-
-def logit_cache_bytes(n_tokens: int, vocab_size: int, k: int | None = None, n_tail: int = 0) -> int:
-    """Estimate: full fp32 logits = n·V·4 bytes; top-k = n·(k·(4 B value + 4 B int32 index) + 4 B per tail T)."""
-    n_tokens = _whole("n_tokens", n_tokens, 0, "tokens whose logits are kept")
-    vocab_size = _whole("vocab_size", vocab_size, 1, "the vocabulary size")
-    n_tail = _whole("n_tail", n_tail, 0, "tail temperatures stored")
-    if k is None:
-        return n_tokens * vocab_size * 4
-    return n_tokens * (_whole("k", k, 1, "logits kept per token, or None for all") * 8 + 4 * n_tail)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -345,15 +227,15 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self):
-        _whole("TrainConfig.steps", self.steps, 1, "optimizer steps, e.g. 100")
-        _whole("TrainConfig.batch_size", self.batch_size, 1, "sequences per step, e.g. 4")
-        _whole("TrainConfig.warmup", self.warmup, 0, "warm-up steps, 0 for none")
-        _whole("TrainConfig.seed", self.seed, 0, "the batch-order seed")
-        lr = _number("TrainConfig.lr", self.lr, "the peak learning rate, e.g. 3e-4")
+        whole_number("TrainConfig.steps", self.steps, 1, "optimizer steps, e.g. 100")
+        whole_number("TrainConfig.batch_size", self.batch_size, 1, "sequences per step, e.g. 4")
+        whole_number("TrainConfig.warmup", self.warmup, 0, "warm-up steps, 0 for none")
+        whole_number("TrainConfig.seed", self.seed, 0, "the batch-order seed")
+        lr = real_number("TrainConfig.lr", self.lr, "the peak learning rate, e.g. 3e-4")
         if not (lr > 0 and math.isfinite(lr)):
             raise ValueError(f"TrainConfig.lr must be a finite number > 0 (e.g. 3e-4), got {self.lr}")
         for name in ("weight_decay", "clip"):
-            v = _number(f"TrainConfig.{name}", getattr(self, name), "≥ 0; 0 turns it off")
+            v = real_number(f"TrainConfig.{name}", getattr(self, name), "≥ 0; 0 turns it off")
             if not (v >= 0 and math.isfinite(v)):
                 raise ValueError(f"TrainConfig.{name} must be a finite number ≥ 0 (0 turns it off), got {v}")
         check_temperature(self.temperature)
@@ -418,15 +300,15 @@ def _check_targets(student, seqs, cfg, teacher_logits) -> None:
         if teacher_logits is None:
             raise ValueError("alpha > 0 needs teacher_logits (from teacher_topk); alpha = 0 is hard labels")
         tv = teacher_logits.vocab_size if isinstance(teacher_logits, TopKLogits) else teacher_logits.shape[-1]
-        if tv != _vocab_size(student):
+        if tv != vocab_size_of(student):
             raise ValueError(f"vocabulary mismatch: teacher logits cover {tv} tokens, the student has "
-                             f"{_vocab_size(student)}; build the student with make_student(teacher.config)")
+                             f"{vocab_size_of(student)}; build the student with make_student(teacher.config)")
         n_t = (teacher_logits.values if isinstance(teacher_logits, TopKLogits) else teacher_logits).shape[:2]
         if tuple(n_t) != (seqs.shape[0], seqs.shape[1] - 1):
             raise ValueError(f"teacher logits cover {tuple(n_t)} positions, seqs need "
                              f"{(seqs.shape[0], seqs.shape[1] - 1)}; compute them on the same seqs")
-    if int(seqs.max()) >= _vocab_size(student):
-        raise ValueError(f"token id {int(seqs.max())} ≥ student vocabulary {_vocab_size(student)}")
+    if int(seqs.max()) >= vocab_size_of(student):
+        raise ValueError(f"token id {int(seqs.max())} ≥ student vocabulary {vocab_size_of(student)}")
 
 
 def train_student(student, seqs: torch.Tensor, cfg: TrainConfig, teacher_logits: TopKLogits | torch.Tensor | None = None,
@@ -445,9 +327,9 @@ def train_student(student, seqs: torch.Tensor, cfg: TrainConfig, teacher_logits:
 
     if not isinstance(cfg, TrainConfig):
         raise TypeError(f"cfg must be a distill.TrainConfig, got {type(cfg).__name__}")
-    checkpoint_every = _whole("checkpoint_every", checkpoint_every, 1, "steps between checkpoints, e.g. 50")
-    eval_every = _whole("eval_every", eval_every, 0, "steps between evaluations, 0 for none")
-    stop = cfg.steps if stop_at is None else min(cfg.steps, _whole("stop_at", stop_at, 1, "a step count"))
+    checkpoint_every = whole_number("checkpoint_every", checkpoint_every, 1, "steps between checkpoints, e.g. 50")
+    eval_every = whole_number("eval_every", eval_every, 0, "steps between evaluations, 0 for none")
+    stop = cfg.steps if stop_at is None else min(cfg.steps, whole_number("stop_at", stop_at, 1, "a step count"))
     _check_targets(student, seqs, cfg, teacher_logits)
 
     order = batch_order(seqs.shape[0], cfg.steps, cfg.batch_size, cfg.seed)
