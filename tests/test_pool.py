@@ -282,30 +282,33 @@ def test_cuda_caching_allocator_rounding_rules():
     assert cuda_caching_allocator_size((11 << 20) + 1)["segment"] == 12 << 20
 
 
-def _fake_clock(monkeypatch, module, durations):
-    """module.time.perf_counter returns 0, d1, d1, d1 + d2, …: the k-th timed call lasts durations[k]."""
-    from types import SimpleNamespace
-    marks = [0.0]
-    for d in durations:
-        marks += [marks[-1], marks[-1] + d]
-    it = iter(marks[1:])
-    monkeypatch.setattr(module, "time", SimpleNamespace(perf_counter=lambda: next(it)))
+def _scripted_timer(monkeypatch, seconds):
+    """lk.repro.time_call, as the module under test sees it, runs each timed function once (the work is really
+    done) and returns the next of `seconds`: a scripted clock. Returns the min_run_time of each call."""
+    it, asked = iter(seconds), []
+
+    def fake_time_call(fn, *args, min_run_time=0.2, n_threads=1, **kwargs):
+        fn(*args, **kwargs)
+        asked.append(min_run_time)
+        return next(it)
+    monkeypatch.setattr(X.repro, "time_call", fake_time_call)
+    return asked
 
 
-def test_time_alloc_reports_the_best_repeat_per_call(monkeypatch):
-    _fake_clock(monkeypatch, X, [5e-3, 3e-3, 4e-3, 2e-3, 6e-3, 1e-3])    # plain ×3, then pool ×3 (20 calls each)
-    r = time_alloc(4096, n=20, repeats=3)
+def test_time_alloc_times_each_variant_per_call_with_time_call(monkeypatch):
+    asked = _scripted_timer(monkeypatch, [3e-3, 1e-3])                   # plain, then pool (20 calls each)
+    r = time_alloc(4096, n=20, min_run_time=0.05)
     assert r["plain_us"] == pytest.approx(3e-3 / 20 * 1e6) and r["pool_us"] == pytest.approx(1e-3 / 20 * 1e6)
-    assert r["ratio"] == pytest.approx(3.0) and r["block_bytes"] == 4096
+    assert r["ratio"] == pytest.approx(3.0) and r["block_bytes"] == 4096 and asked == [0.05, 0.05]
 
 
 def test_time_append_counts_quadratic_vs_linear_copies(monkeypatch):
-    _fake_clock(monkeypatch, X, [0.9, 0.6, 0.2, 0.3])                     # cat ×2, then pool ×2
-    r = time_append(tokens=40, token_bytes=64, block_size=8, repeats=2)
+    with pytest.raises(ValueError, match="min_run_time"):               # the real time_call checks it
+        time_append(min_run_time=0)
+    _scripted_timer(monkeypatch, [0.6, 0.2])                             # cat, then pool
+    r = time_append(tokens=40, token_bytes=64, block_size=8)
     assert r["cat_bytes_copied"] == 64 * 40 * 41 // 2 and r["pool_bytes_copied"] == 64 * 40
     assert (r["cat_s"], r["pool_s"]) == pytest.approx((0.6, 0.2)) and r["ratio"] == pytest.approx(3.0)
-    with pytest.raises(ValueError, match="repeats"):
-        time_append(repeats=0)
 
 
 @pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import gc
 import os
-import time
 
 import torch
 
@@ -48,12 +47,13 @@ def bench() -> dict:
 
 
 # ---------------------------------------------------------------- allocation cost (notebook 05, §1)
-def time_alloc(block_bytes: int = 737_280, n: int = 200, repeats: int = 3) -> dict:
+def time_alloc(block_bytes: int = 737_280, n: int = 200, min_run_time: float = 0.2) -> dict:
     """Seconds per allocate+write+free: a fresh torch.empty each time vs reusing one block of a BlockPool.
 
-    Default size = one 16-token KV block of SmolLM2-135M in fp32 (16 · 46,080 B). Best of `repeats`.
+    Default size = one 16-token KV block of SmolLM2-135M in fp32 (16 · 46,080 B). Each variant is a loop of `n`
+    of them, timed by lk.repro.time_call (warm-up, then the median over `min_run_time` seconds, one thread).
     """
-    numel = positive_int("block_bytes", block_bytes) // 4
+    numel, n = positive_int("block_bytes", block_bytes) // 4, positive_int("n", n)
     pool = BlockPool(4, (numel,), torch.float32)
 
     def plain():
@@ -68,28 +68,16 @@ def time_alloc(block_bytes: int = 737_280, n: int = 200, repeats: int = 3) -> di
             pool.storage[b].fill_(1.0)
             pool.free(b)
 
-    best = {}
-    for name, fn in (("plain", plain), ("pool", pooled)):
-        ts = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            ts.append((time.perf_counter() - t0) / n)
-        best[name] = min(ts)
-    return {"block_bytes": numel * 4, "plain_us": best["plain"] * 1e6, "pool_us": best["pool"] * 1e6,
-            "ratio": best["plain"] / best["pool"]}
-
-
-def _time_alloc_one_thread(block_bytes: int, n: int) -> dict:
-    with repro.threads(1):
-        return time_alloc(block_bytes, n=n)
+    plain_s = repro.time_call(plain, min_run_time=min_run_time) / n
+    pool_s = repro.time_call(pooled, min_run_time=min_run_time) / n
+    return {"block_bytes": numel * 4, "plain_us": plain_s * 1e6, "pool_us": pool_s * 1e6, "ratio": plain_s / pool_s}
 
 
 def time_alloc_fresh(block_bytes: int = 737_280, n: int = 100) -> dict:
     """`time_alloc` in a fresh process where glibc must map fresh pages from the OS for every block
     (MALLOC_MMAP_THRESHOLD_=65536 turns off its reuse of freed memory) — the cost a pool avoids."""
-    out, _ = run_in_subprocess(_time_alloc_one_thread, positive_int("block_bytes", block_bytes),
-                               positive_int("n", n), env=QUIET_MALLOC)
+    out, _ = run_in_subprocess(time_alloc, positive_int("block_bytes", block_bytes), positive_int("n", n),
+                               env=QUIET_MALLOC)
     return out
 
 
@@ -120,11 +108,11 @@ def heap_pinning(n: int = 200, nbytes: int = 100_000) -> dict:
     return out
 
 
-def time_append(tokens: int = 256, token_bytes: int = 1_536, block_size: int = 16, repeats: int = 3) -> dict:
+def time_append(tokens: int = 256, token_bytes: int = 1_536, block_size: int = 16, min_run_time: float = 0.2) -> dict:
     """Grow a per-sequence buffer one token at a time: torch.cat (a new, bigger tensor each step, as
     transformers' DynamicCache does per layer) vs writing into blocks of a preallocated pool. Default: one
-    layer of SmolLM2-135M in fp32 (2 · 3 · 64 · 4 = 1,536 B per token). Bytes copied and seconds (best of
-    `repeats`)."""
+    layer of SmolLM2-135M in fp32 (2 · 3 · 64 · 4 = 1,536 B per token). Bytes copied, and seconds per growth to
+    `tokens` (lk.repro.time_call: the median over `min_run_time` seconds, one thread)."""
     tokens, numel = positive_int("tokens", tokens), positive_int("token_bytes", token_bytes) // 4
     row = torch.ones(1, numel)
 
@@ -141,14 +129,6 @@ def time_append(tokens: int = 256, token_bytes: int = 1_536, block_size: int = 1
                 table.append(pool.allocate())
             pool.storage[table[-1], i % block_size] = row[0]
 
-    best = {}
-    for name, fn in (("cat", cat), ("pool", pooled)):
-        ts = []
-        for _ in range(positive_int("repeats", repeats)):
-            t0 = time.perf_counter()
-            fn()
-            ts.append(time.perf_counter() - t0)
-        best[name] = min(ts)
+    cat_s, pool_s = repro.time_call(cat, min_run_time=min_run_time), repro.time_call(pooled, min_run_time=min_run_time)
     return {"tokens": tokens, "cat_bytes_copied": numel * 4 * tokens * (tokens + 1) // 2,
-            "pool_bytes_copied": numel * 4 * tokens, "cat_s": best["cat"], "pool_s": best["pool"],
-            "ratio": best["cat"] / best["pool"]}
+            "pool_bytes_copied": numel * 4 * tokens, "cat_s": cat_s, "pool_s": pool_s, "ratio": cat_s / pool_s}
