@@ -2,7 +2,8 @@
 
 Defined in notebook 02 (02_quantization.ipynb). Sections of the notebook → functions here:
   1 number formats ............ `float_formats`, `cast_error`
-  2 quantizers + packing ...... `quantize`, `dequantize`, `QTensor`, `pack_bits`, `unpack_bits`, `save_qtensor`
+  2 quantizers + packing ...... `quantize`, `dequantize`, `QTensor`, `save_qtensor` (in labkit/qtensor.py),
+                                `pack_bits`, `unpack_bits` (lk.compress) — all re-exported here
   3 quantized model ........... `QuantConfig`, `quantize_`, `QuantLinear` (packed in RAM, dequantized tile by tile),
                                 `QuantEmbedding`, `skip_tied`, `temporarily_quantized`
   4 the Q4_1 origin ........... `distinct_per_block`
@@ -13,7 +14,6 @@ Kernel tables, the bandwidth limit, sweeps, make_results and bench live in labki
 from __future__ import annotations
 
 import contextlib
-import math
 import warnings
 from dataclasses import dataclass
 from typing import Callable
@@ -22,9 +22,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-SUPPORTED_BITS = (2, 3, 4, 8)
-GRANULARITIES = ("tensor", "channel", "group")
-SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# The quantized tensor (§2) has its own module; everything in it is re-exported (notebook 02 uses Q.quantize,
+# Q.dequantize, Q.QTensor, Q.save_qtensor, Q.quant_error, Q.SUPPORTED_BITS), and so is bit packing, whose one home
+# is lk.compress, because packed codes are what a quantized tensor stores (notebook 02 uses Q.unpack_bits).
+from .compress import pack_bits, unpack_bits  # noqa: F401
+from .qtensor import (  # noqa: F401
+    GRANULARITIES, SCALE_DTYPES, SUPPORTED_BITS, QTensor, check_bits, check_float, dequantize, fake_quantize,
+    qtensor_state, quant_error, quantize, rtn_codes, save_qtensor,
+)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -43,7 +48,7 @@ def float_formats() -> list[dict]:
 
 def cast_error(w: torch.Tensor, dtype: torch.dtype) -> dict:
     """Round-trip w → dtype → fp32: max and mean relative error, values that overflow or flush to zero."""
-    _check_float(w, "cast_error")
+    check_float(w, "cast_error")
     w = w.detach().float()
     back = w.to(dtype).float()
     nz = w != 0
@@ -53,203 +58,6 @@ def cast_error(w: torch.Tensor, dtype: torch.dtype) -> dict:
                 mean_rel_error=float(rel[torch.isfinite(rel)].mean()),
                 overflow=int((~finite).sum()), flushed_to_zero=int((nz & (back == 0)).sum()),
                 bytes=w.numel() * torch.tensor([], dtype=dtype).element_size())
-
-
-# --------------------------------------------------------------------------------------------------
-# 2. Bit packing and quantizers (notebook 02, "Integers and scales")
-# --------------------------------------------------------------------------------------------------
-def _check_bits(bits) -> int:
-    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in SUPPORTED_BITS:
-        raise ValueError(f"bits={bits!r} is not supported; use one of {SUPPORTED_BITS}")
-    return bits
-
-
-def _check_float(x, who: str) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{who} expects a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"{who} expects a floating-point tensor (fp32/fp16/bf16), got {x.dtype}; "
-                        f"convert it first, e.g. x.float()")
-
-
-# Bit packing has one home, lk.compress.pack_bits / unpack_bits (n codes of b bits in ceil(n·b/8) bytes);
-# re-exported here because packed codes are what a quantized tensor stores.
-from .compress import pack_bits, unpack_bits  # noqa: E402,F401
-
-
-@dataclass
-class QTensor:
-    """A quantized tensor: packed integer codes plus what it takes to turn them back into floats.
-
-    x ≈ (code − 2**(bits−1))·scale            (symmetric; codes centred on zero)
-    x ≈ code·scale + zero                      (asymmetric; `zero` = the value code 0 stands for, i.e. a
-                                                float zero point — GGUF's Q4_1 "min", torchao's FLOAT domain)
-    Scales/zeros have one entry per group: shape [rows, groups] ([1, 1] per tensor, [rows, 1] per channel).
-    """
-    packed: torch.Tensor           # uint8 bit stream, ceil(numel·bits/8) bytes
-    scales: torch.Tensor           # [rows, groups], fp16 by default
-    zeros: torch.Tensor | None     # [rows, groups] (asymmetric) or None (symmetric)
-    bits: int
-    group_size: int                # elements per group along the last dim (= numel for per-tensor)
-    shape: tuple
-    symmetric: bool
-    granularity: str               # "tensor" | "channel" | "group"
-    dtype: torch.dtype = torch.float32  # dtype of the original tensor (what dequantize returns)
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    def codes(self) -> torch.Tensor:
-        """Unpacked unsigned codes, shape [rows, groups, group_size] (uint8)."""
-        return unpack_bits(self.packed, self.bits, self.numel).view(*self.scales.shape, -1)
-
-    def dequantize(self) -> torch.Tensor:
-        return dequantize(self)
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes actually held: packed codes + scales (+ zeros)."""
-        return sum(t.numel() * t.element_size() for t in (self.packed, self.scales, self.zeros) if t is not None)
-
-    def bits_per_value(self) -> float:
-        """Effective bits per weight, scales included (e.g. 4 + 16/32 = 4.5 for int4 g32 symmetric)."""
-        return 8 * self.nbytes / self.numel
-
-    def expected_nbytes(self) -> int:
-        """The formula: numel·bits/8 (rounded up) + groups·(scale [+ zero]) bytes."""
-        per_group = self.scales.element_size() * (1 if self.symmetric else 2)
-        return math.ceil(self.numel * self.bits / 8) + self.scales.numel() * per_group
-
-
-def _groups_view(x: torch.Tensor, granularity: str, group_size: int | None) -> tuple[torch.Tensor, int]:
-    """Reshape x to [rows, groups, group_size] for the chosen granularity (groups run along the last dim)."""
-    if granularity not in GRANULARITIES:
-        raise ValueError(f"granularity={granularity!r}; use one of {GRANULARITIES}")
-    if x.dim() == 0 or x.numel() == 0:
-        raise ValueError("cannot quantize an empty or 0-d tensor")
-    if granularity == "tensor":
-        return x.reshape(1, 1, -1), x.numel()
-    rows = x.shape[0] if x.dim() > 1 else 1
-    x2 = x.reshape(rows, -1)
-    cols = x2.shape[1]
-    if granularity == "channel":
-        return x2.view(rows, 1, cols), cols
-    if group_size is None or isinstance(group_size, bool) or int(group_size) < 1:
-        raise ValueError(f"granularity='group' needs a positive group_size, got {group_size!r}")
-    group_size = int(group_size)
-    if cols % group_size:
-        divisors = [d for d in (16, 32, 64, 96, 128, 192, 256) if cols % d == 0]
-        raise ValueError(f"group_size={group_size} does not divide the last dimension ({cols}); "
-                         f"pick one that does, e.g. {divisors or [cols]}, or use granularity='channel'")
-    return x2.view(rows, cols // group_size, group_size), group_size
-
-
-def _round_scale(s: torch.Tensor, dtype: torch.dtype, top: torch.Tensor, qmax: int) -> torch.Tensor:
-    """Store scales in `dtype`; bump a scale up one ulp where rounding it down would clip by > scale/2."""
-    tiny = torch.finfo(dtype).tiny if dtype != torch.float16 else 2.0 ** -24
-    sd = s.to(dtype)
-    if not torch.isfinite(sd).all():
-        raise ValueError(f"values up to {float(top.max()):.3g} overflow {dtype} scales; "
-                         f"pass scale_dtype=torch.float32")
-    bad = (top - qmax * sd.float()) > sd.float() / 2
-    if bad.any():
-        sd = torch.where(bad, torch.nextafter(sd, torch.full_like(sd, float("inf"))), sd)
-    return torch.clamp(sd, min=tiny)
-
-
-def quantize(x: torch.Tensor, bits: int = 8, granularity: str = "channel", group_size: int | None = None,
-             symmetric: bool = True, scale_dtype: torch.dtype = torch.float16) -> QTensor:
-    """Round-to-nearest quantization of x to `bits`-bit integers with one scale per tensor/row/group.
-
-    symmetric: scale = max|x|/(2**(bits−1)−1), codes in [−qmax, qmax] (stored offset by 2**(bits−1)).
-    asymmetric: zero = min(x) (rounded down), scale = (max − zero)/(2**bits − 1), codes in [0, 2**bits − 1].
-    Either way |dequantize(q) − x| ≤ scale/2 element-wise. Rows = dim 0 (output channels of a Linear weight).
-    """
-    q, s, zeros, gs, granularity = rtn_codes(x, bits, granularity, group_size, symmetric, scale_dtype)
-    packed = pack_bits(q.to(torch.uint8), bits)
-    return QTensor(packed=packed, scales=s, zeros=zeros, bits=bits, group_size=gs, shape=tuple(x.shape),
-                   symmetric=symmetric, granularity=granularity, dtype=x.dtype)
-
-
-def fake_quantize(x: torch.Tensor, bits: int = 8, granularity: str = "channel", group_size: int | None = None,
-                  symmetric: bool = True, scale_dtype: torch.dtype = torch.float16) -> torch.Tensor:
-    """dequantize(quantize(x, …)) without packing the codes: the same values, faster (for searches that try many
-    candidates, e.g. AWQ's scales and clipping; notebook 02, "After round-to-nearest")."""
-    q, s, zeros, _, _ = rtn_codes(x, bits, granularity, group_size, symmetric, scale_dtype)
-    s = s.float().unsqueeze(-1)
-    out = (q - 2 ** (bits - 1)) * s if symmetric else q * s + zeros.float().unsqueeze(-1)
-    return out.reshape(x.shape).to(x.dtype)
-
-
-def rtn_codes(x, bits, granularity, group_size, symmetric, scale_dtype):
-    """The rounding behind quantize: (codes [rows, groups, group_size] as floats, scales, zeros, group size,
-    granularity)."""
-    _check_float(x, "quantize")
-    bits = _check_bits(bits)
-    if scale_dtype not in SCALE_DTYPES:
-        raise ValueError(f"scale_dtype must be one of {SCALE_DTYPES}, got {scale_dtype}")
-    if granularity != "group" and group_size is not None:
-        granularity = "group"
-    if not torch.isfinite(x).all():
-        raise ValueError("quantize: the tensor contains inf or NaN; fix the values first")
-    g, gs = _groups_view(x.detach().float(), granularity, group_size)
-    if symmetric:
-        qmax = 2 ** (bits - 1) - 1
-        amax = g.abs().amax(dim=-1)
-        s = _round_scale(amax / qmax, scale_dtype, amax, qmax)
-        q = torch.clamp(torch.round(g / s.float().unsqueeze(-1)), -qmax, qmax) + 2 ** (bits - 1)
-        zeros = None
-    else:
-        qmax = 2 ** bits - 1
-        lo = g.amin(dim=-1)
-        zd = lo.to(scale_dtype)
-        if not torch.isfinite(zd).all():
-            raise ValueError(f"values overflow {scale_dtype} zero points; pass scale_dtype=torch.float32")
-        zd = torch.where(zd.float() > lo, torch.nextafter(zd, torch.full_like(zd, float("-inf"))), zd)
-        span = g.amax(dim=-1) - zd.float()
-        s = _round_scale(span / qmax, scale_dtype, span, qmax)
-        q = torch.clamp(torch.round((g - zd.float().unsqueeze(-1)) / s.float().unsqueeze(-1)), 0, qmax)
-        zeros = zd
-    return q, s, zeros, gs, granularity
-
-
-def dequantize(q: QTensor) -> torch.Tensor:
-    """Floats back from a QTensor (in the original dtype and shape)."""
-    codes = q.codes().float()
-    s = q.scales.float().unsqueeze(-1)
-    if q.symmetric:
-        x = (codes - 2 ** (q.bits - 1)) * s
-    else:
-        x = codes * s + q.zeros.float().unsqueeze(-1)
-    return x.reshape(q.shape).to(q.dtype)
-
-
-def qtensor_state(q: QTensor, prefix: str = "") -> dict[str, torch.Tensor]:
-    """The tensors a QTensor stores (for safetensors / state_dict)."""
-    d = {prefix + "packed": q.packed, prefix + "scales": q.scales}
-    if q.zeros is not None:
-        d[prefix + "zeros"] = q.zeros
-    return d
-
-
-def save_qtensor(q: QTensor, path) -> int:
-    """Write a QTensor to a safetensors file; return its size on disk in bytes (header included)."""
-    import os
-    from safetensors.torch import save_file
-    meta = dict(bits=str(q.bits), group_size=str(q.group_size), shape=",".join(map(str, q.shape)),
-                symmetric=str(q.symmetric), granularity=q.granularity)
-    save_file({k: v.contiguous() for k, v in qtensor_state(q).items()}, str(path), metadata=meta)
-    return os.path.getsize(path)
-
-
-def quant_error(x: torch.Tensor, q: QTensor) -> dict:
-    """How far dequantize(q) is from x: max/mean abs error, relative Frobenius error, SNR in dB."""
-    x = x.detach().float()
-    d = dequantize(q).float() - x
-    rel = float(d.norm() / x.norm().clamp_min(1e-30))
-    return dict(max_abs=float(d.abs().max()), mean_abs=float(d.abs().mean()), rel_fro=rel,
-                snr_db=float(-20 * math.log10(max(rel, 1e-30))))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -269,7 +77,7 @@ class QuantConfig:
     def __post_init__(self):
         if isinstance(self.bits, bool) or not isinstance(self.bits, int):
             raise TypeError(f"QuantConfig.bits must be an int, got {self.bits!r}; e.g. QuantConfig(bits=4)")
-        _check_bits(self.bits)
+        check_bits(self.bits)
         if self.group_size is not None and (isinstance(self.group_size, bool) or not isinstance(self.group_size, int)):
             raise TypeError(f"QuantConfig.group_size must be a whole number, got {self.group_size!r}; e.g. 32 or 64")
         if not isinstance(self.symmetric, bool):
@@ -474,7 +282,7 @@ def temporarily_quantized(model: nn.Module, config: QuantConfig,
 # --------------------------------------------------------------------------------------------------
 def distinct_per_block(w: torch.Tensor, block: int = 32) -> torch.Tensor:
     """Number of distinct values in each block of `block` consecutive weights along the last dim."""
-    _check_float(w, "distinct_per_block")
+    check_float(w, "distinct_per_block")
     rows = w.detach().reshape(-1, block)
     s, _ = rows.sort(dim=1)
     return 1 + (s[:, 1:] != s[:, :-1]).sum(dim=1)
@@ -527,8 +335,8 @@ def mixed_int8_matmul(x: torch.Tensor, w: torch.Tensor, threshold: float = 6.0) 
     """LLM.int8() decomposition: y = x·wᵀ with input columns having any |x| > threshold kept in float and the
     rest as int8 (per-token activations × per-output-channel weights). Returns (y, number of outlier columns).
     """
-    _check_float(x, "mixed_int8_matmul")
-    _check_float(w, "mixed_int8_matmul")
+    check_float(x, "mixed_int8_matmul")
+    check_float(w, "mixed_int8_matmul")
     x2 = x.reshape(-1, x.shape[-1]).float()
     outl = (x2.abs() > threshold).any(dim=0)
     xr, wr = x2.clone(), w.float().clone()
