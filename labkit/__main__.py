@@ -15,19 +15,18 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import sys
 import time
 import traceback
 from pathlib import Path
 
 from labkit import student as _student
+from labkit.experiments.runtimes import CELL_TIMEOUT_S, execute_notebook
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 REPO_ROOT = PACKAGE_DIR.parent
 NOTEBOOKS = REPO_ROOT / "notebooks"
 STUDENT = NOTEBOOKS / "student"
-CELL_TIMEOUT_S = 600
 
 
 def _err(msg: str) -> None:
@@ -108,60 +107,6 @@ def _write(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)
-
-
-def _kernel_manager():
-    """A KernelManager for "python3" that runs THIS interpreter (the venv's), whatever the PATH says."""
-    import ipykernel.kernelspec
-    from jupyter_client import KernelManager
-    from jupyter_client.kernelspec import KernelSpecManager
-
-    class CurrentEnv(KernelSpecManager):
-        def get_kernel_spec(self, kernel_name):
-            return self.kernel_spec_class(resource_dir=ipykernel.kernelspec.RESOURCES,
-                                          **ipykernel.kernelspec.get_kernel_dict())
-
-    return KernelManager(kernel_name="python3", kernel_spec_manager=CurrentEnv())
-
-
-def _kernel_peak_rss(km) -> int | None:
-    """The kernel process's RSS high-water mark (VmHWM, bytes) on Linux; None elsewhere."""
-    try:
-        pid = km.provisioner.process.pid
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except (AttributeError, OSError, ValueError):
-        return None
-    return None
-
-
-def execute_notebook(path: Path, timeout: int = CELL_TIMEOUT_S, stats: dict | None = None) -> float:
-    """Execute a notebook in place (cwd = its folder), clean it, return the wall seconds.
-
-    `stats`, when given, receives "seconds" and "peak_rss_bytes" (the kernel's peak resident memory)."""
-    from nbclient import NotebookClient
-
-    nb = _student.read_notebook(path)
-    bin_dir = str(Path(sys.executable).parent)  # subprocesses started by the kernel find the venv too
-    os.environ["PATH"] = bin_dir + os.pathsep + os.environ.get("PATH", "")
-    km = _kernel_manager()
-    client = NotebookClient(nb, km=km, timeout=timeout, kernel_name="python3",
-                            resources={"metadata": {"path": str(path.parent)}}, record_timing=False,
-                            store_widget_state=True)  # widgets render from the saved state without a kernel
-    t0 = time.perf_counter()
-    try:
-        client.execute()
-        if stats is not None:
-            stats["seconds"] = time.perf_counter() - t0
-            stats["peak_rss_bytes"] = _kernel_peak_rss(km)
-    finally:
-        if km.has_kernel:
-            km.shutdown_kernel(now=True)
-    seconds = time.perf_counter() - t0
-    _write(path, _student.notebook_text(_student.clean_notebook(nb)))
-    return seconds
 
 
 def _readable_notebooks(command: str, names: list[str]) -> bool:

@@ -184,3 +184,11 @@ def batches(split: str, tokenizer, seq_len: int = 128, batch_size: int = 8, seed
 def prepare(tokenizer) -> dict[str, int]:
     """Tokenize and cache every split; return the number of tokens in each."""
     return {s: len(tokens(s, tokenizer)) for s in ("train", "validation", "test")}
+
+
+def kjv_sentences(n: int = 16, split: str = "validation") -> list[str]:
+    """n KJV verses spread evenly over a split's books (MiniLM's test sentences)."""
+    wanted = set(books(split))
+    vs = [v["text"] for v in verses() if v["book"] in wanted]
+    step = max(1, len(vs) // n)
+    return vs[::step][:n]

@@ -158,7 +158,7 @@ def minilm_results() -> dict:
     KJV validation verses, for RTN, GPTQ (act-order; each Linear from the fp32 model's inputs — an encoder has no
     decoder-layer loop here) and AWQ with explicit input scales (InputScaled: in_features fp16 values each)."""
     from ..models import load_model, sentence_embeddings
-    from .quantize import kjv_sentences
+    from ..data import kjv_sentences
     enc, etok = load_model("minilm")
     calib = kjv_sentences(MINILM["calib_sentences"], "train")
     test = kjv_sentences(MINILM["test_sentences"])

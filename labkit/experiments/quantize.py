@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import quantize as Q
+from ..data import kjv_sentences  # noqa: F401  (notebook 02 calls X.kjv_sentences)
 from ..memory import tensor_bytes
 from ..repro import threads, time_call
 
@@ -122,15 +123,6 @@ def bandwidth(weight_mb: float = 256, min_run_time: float = 0.3, seed: int = 0) 
 
 
 # ----------------------------------------------------------------------------------------- sweeps on real models
-def kjv_sentences(n: int = 16, split: str = "validation") -> list[str]:
-    """n KJV verses spread evenly over a split's books (MiniLM's test sentences)."""
-    from ..data import books, verses
-    wanted = set(books(split))
-    vs = [v["text"] for v in verses() if v["book"] in wanted]
-    step = max(1, len(vs) // n)
-    return vs[::step][:n]
-
-
 def embedding_cosine(model, tokenizer, sentences: list[str], config: Q.QuantConfig | None,
                      reference: torch.Tensor | None = None) -> dict:
     """Mean/min cosine between MiniLM sentence embeddings under `config` and fp32 (config=None: fp32)."""
@@ -275,20 +267,25 @@ def explore(model, tokens, bits: int = 4, group_size: int = 64, symmetric: bool 
             layer: str = "model.layers.0.self_attn.q_proj", max_tokens: int = 256, fp32_ppl: float | None = None,
             ) -> dict:
     """Quantize every decoder Linear with (bits, group_size [0 = per channel], symmetric): the error histogram
-    of one layer's weights, perplexity on `max_tokens` tokens, and bytes of the Linear weights."""
+    of one layer's weights, perplexity on `max_tokens` tokens, bytes of the Linear weights, and the bytes the whole
+    model holds in RAM (packed Linears + everything left in fp32), beside the fp32 model's."""
     from ..evaluate import perplexity
+    from ..memory import model_bytes
     cfg = Q.QuantConfig(int(bits), group_size=int(group_size) if group_size else None, symmetric=bool(symmetric))
     w = model.get_submodule(layer).weight.detach()
     q = Q.quantize(w, cfg.bits, cfg.granularity, cfg.group_size, cfg.symmetric)
     err = (Q.dequantize(q) - w).flatten()
     if fp32_ppl is None:
         fp32_ppl = perplexity(model, tokens, max_tokens=max_tokens)
+    fp32_model = model_bytes(model)
     with Q.temporarily_quantized(model, cfg) as m:
         ppl = perplexity(m, tokens, max_tokens=max_tokens)
         b = Q.quantized_linear_bytes(m)
+        ram = model_bytes(m)
     return dict(name=cfg.name, layer=layer, errors=err, scale_max=float(q.scales.float().max()),
-                rel_error=float(err.norm() / w.norm()), ppl=ppl, fp32_ppl=fp32_ppl,
-                linear_bytes=b["total_bytes"], fp32_bytes=b["fp32_bytes"], bits_per_weight=b["bits_per_weight"])
+                rel_error=float(err.norm() / w.norm()), ppl=ppl, fp32_ppl=fp32_ppl, tokens=max_tokens,
+                linear_bytes=b["total_bytes"], fp32_bytes=b["fp32_bytes"], bits_per_weight=b["bits_per_weight"],
+                model_bytes=ram, fp32_model_bytes=fp32_model)
 
 
 def layer_error_table(w: torch.Tensor, bits_list=(8, 4, 3, 2), groups=(None, 192, 64, 32)) -> list[dict]:
@@ -298,5 +295,5 @@ def layer_error_table(w: torch.Tensor, bits_list=(8, 4, 3, 2), groups=(None, 192
         for g in groups:
             q = Q.quantize(w, bits) if g is None else Q.quantize(w, bits, group_size=g)
             rows.append(dict(bits=bits, granularity="per-channel" if g is None else f"g{g}",
-                             bits_per_weight=q.bits_per_value(), bytes=q.nbytes(), **Q.quant_error(w, q)))
+                             bits_per_weight=q.bits_per_value(), bytes=q.nbytes, **Q.quant_error(w, q)))
     return rows
