@@ -56,9 +56,11 @@ def forbid_calls(*functions, hint: str = "this exercise asks you to write it you
     """Raise AssertionError after the block if any of `functions` ran inside it (however it was imported).
 
     For hidden tests: `with forbid_calls(lk.prune.magnitude_mask): mask = my_magnitude_mask(w, 0.5)` fails
-    when the answer just calls labkit's reference. Watches Python-level calls with sys.setprofile."""
+    when the answer just calls labkit's reference; a property (`Q.QTensor.nbytes`) watches its getter. Watches
+    Python-level calls with sys.setprofile."""
     codes = {}
     for f in functions:
+        f = f.fget if isinstance(f, property) else f  # a property (QTensor.nbytes): watch its getter
         code = getattr(inspect.unwrap(f), "__code__", None)
         if code is None:
             raise TypeError(f"forbid_calls needs Python functions, got {f!r}")

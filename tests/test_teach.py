@@ -141,5 +141,9 @@ def test_forbid_calls_catches_a_call_however_it_was_imported():
     with pytest.raises(TypeError, match="Python functions"):
         with lk.checks.forbid_calls(len):
             pass
+    q = lk.quantize.quantize(w, 4, group_size=4)
+    with pytest.raises(AssertionError, match="nbytes"):  # a property: its getter is watched
+        with lk.checks.forbid_calls(lk.quantize.QTensor.nbytes):
+            q.nbytes
     import sys
     assert sys.getprofile() is None, "the profiler is put back"
