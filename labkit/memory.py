@@ -463,15 +463,23 @@ def run_in_subprocess(fn, *args, env: dict[str, str] | None = None, **kwargs):
     if getattr(fn, "__module__", "__main__") == "__main__" or "<locals>" in getattr(fn, "__qualname__", ""):
         raise ValueError(f"{getattr(fn, '__name__', fn)} must be defined at the top level of an importable "
                          "module (e.g. labkit or a .py file beside the notebook), not in the notebook")
+    with child_environment(env):  # a spawned child copies the environment when it starts
+        with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as ex:
+            return ex.submit(_measured_call, fn, args, kwargs).result()
+
+
+@contextlib.contextmanager
+def child_environment(env: dict[str, str | None] | None):
+    """Set environment variables (None unsets one) for the processes started inside the block, and put this
+    process's environment back exactly as it was when the block ends (also on an error)."""
     saved = {k: os.environ.get(k) for k in (env or {})}
     try:
-        for k, v in (env or {}).items():  # a spawned child copies the environment when it starts
+        for k, v in (env or {}).items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-        with ProcessPoolExecutor(max_workers=1, mp_context=mp.get_context("spawn")) as ex:
-            return ex.submit(_measured_call, fn, args, kwargs).result()
+        yield
     finally:
         for k, v in saved.items():
             if v is None:

@@ -38,7 +38,7 @@ TECHNIQUE_COLORS = {
     "kv fp32": "#222222", "kv bf16": "#8C8C8C", "kv int8": "#DD8452", "kv int4": "#E8A33D", "gqa": "#4C72B0", "mha": "#C44E52",
     "mqa": "#55A868", "paged": "#55A868", "contiguous": "#C44E52",
     "checkpointing": "#55A868", "accumulation": "#64B5CD", "8-bit adam": "#DD8452", "4-bit adam": "#E8A33D",
-    "zero": "#8172B3", "fsdp": "#B279A2",
+    "ddp": "#937860", "zero": "#8172B3", "fsdp": "#B279A2",
     "csr": "#4C72B0", "coo": "#C44E52", "bitmap": "#55A868", "bsr": "#8172B3",
 }
 MEMORY_KINDS = ("disk", "RAM", "KV cache", "training peak", "storage")
@@ -544,18 +544,21 @@ def sparse_break_even(densities, storage: dict, sweep: dict, ax=None,
 
 
 def sparse_density_report(report: dict, axes=None):
-    """Two panels for lk.sparse.density_report: bytes per format, and dense/CSR/BSR matmul milliseconds."""
+    """Two panels for lk.experiments.sparse.density_report: bytes per format, and dense/CSR/BSR matmul
+    milliseconds. `axes` = (bytes axes, time axes); either may be None to leave that panel out."""
     if axes is None:
         _, axes = plt.subplots(1, 2, figsize=(9, 3.2))
-    b = {k: v for k, v in report["bytes"].items() if v is not None}
-    axes[0].bar(list(b), [_mb(v) for v in b.values()], color=PALETTE[: len(b)])
-    axes[0].set_ylabel("MB")
-    axes[0].set_title(f"bytes at density {report['density']:.0%}", fontsize=10)
-    axes[0].tick_params(axis="x", labelsize=8)
-    s = report["seconds"]
-    axes[1].bar(list(s), [v * 1e3 for v in s.values()], color=PALETTE[: len(s)])
-    axes[1].set_ylabel("ms (one thread)")
-    axes[1].set_title("W @ X", fontsize=10)
+    if axes[0] is not None:
+        b = {k: v for k, v in report["bytes"].items() if v is not None}
+        axes[0].bar(list(b), [_mb(v) for v in b.values()], color=PALETTE[: len(b)])
+        axes[0].set_ylabel("MB")
+        axes[0].set_title(f"bytes at density {report['density']:.0%}", fontsize=10)
+        axes[0].tick_params(axis="x", labelsize=8)
+    if axes[1] is not None:
+        s = report["seconds"]
+        axes[1].bar(list(s), [v * 1e3 for v in s.values()], color=PALETTE[: len(s)])
+        axes[1].set_ylabel("ms (one thread)")
+        axes[1].set_title(f"W @ X at density {report['density']:.0%}, W {report['n']}² fp32", fontsize=10)
     return axes
 
 
@@ -722,10 +725,12 @@ def bandwidth_bars(bw: dict, ax=None):
     return ax
 
 
-def quant_dashboard(res: dict):
-    """Three panels from lk.quantize.explore: error histogram, perplexity vs fp32, bytes vs fp32."""
+def quant_dashboard(res: dict, history: list[dict] | None = None):
+    """Two panels from lk.experiments.quantize.explore: the error histogram of one layer, and the signature chart
+    (memory_quality: whole-model RAM against perplexity) with fp32, every setting in `history` (the settings tried
+    so far; default: just `res`) and `res` drawn as a diamond, the Pareto frontier redrawn over all of them."""
     import numpy as np
-    fig, (a, b, c) = plt.subplots(1, 3, figsize=(12, 3.4))
+    fig, (a, b) = plt.subplots(1, 2, figsize=(13, 3.9), gridspec_kw={"width_ratios": [1, 1.6]})
     e = np.asarray(res["errors"])
     a.hist(e, bins=60, color=PALETTE[0])
     a.axvline(-res["scale_max"] / 2, color=PALETTE[3], ls="--", lw=1, label="± max scale/2")
@@ -733,14 +738,19 @@ def quant_dashboard(res: dict):
     a.set_title(f"{res['name']}: error of {res['layer'].split('.', 2)[-1]}", fontsize=9)
     a.set_xlabel("Ŵ − W")
     a.legend(fontsize=7)
-    b.bar(["fp32", res["name"]], [res["fp32_ppl"], res["ppl"]], color=[PALETTE[7], PALETTE[1]])
-    b.set_title("perplexity (small token budget)", fontsize=9)
-    for i, v in enumerate([res["fp32_ppl"], res["ppl"]]):
-        b.annotate(f"{v:.1f}", (i, v), ha="center", fontsize=8, xytext=(0, 2), textcoords="offset points")
-    c.bar(["fp32", res["name"]], [_mb(res["fp32_bytes"]), _mb(res["linear_bytes"])], color=[PALETTE[7], PALETTE[2]])
-    c.set_title(f"decoder Linear weights (MB): {res['bits_per_weight']:.2f} bits/weight", fontsize=9)
+    pts = [dict(bytes=res["fp32_model_bytes"], quality=res["fp32_ppl"], technique="fp32", label="fp32",
+                reference=True)]
+    for r in history or [res]:
+        now = r is res or r["name"] == res["name"]
+        pts.append(dict(bytes=r["model_bytes"], quality=r["ppl"], technique="rtn", annotate=now,
+                        label=f"{r['name']} ({r['bits_per_weight']:.2f} b/w)", marker="D" if now else "o"))
+    if not any(p["marker"] == "D" for p in pts[1:]):
+        pts.append(dict(bytes=res["model_bytes"], quality=res["ppl"], technique="rtn", annotate=True, marker="D",
+                        label=f"{res['name']} ({res['bits_per_weight']:.2f} b/w)"))
+    memory_quality(pts, memory="RAM", tokens=res.get("tokens"), ax=b,
+                   title="SmolLM2-135M, RTN: whole model in RAM against perplexity")
     fig.tight_layout()
-    return a, b, c
+    return a, b
 
 
 # --- distillation (notebook 03), continued ---

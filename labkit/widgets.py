@@ -173,25 +173,43 @@ def prune_widget(model, tokenizer, eval_tokens, input_norms, max_tokens: int = 5
 
 # --- sparse storage (notebook 04) ---
 
-def sparse_density_widget(n: int = 1024, k: int = 64):
-    """Density slider → bytes of each format (exact formulas) and dense/CSR/BSR matmul time (one thread)."""
+def sparse_density_widget(weight, n: int = 1024, k: int = 64):
+    """Sparsity slider → `weight` magnitude-pruned to it, stored as CSR/int32, bitmap and COO: its points
+    (diamonds) move on the storage chart of notebook 04 §6 (bytes against relative error, beside every way of
+    storing it at 50/70/90%, the frontier redrawn), and dense/CSR/BSR matmul times of an n×n matrix at that
+    density (one thread)."""
     import ipywidgets as w
+    import matplotlib.pyplot as plt
 
     from . import plots
     from .experiments import sparse as xs
 
-    def draw(density=0.1):
-        return plots.sparse_density_report(xs.density_report(density, n=n, k=k))
+    background = xs.storage_points(weight)
+    shape = "×".join(map(str, weight.shape))
 
-    return interact_chart(draw, density=w.FloatLogSlider(value=0.1, base=10, min=-2.5, max=0, step=0.125,
-                                                         description="density", readout_format=".3f"))
+    def draw(sparsity=0.8):
+        live = [dict(p, marker="D", annotate=True, label=f"{p['format']} {sparsity:.0%} (slider)")
+                for p in xs.pruned_points(weight, sparsity, ("csr32", "bitmap", "coo"))]
+        fig, (a, b) = plt.subplots(1, 2, figsize=(13, 4.2), gridspec_kw={"width_ratios": [1.7, 1]})
+        plots.memory_quality([dict(p, annotate=False) if not p.get("reference") else p for p in background] + live,
+                             memory="storage", quality="relative error", log_y=False, ax=a,
+                             title=f"One {shape} weight: bytes against error")
+        plots.sparse_density_report(xs.density_report(1 - sparsity, n=n, k=k), axes=(None, b))
+        fig.tight_layout()
+        return a
+
+    return interact_chart(draw, sparsity=w.FloatSlider(value=0.8, min=0.0, max=0.99, step=0.01, readout_format=".2f",
+                                                       description="sparsity (fraction pruned)",
+                                                       continuous_update=False))
 
 
 # --- quantization (notebook 02) ---
 
 def quantize_widget(model, tokens, max_tokens: int = 256, fp32_ppl: float | None = None):
-    """Bits, group size (0 = per channel), symmetric → error histogram, perplexity and bytes (lk.experiments.quantize.
-    explore). A setting is computed on the Run button (a status line says what runs) and kept: going back is instant."""
+    """Bits, group size (0 = per channel), symmetric → the error histogram of one layer and the point (whole-model
+    RAM, perplexity) on the signature chart beside fp32 and every setting tried, with their frontier
+    (lk.experiments.quantize.explore). A setting is computed on the Run button (a status line says what runs) and
+    kept: going back is instant."""
     import ipywidgets as w
     import matplotlib.pyplot as plt
 
@@ -214,8 +232,8 @@ def quantize_widget(model, tokens, max_tokens: int = 256, fp32_ppl: float | None
                   f"scoring {max_tokens} tokens … (a few seconds)", flush=True)
             seen[key] = xq.explore(model, tokens, bits, group_size, symmetric, max_tokens=max_tokens,
                                    fp32_ppl=fp32_ppl)
-        print(f"{len(seen)} setting(s) computed so far; revisiting one is instant")
-        plots.quant_dashboard(seen[key])
+        print(f"{len(seen)} setting(s) computed so far (all on the chart); revisiting one is instant")
+        plots.quant_dashboard(seen[key], list(seen.values()))
         plt.show()
 
     style = {"description_width": "initial"}
@@ -255,6 +273,43 @@ def training_memory_widget(reference: dict | None = None):
         checkpoint=w.ToggleButtons(options=list(training.CHECKPOINTING), value="none", description="checkpoint"),
         zero_stage=w.IntSlider(value=0, min=0, max=3, description="ZeRO stage"),
         ranks=w.SelectionSlider(options=[1, 2, 4, 8], value=1, description="ranks"))
+
+
+def checkpoint_widget(points: list[dict], measured: dict | None = None, cfg=None, batch: int = 4, seq_len: int = 128):
+    """Checkpoint interval slider → that interval measured live, as a point (diamond) on notebook 06's memory-against-
+    time chart beside `points` (its fp32, bf16 and checkpointing points), the frontier redrawn. A point is the
+    weights and Adam state (12 bytes per parameter) + the step's peak, measured in a fresh process
+    (lk.training.step_memory), against its step time ÷ fp32's, both timed in one run on one thread
+    (lk.training.time_variants). Each interval is measured once (~10 s) and kept on the chart; `measured` maps
+    intervals already measured to their point in `points` (they move onto the slider's track, nothing reruns)."""
+    import ipywidgets as w
+
+    from . import plots, training
+    from .memory import estimate_params
+
+    cfg = cfg or training.SMALL
+    n = estimate_params(cfg)["total"]
+    seen = dict(measured or {})
+    background = [p for p in points if not any(p is q for q in seen.values())]
+
+    def draw(every=4):
+        if every not in seen:
+            print(f"checkpointing every {every} layer(s): measuring one step's peak in a fresh process and timing it "
+                  "against fp32 (about 10 s) …", flush=True)
+            v = {"fp32": {"precision": "fp32", "checkpoint": "none"}, "k": {"precision": "fp32", "checkpoint": every}}
+            peak = training.step_memory(batch, seq_len, cfg, fresh_each=False, variants={"k": v["k"]})["k"]
+            secs = training.time_variants(v, cfg, batch, seq_len, repeats=2)
+            seen[every] = {"bytes": 12 * n + peak["peak_bytes"], "quality": secs["k"] / secs["fp32"],
+                           "technique": "checkpointing", "label": f"checkpoint every {every} (slider)"}
+        print(f"every {every}: {seen[every]['bytes'] / 1e6:.1f} MB, {seen[every]['quality']:.2f}× fp32's step time")
+        live = [dict(p, marker="D", annotate=k == every) for k, p in seen.items()]
+        return plots.memory_quality(background + live, memory="training peak", quality="step time (× fp32)",
+                                    log_y=False, title="Small Llama, one Adam step: checkpoint interval on the chart")
+
+    layers = cfg.num_hidden_layers
+    slider = w.IntSlider(value=4 if 4 in seen else 2, min=1, max=layers, description="checkpoint every k layers",
+                         continuous_update=False)
+    return interact_chart(draw, every=slider)
 
 
 # --- capstone (notebook 07) ---

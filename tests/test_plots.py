@@ -92,3 +92,25 @@ def test_quantization_sweep_labels_each_bit_width_once_without_overlap():
         assert sorted(t.get_text() for t in ax.texts) == ["2-bit", "3-bit", "4-bit", "8-bit"]
         assert not [(i, j) for i in range(len(boxes)) for j in range(i) if boxes[i].overlaps(boxes[j])]
     plt.close("all")
+
+
+def _log_x_labels(ax):
+    ax.figure.canvas.draw()
+    lo, hi = ax.get_xlim()
+    return [t.get_text() for t in ax.get_xticklabels() if t.get_text() and lo <= t.get_position()[0] <= hi]
+
+
+def test_quantization_dashboard_puts_every_setting_on_the_signature_chart():
+    import torch
+    res = [dict(name=f"int{b}-g64", layer="model.layers.0.self_attn.q_proj", errors=torch.randn(500) * 0.01,
+                scale_max=0.02, ppl=p, fp32_ppl=36.0, tokens=256, linear_bytes=mb * 1e6, fp32_bytes=400e6,
+                bits_per_weight=b + 0.25, model_bytes=(140 + mb) * 1e6, fp32_model_bytes=540e6)
+           for b, p, mb in ((8, 36.1, 110), (4, 40.0, 60), (3, 80.0, 45))]
+    hist, chart = plots.quant_dashboard(res[1], res)
+    assert "RAM" in chart.get_xlabel() and "ppl₂₅₆" in chart.get_ylabel() and chart.get_xscale() == "log"
+    assert len(_log_x_labels(chart)) >= 2
+    offsets = [c.get_offsets()[0].tolist() for c in chart.collections if len(c.get_offsets()) == 1]
+    assert [540e6, 36.0] in offsets and len(offsets) == 4  # fp32 + the three settings tried
+    assert any(line.get_label() == "Pareto frontier" for line in chart.get_lines())
+    assert any("int4-g64" in t.get_text() for t in chart.texts)  # the current setting is labelled
+    plt.close(chart.figure)

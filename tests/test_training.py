@@ -324,3 +324,17 @@ def test_torchao_lowbit_adam_state_matches_estimate_and_tracks_adamw(bits):
     assert moved < 1e-3 * 3                                          # within the three steps' lr
     with pytest.raises(ValueError, match="bits"):
         T.lowbit_adam(model.parameters(), 3)
+
+
+def test_designs_train_the_same_model_and_measure_each_rank():
+    """The signature chart's runs (notebook 06 §5): a single-process design and a two-rank one end with the same
+    validation loss (the same updates), and every rank reports its own peak."""
+    from labkit.experiments import training as X
+    from labkit.models import LlamaSpec
+    spec = LlamaSpec(hidden_size=64, num_hidden_layers=2, intermediate_size=128, tie_word_embeddings=False)
+    out = X.designs(steps=3, batch=4, seq_len=32, names=["fp32 Adam", "ZeRO-1 × 2 ranks"], spec=spec)
+    one, two = out["runs"]["fp32 Adam"], out["runs"]["ZeRO-1 × 2 ranks"]
+    assert len(one["peak_bytes_per_rank"]) == 1 and len(two["peak_bytes_per_rank"]) == 2
+    assert all(b > 0 for b in one["peak_bytes_per_rank"] + two["peak_bytes_per_rank"])
+    assert abs(one["val_loss"] - two["val_loss"]) < 1e-5 and len(one["train_losses"]) == 3
+    assert out["config"]["hidden_size"] == 64 and out["steps"] == 3

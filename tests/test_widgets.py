@@ -20,3 +20,27 @@ def test_interact_chart_shows_whole_descriptions_and_draws_each_setting():
     assert seen == [(1.0, "disk")]
     controls[0].value = 2.0
     assert seen[-1] == (2.0, "disk")
+
+
+def test_sparse_widget_moves_the_pruned_weight_on_the_storage_chart():
+    import matplotlib.pyplot as plt
+    import torch
+
+    from labkit import sparse as S
+    from labkit.experiments import sparse as xs
+
+    wt = torch.randn(32, 48, generator=torch.Generator().manual_seed(0))
+    pts = xs.pruned_points(wt, 0.75, ("csr32", "bitmap", "coo"))
+    kept = wt.numel() - round(0.75 * wt.numel())  # magnitude pruning keeps exactly this many (no ties here)
+    assert all(p["bytes"] == p["formula"] == S.formula_bytes(p["format"], wt.shape, kept) for p in pts)
+    pruned = wt * (wt.abs() > wt.abs().flatten().kthvalue(round(0.75 * wt.numel())).values)
+    assert abs(pts[0]["quality"] - float((wt - pruned).norm() / wt.norm())) < 1e-6
+    assert len({p["quality"] for p in pts}) == 1 and 0 < pts[0]["quality"] < 1
+    ui = widgets.sparse_density_widget(wt, n=64, k=8)
+    slider = next(c for c in ui.widget.children if isinstance(c, w.FloatSlider))
+    slider.value = 0.5
+    ax = plt.gcf().axes[0]
+    assert "storage" in ax.get_xlabel() and "relative error" in ax.get_ylabel()
+    diamonds = [c.get_offsets()[0].tolist() for c in ax.collections if c.get_paths() and len(c.get_offsets()) == 1]
+    assert any(abs(y - xs.pruned_points(wt, 0.5)[0]["quality"]) < 1e-9 for _, y in diamonds)
+    plt.close("all")

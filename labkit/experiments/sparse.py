@@ -100,7 +100,7 @@ def density_report(density: float, n: int = 1024, k: int = 64, min_run_time: flo
     nnz = round(density * n * n)
     out = {fmt: S.formula_bytes(fmt, (n, n), nnz) for fmt in ("dense", "coo", "csr", "csr32", "bitmap")}
     out["2:4"] = S.TwoFour.formula_bytes((n, n)) if density <= 0.5 else None
-    return {"density": density, "bytes": out, "seconds": matmul_times(density, n, k, (16, 16), min_run_time)}
+    return {"density": density, "n": n, "bytes": out, "seconds": matmul_times(density, n, k, (16, 16), min_run_time)}
 
 
 # ----------------------------------------------------------------------------------------------- signature chart
@@ -124,14 +124,7 @@ def storage_points(w: torch.Tensor, sparsities=(0.5, 0.7, 0.9), formats=("csr32"
            {"bytes": len(zstandard.ZstdCompressor(level=19).compress(w.numpy().tobytes())), "quality": 0.0,
             "technique": "zstd", "label": "zstd (lossless)", "annotate": True}]
     for sp in sparsities:
-        wp = w * magnitude_mask(w, sp)
-        err = relative_error(w, wp)
-        for fmt in formats:
-            s = S.to_format(wp, fmt)
-            tech = "csr" if fmt.startswith("csr") else fmt
-            pts.append({"bytes": s.nbytes, "quality": err, "technique": tech, "label": f"{fmt} {sp:.0%} pruned",
-                        "sparsity": sp, "format": fmt, "formula": S.formula_bytes(fmt, wp.shape, s.nnz),
-                        "annotate": fmt == "bitmap"})
+        pts += pruned_points(w, sp, formats)
     if w.shape[1] % 4 == 0:
         w24 = w * nm_mask(w, 2, 4)
         pts.append({"bytes": S.TwoFour.from_dense(w24).nbytes, "quality": relative_error(w, w24), "technique": "2:4",
@@ -145,6 +138,22 @@ def storage_points(w: torch.Tensor, sparsities=(0.5, 0.7, 0.9), formats=("csr32"
              "sparsity": 0.5, "format": f"{bits}-bit indices"},
             {"bytes": enc.nbytes + book.numel() * 4, "quality": err, "technique": "huffman",
              "label": f"50% + {bits}-bit + Huffman", "sparsity": 0.5, "format": "huffman"}]
+    return pts
+
+
+def pruned_points(w: torch.Tensor, sparsity: float, formats=("csr32", "bitmap"), annotate: str = "bitmap") -> list[dict]:
+    """`w` magnitude-pruned to `sparsity`, stored in each format: one point per format at its measured bytes (equal
+    to lk.sparse.formula_bytes), all at the same relative error (the formats are lossless; pruning is not)."""
+    from ..prune import magnitude_mask
+    w = S.check_matrix(w, "w").float()
+    wp = w * magnitude_mask(w, sparsity)
+    err = relative_error(w, wp)
+    pts = []
+    for fmt in formats:
+        s = S.to_format(wp, fmt)
+        pts.append({"bytes": s.nbytes, "quality": err, "technique": "csr" if fmt.startswith("csr") else fmt,
+                    "label": f"{fmt} {sparsity:.0%} pruned", "sparsity": sparsity, "format": fmt,
+                    "formula": S.formula_bytes(fmt, wp.shape, s.nnz), "annotate": fmt == annotate})
     return pts
 
 
