@@ -20,6 +20,7 @@ from torch import nn
 
 from . import quantize as Q
 from . import sparse as S
+from .models import empty_model  # noqa: F401  (lk.capstone re-exports it)
 from .repro import ChecksumError
 # One weight matrix's stored form has its own module; re-exported (lk.capstone re-exports these names in turn).
 from .stored_matrix import (  # noqa: F401
@@ -213,17 +214,6 @@ def _set_tensor(model: nn.Module, name: str, t: torch.Tensor) -> None:
 
 ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "U8": torch.uint8,
              "I8": torch.int8, "I32": torch.int32, "I64": torch.int64, "BOOL": torch.bool}
-
-
-def empty_model(config: dict, attn_implementation: str | None = None) -> nn.Module:
-    """The transformers model of a config dict with every parameter on the `meta` device (no memory yet)."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-    cfg = dict(config)
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg),
-                                                 attn_implementation=attn_implementation)
-    return model.eval()
 
 
 class SafetensorsReader:

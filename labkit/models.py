@@ -314,3 +314,15 @@ def sentence_embeddings(model, tokenizer, sentences: list[str]) -> torch.Tensor:
     mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
     pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
     return torch.nn.functional.normalize(pooled, dim=-1)
+
+
+def empty_model(config: dict, attn_implementation: str | None = None) -> torch.nn.Module:
+    """The transformers model of a config dict (`config.to_dict()`, as saved by lk.storage and lk.capstone exports)
+    with every parameter on the `meta` device: no memory yet; the loaders fill it one tensor at a time."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+    cfg = dict(config)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg),
+                                                 attn_implementation=attn_implementation)
+    return model.eval()

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from . import sparse as S
+from .models import empty_model
 from .repro import REPO_ROOT, ChecksumError, check_file, read_manifest, replace_folder, write_manifest
 
 INDEX = "index.json"
@@ -292,21 +293,10 @@ class SparseCheckpoint:
         return out
 
 
-def _config(index: dict):
-    from transformers import AutoConfig
-    cfg = dict(index["config"] or {})
-    if not cfg:
-        raise ValueError("this checkpoint has no model config; load its state_dict() into your own model")
-    return AutoConfig.for_model(cfg.pop("model_type"), **cfg)
-
-
 def _empty_model(index: dict) -> nn.Module:
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
-    with init_empty_weights(include_buffers=False):     # parameters on the meta device: no memory yet
-        model = AutoModelForCausalLM.from_config(_config(index),
-                                                 attn_implementation=index.get("attn_implementation"))
-    return model.eval()
+    if not index.get("config"):
+        raise ValueError("this checkpoint has no model config; load its state_dict() into your own model")
+    return empty_model(index["config"], index.get("attn_implementation"))
 
 
 def _set_param(root: nn.Module, name: str, t: torch.Tensor) -> None:
