@@ -338,3 +338,9 @@ def test_designs_train_the_same_model_and_measure_each_rank():
     assert all(b > 0 for b in one["peak_bytes_per_rank"] + two["peak_bytes_per_rank"])
     assert abs(one["val_loss"] - two["val_loss"]) < 1e-5 and len(one["train_losses"]) == 3
     assert out["config"]["hidden_size"] == 64 and out["steps"] == 3
+
+
+def test_designs_refuse_an_unknown_name_before_starting_any_process():
+    from labkit.experiments import training as X
+    with pytest.raises(ValueError, match="unknown design.*choose from"):
+        X.designs(names=["fp32 Adam", "fp16 Adam"])

@@ -111,6 +111,7 @@ def design_worker(rank: int, world_size: int, design: dict, spec: dict, steps: i
         opt.zero_grad(set_to_none=True)
         return loss
 
+    # Steps change the model, so they are timed one by one as training runs (repro.time_call would rerun one).
     model, opt = build()  # warm-up: torch.compile (low-bit Adam), thread pools and gloo buffers stay outside the
     step(model, opt, data[0])  # measurement (MALLOC_MMAP_THRESHOLD_ makes freed tensors leave RSS)
     del model, opt
@@ -129,9 +130,13 @@ def design_worker(rank: int, world_size: int, design: dict, spec: dict, steps: i
 def designs(steps: int = 60, batch: int = 4, seq_len: int = 64, lr: float = 3e-3, names=None,
             spec: LlamaSpec | None = None) -> dict:
     """Every design of DESIGNS (or `names`), each in fresh processes with MALLOC_MMAP_THRESHOLD_=65536: per-rank
-    peak training memory, step time and validation loss after `steps` steps (the same batches, one thread each)."""
+    peak training memory, step time and validation loss after `steps` steps (the same batches, one thread each).
+    `train_losses` are rank 0's: with two ranks, the loss of its half of each batch."""
     from ..memory import QUIET_MALLOC, child_environment
     from ..sharding import launch
+    unknown = [n for n in (names or ()) if n not in DESIGNS]
+    if unknown:
+        raise ValueError(f"unknown design(s) {unknown}; choose from {list(DESIGNS)}")
     spec = asdict(spec or SMALL)
     out = {}
     with child_environment(QUIET_MALLOC):  # launch() spawns its ranks with this process's environment
