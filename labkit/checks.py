@@ -82,17 +82,24 @@ def forbid_calls(*functions, hint: str = "this exercise asks you to write it you
 
 # ---- argument checks for labkit's own functions (TypeError / ValueError, never AssertionError) ------------
 
-def real_number(name: str, value, hint: str) -> float:
-    """value as a float; TypeError naming `name` (and the hint: what to pass) unless it is a real number."""
+def real_number(name: str, value, hint: str = "", low: float | None = None) -> float:
+    """value as a float; TypeError naming `name` (and the hint: what to pass) unless it is a real number;
+    ValueError when `low` is given and value is below it or not finite."""
+    say = f" ({hint})" if hint else ""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a number ({hint}), got {value!r} of type {type(value).__name__}")
+        raise TypeError(f"{name} must be a number{say}, got {value!r} of type {type(value).__name__}")
+    if low is not None and not (math.isfinite(value) and value >= low):
+        raise ValueError(f"{name} must be a finite number ≥ {low}{say}, got {value!r}")
     return float(value)
 
 
-def whole_number(name: str, value, low: int, hint: str) -> int:
-    """value as an int; TypeError unless a whole number (never truncated), ValueError when it is below `low`."""
+def whole_number(name: str, value, low: int = 0, hint: str = "", high: int | None = None) -> int:
+    """value as an int — the one whole-number check: TypeError unless a whole number (never truncated; numpy
+    integers count), ValueError when it is below `low` or above `high` (when given)."""
+    say = f" ({hint})" if hint else ""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be a whole number ({hint}), got {value!r} of type {type(value).__name__}")
-    if value < low:
-        raise ValueError(f"{name} must be ≥ {low} ({hint}), got {value}")
+        raise TypeError(f"{name} must be a whole number{say}, got {value!r} of type {type(value).__name__}")
+    if value < low or (high is not None and value > high):
+        span = f"in [{low}, {high}]" if high is not None else f"≥ {low}"
+        raise ValueError(f"{name} must be {span}{say}, got {value}")
     return int(value)

@@ -17,6 +17,8 @@ import multiprocessing as mp
 
 import torch
 
+from .checks import real_number, whole_number
+
 DTYPE_BYTES = {"fp32": 4, "float32": 4, "tf32": 4, "fp16": 2, "float16": 2, "bf16": 2, "bfloat16": 2,
                "int8": 1, "uint8": 1, "fp8": 1, "int4": 0.5, "int2": 0.25, "fp64": 8, "float64": 8}
 
@@ -187,18 +189,9 @@ def bytes_by_module(model: torch.nn.Module) -> dict[str, int]:
 
 # ---- estimates -----------------------------------------------------------------------------------
 
-def _check_count(name: str, v, whole: bool = True) -> None:
-    """TypeError unless v is a (whole, when `whole`) number, ValueError when it is negative or not finite."""
-    kinds = numbers.Integral if whole else numbers.Real
-    if isinstance(v, bool) or not isinstance(v, kinds):
-        raise TypeError(f"{name} must be a {'whole ' if whole else ''}number, got {type(v).__name__} {v!r}")
-    if not (math.isfinite(v) and v >= 0):
-        raise ValueError(f"{name} must be ≥ 0, got {v!r}")
-
-
 def estimate_param_bytes(n_params: int, dtype="fp32") -> int:
     """Bytes of n_params weights stored in dtype (numel × bytes per element)."""
-    _check_count("n_params", n_params, whole=False)
+    real_number("n_params", n_params, low=0)
     return int(math.ceil(n_params * dtype_bytes(dtype)))
 
 
@@ -221,7 +214,7 @@ def estimate_training_bytes(n_params: int, precision: str = "fp32", optimizer: s
         raise ValueError(f"ZeRO stage must be 0, 1, 2 or 3, got {zero_stage!r}")
     if isinstance(ranks, bool) or not isinstance(ranks, int) or ranks < 1:
         raise ValueError(f"ranks must be an int ≥ 1, got {ranks!r}")
-    _check_count("n_params", n_params, whole=False)
+    real_number("n_params", n_params, low=0)
     w = 4 if precision == "fp32" else 2
     split = {"weights": zero_stage >= 3, "gradients": zero_stage >= 2, "master_weights": zero_stage >= 1,
              "optimizer_state": zero_stage >= 1}
@@ -280,8 +273,8 @@ def kv_bytes_per_token(config, dtype=torch.float32) -> int:
 
 def estimate_kv_cache_bytes(config, batch: int, seq_len: int, dtype=torch.float32) -> int:
     """KV-cache bytes for batch sequences of seq_len tokens (vLLM's formula)."""
-    _check_count("batch", batch)
-    _check_count("seq_len", seq_len)
+    whole_number("batch", batch)
+    whole_number("seq_len", seq_len)
     return kv_bytes_per_token(config, dtype) * batch * seq_len
 
 
@@ -302,8 +295,8 @@ def layer_activation_bytes(config, batch: int, seq_len: int, precision: str = "f
     input and output, the q/k/v input, q, the attention output, the o_proj input, the MLP input) + 2·T·kv (k, v)
     + 4·T·f (gate, up, silu(gate), their product) floats, plus the attention log-sum-exp and the norms' 1/rms.
     "bf16" (autocast): the norms and the residual stream stay fp32 (4·T·h floats); the rest is 2 bytes."""
-    _check_count("batch", batch)
-    _check_count("seq_len", seq_len)
+    whole_number("batch", batch)
+    whole_number("seq_len", seq_len)
     T = batch * seq_len
     h = _cfg(config, "hidden_size", "n_embd")
     f = _cfg(config, "intermediate_size", default=4 * h)
@@ -332,8 +325,8 @@ def estimate_activation_bytes(config, batch: int, seq_len: int, dtype=torch.floa
     if logits_to_keep is not None and (isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, int)
                                        or logits_to_keep < 1):
         raise ValueError(f"logits_to_keep must be None (every position) or an int ≥ 1, got {logits_to_keep!r}")
-    _check_count("batch", batch)
-    _check_count("seq_len", seq_len)
+    whole_number("batch", batch)
+    whole_number("seq_len", seq_len)
     b = dtype_bytes(dtype)
     n = batch * seq_len
     h = _cfg(config, "hidden_size", "n_embd")
@@ -409,9 +402,8 @@ def measure_memory(sample_interval: float = 0.001):
     peak is exact even for allocations shorter than any sampling interval. Elsewhere a thread samples RSS.
     tracemalloc would miss this memory: torch allocates outside Python's allocator.
     """
-    if isinstance(sample_interval, bool) or not isinstance(sample_interval, numbers.Real) \
-            or not (0 < sample_interval < math.inf):
-        raise ValueError(f"sample_interval must be a number of seconds > 0 (e.g. 0.001), got {sample_interval!r}")
+    if real_number("sample_interval", sample_interval, "seconds, e.g. 0.001", low=0) == 0:
+        raise ValueError("sample_interval must be > 0 seconds (e.g. 0.001), got 0")
     gc.collect()
     m = MemoryMeasurement()
     exact = _reset_peak()

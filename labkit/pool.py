@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .checks import check
+from .checks import check, whole_number
 
 
 class PoolExhausted(MemoryError):
@@ -24,15 +24,6 @@ class PoolExhausted(MemoryError):
 
 class PoolError(ValueError):
     """Misuse of a pool: double free, a block or handle this pool never gave out, a wrong owner."""
-
-
-def positive_int(name: str, v) -> int:
-    """v as an int: TypeError unless a whole number, ValueError unless ≥ 1 (sizes and counts of the pools)."""
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
-        raise TypeError(f"{name} must be a whole number ≥ 1, got {type(v).__name__} {v!r}")
-    if v <= 0:
-        raise ValueError(f"{name} must be ≥ 1, got {v}")
-    return int(v)
 
 
 # ---------------------------------------------------------------- fixed-size blocks (notebook 05, §2)
@@ -57,11 +48,11 @@ class BlockPool:
     """
 
     def __init__(self, num_blocks: int, block_shape=(16,), dtype=torch.float32, block_size: int | None = None):
-        self.num_blocks = positive_int("num_blocks", num_blocks)
+        self.num_blocks = whole_number("num_blocks", num_blocks, 1)
         block_shape = tuple(int(s) for s in block_shape)
         if not block_shape or min(block_shape) <= 0:
             raise ValueError(f"block_shape must be a non-empty tuple of positive ints, got {block_shape}")
-        self.block_size = positive_int("block_size", block_size or block_shape[0])
+        self.block_size = whole_number("block_size", block_size or block_shape[0], 1)
         self.storage = torch.zeros((self.num_blocks, *block_shape), dtype=dtype)
         self._free = list(range(self.num_blocks - 1, -1, -1))  # pop() hands out 0, 1, 2, ... first
         self.refcount = [0] * self.num_blocks
@@ -173,17 +164,17 @@ class VariableAllocator:
     """
 
     def __init__(self, capacity: int, policy: str = "first", align: int = 1):
-        self.capacity = positive_int("capacity", capacity)
+        self.capacity = whole_number("capacity", capacity, 1)
         if policy not in ("first", "best"):
             raise ValueError(f"policy must be 'first' or 'best', got {policy!r}")
-        self.policy, self.align = policy, positive_int("align", align)
+        self.policy, self.align = policy, whole_number("align", align, 1)
         self.storage = torch.zeros(self.capacity, dtype=torch.uint8)
         self.holes: list[tuple[int, int]] = [(0, self.capacity)]  # (offset, size), sorted, coalesced
         self.live: dict[int, tuple[int, int, int]] = {}          # handle → (offset, size, requested)
         self._next = 0
 
     def allocate(self, nbytes: int) -> int:
-        req = positive_int("nbytes", nbytes)
+        req = whole_number("nbytes", nbytes, 1)
         size = -(-req // self.align) * self.align
         fits = [i for i, (_, s) in enumerate(self.holes) if s >= size]
         if not fits:
@@ -242,7 +233,7 @@ class VariableAllocator:
     def address_map(self, stride: int = 1) -> np.ndarray:
         """Owner of every `stride` bytes: the handle, or −1 where free (for drawing the address space).
         With stride > 1 a cell shows a buffer if any of it lies there."""
-        st = positive_int("stride", stride)
+        st = whole_number("stride", stride, 1)
         m = np.full(-(-self.capacity // st), -1, dtype=np.int64)
         for h, (off, size, _) in self.live.items():
             m[off // st:-(-(off + size) // st)] = h
@@ -268,7 +259,7 @@ def churn(policy: str = "first", capacity: int = 4096, n_ops: int = 400, seed: i
     rng = np.random.default_rng(seed)
     a = VariableAllocator(capacity * unit, policy)
     live, failed, fragmented, done = [], 0, 0, 0
-    for _ in range(positive_int("n_ops", n_ops)):
+    for _ in range(whole_number("n_ops", n_ops, 1)):
         r, size = rng.random(), int(rng.integers(min_size, max_size)) * unit   # both drawn every step
         if live and r < 0.4:
             a.free(live.pop(int(r / 0.4 * len(live))))
@@ -290,7 +281,7 @@ def cuda_caching_allocator_size(nbytes: int) -> dict:
     segments, larger ones get their own segment rounded up to 2 MiB. Model of the rules — on a CPU there is
     no caching allocator to measure.
     """
-    n = positive_int("nbytes", nbytes)
+    n = whole_number("nbytes", nbytes, 1)
     block = max(512, -(-n // 512) * 512)
     mib = 1 << 20
     if block <= mib:
@@ -317,7 +308,7 @@ DISTRIBUTIONS = ("uniform", "short", "longtail")
 def make_requests(n: int = 200, seed: int = 0, dist: str = "uniform", max_len: int = 1024,
                   rate: float = 0.5) -> list[Request]:
     """n seeded requests arriving as a Poisson process (`rate` per step); prompt + output ≤ max_len."""
-    n, max_len = positive_int("n", n), positive_int("max_len", max_len)
+    n, max_len = whole_number("n", n, 1), whole_number("max_len", max_len, 1)
     if dist not in DISTRIBUTIONS:
         raise ValueError(f"dist must be one of {DISTRIBUTIONS}, got {dist!r}")
     rng = np.random.default_rng(seed)
@@ -347,7 +338,7 @@ def simulate(requests: list[Request], budget_tokens: int, policy: str = "paged",
     """
     if policy not in ("contiguous", "paged"):
         raise ValueError(f"policy must be 'contiguous' or 'paged', got {policy!r}")
-    budget, bs = positive_int("budget_tokens", budget_tokens), positive_int("block_size", block_size)
+    budget, bs = whole_number("budget_tokens", budget_tokens, 1), whole_number("block_size", block_size, 1)
     for r in requests:
         if r.prompt + r.output > max_len:
             raise ValueError(f"request {r.rid} needs {r.prompt + r.output} tokens > max_len={max_len}")
@@ -442,7 +433,7 @@ def simulate(requests: list[Request], budget_tokens: int, policy: str = "paged",
 def sequences_that_fit(lengths, budget_tokens: int, policy: str = "paged", block_size: int = 16,
                        max_len: int = 1024) -> int:
     """How many of these sequences (in order) fit at once: max_len reservations, or blocks of block_size."""
-    budget, bs = positive_int("budget_tokens", budget_tokens), positive_int("block_size", block_size)
+    budget, bs = whole_number("budget_tokens", budget_tokens, 1), whole_number("block_size", block_size, 1)
     if policy == "contiguous":
         return min(len(lengths), budget // max_len)
     free, n = budget // bs, 0

@@ -17,11 +17,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .checks import whole_number
 from .compress import pack_bits, unpack_bits
 # The checks on a matrix, shape and block size, and the random test matrices, live in labkit/sparse_matrices.py;
 # random_sparse and nm_sparse are re-exported (notebook 04 uses lk.sparse.random_sparse).
 from .sparse_matrices import (  # noqa: F401
-    check_block, check_count, check_matrix, check_shape, nm_sparse, random_sparse,
+    check_block, check_matrix, check_shape, nm_sparse, random_sparse,
 )
 
 INDEX_DTYPES = (torch.int32, torch.int64)
@@ -394,7 +395,7 @@ def formula_bytes(fmt: str, shape, nnz: int, value_dtype=torch.float32, index_dt
     """Exact bytes of `fmt` for a matrix of `shape` with `nnz` nonzeros (BSR needs n_blocks)."""
     rows, cols = check_shape(shape)
     if nnz is not None:
-        check_count(nnz, "nnz", rows * cols)
+        whole_number("nnz", nnz, 0, high=rows * cols)
     if value_dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
         raise TypeError(f"value_dtype must be a floating-point torch dtype, got {value_dtype}")
     _check_index_dtype(index_dtype)

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
+
+from .checks import whole_number
 
 
 def check_matrix(dense, what: str = "dense") -> torch.Tensor:
@@ -61,15 +62,6 @@ def check_shape(shape) -> tuple[int, int]:
     return int(shape[0]), int(shape[1])
 
 
-def check_count(n, what: str, most: int | None = None) -> int:
-    """n as an int: TypeError unless a whole number, ValueError unless 0 ≤ n (≤ most when given)."""
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
-        raise TypeError(f"{what} must be a whole number, got {n!r}")
-    if n < 0 or (most is not None and n > most):
-        raise ValueError(f"{what} = {n} is out of range [0, {most}]" if most is not None else f"{what} must be ≥ 0, got {n}")
-    return int(n)
-
-
 def _check_density(density) -> float:
     if isinstance(density, bool) or not isinstance(density, (int, float)):
         raise TypeError(f"density must be a number in [0, 1], got {density!r}")
@@ -82,7 +74,7 @@ def random_sparse(shape, density: float, seed: int = 0, blocksize=None, dtype=to
     """A random dense matrix with a fraction `density` of nonzeros (whole blocks kept if blocksize is given)."""
     _check_density(density)
     check_shape(shape)
-    check_count(seed, "seed")
+    whole_number("seed", seed)
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(shape, generator=g, dtype=dtype)
     if blocksize is None:
@@ -96,7 +88,7 @@ def random_sparse(shape, density: float, seed: int = 0, blocksize=None, dtype=to
 
 def nm_sparse(shape, n: int = 2, m: int = 4, seed: int = 0) -> torch.Tensor:
     """A random matrix with exactly n nonzeros in every group of m along each row (magnitude top-n)."""
-    check_count(n, "n"), check_count(m, "m"), check_count(seed, "seed")
+    whole_number("n", n), whole_number("m", m), whole_number("seed", seed)
     if not 0 < n < m:
         raise ValueError(f"N:M needs 0 < N < M, got {n}:{m}")
     rows, cols = check_shape(shape)

@@ -24,6 +24,37 @@ def test_check_messages_carry_the_hint():
         lk.check_between(5, 0, 1)
 
 
+@given(st.integers(-10**6, 10**6), st.integers(-5, 5), st.one_of(st.none(), st.integers(-5, 10)))
+def test_whole_number_is_the_one_integer_check(v, low, high):
+    """labkit's one whole-number argument check (pools, sparse formats, estimators, distillation all use it):
+    an int or numpy integer passes through unchanged inside [low, high]; outside, ValueError naming the argument."""
+    import numpy as np
+    from labkit.checks import whole_number
+    for value in (v, np.int64(v)):
+        if low <= v and (high is None or v <= high):
+            out = whole_number("n", value, low, high=high)
+            assert out == v and type(out) is int
+        else:
+            with pytest.raises(ValueError, match="n must be"):
+                whole_number("n", value, low, high=high)
+
+
+@pytest.mark.parametrize("bad", [2.0, True, "3", None, torch.tensor(3)])
+def test_whole_number_never_truncates(bad):
+    from labkit.checks import whole_number
+    with pytest.raises(TypeError, match="whole number"):
+        whole_number("n", bad, 0, "a count")
+
+
+@pytest.mark.parametrize("bad, err", [(float("nan"), ValueError), (float("inf"), ValueError), (-1.0, ValueError),
+                                      ("1", TypeError), (False, TypeError)])
+def test_real_number_with_a_floor_refuses_what_is_below_it_or_not_finite(bad, err):
+    from labkit.checks import real_number
+    assert real_number("x", 2.5, low=0) == 2.5
+    with pytest.raises(err, match="x must be"):
+        real_number("x", bad, "a size", low=0)
+
+
 def test_atomic_write_and_results(tmp_path, monkeypatch):
     p = R.atomic_write_json(tmp_path / "a" / "r.json", {"b": 1})
     assert json.loads(p.read_text()) == {"b": 1}

@@ -11,8 +11,9 @@ import os
 import torch
 
 from .. import repro
+from ..checks import whole_number
 from ..memory import QUIET_MALLOC, current_rss, run_in_subprocess
-from ..pool import (DISTRIBUTIONS, BlockPool, positive_int, make_requests, serving_comparison, simulate)
+from ..pool import (DISTRIBUTIONS, BlockPool, make_requests, serving_comparison, simulate)
 
 BLOCK_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
@@ -53,7 +54,7 @@ def time_alloc(block_bytes: int = 737_280, n: int = 200, min_run_time: float = 0
     Default size = one 16-token KV block of SmolLM2-135M in fp32 (16 · 46,080 B). Each variant is a loop of `n`
     of them, timed by lk.repro.time_call (warm-up, then the median over `min_run_time` seconds, one thread).
     """
-    numel, n = positive_int("block_bytes", block_bytes) // 4, positive_int("n", n)
+    numel, n = whole_number("block_bytes", block_bytes, 1) // 4, whole_number("n", n, 1)
     pool = BlockPool(4, (numel,), torch.float32)
 
     def plain():
@@ -76,7 +77,7 @@ def time_alloc(block_bytes: int = 737_280, n: int = 200, min_run_time: float = 0
 def time_alloc_fresh(block_bytes: int = 737_280, n: int = 100) -> dict:
     """`time_alloc` in a fresh process where glibc must map fresh pages from the OS for every block
     (MALLOC_MMAP_THRESHOLD_=65536 turns off its reuse of freed memory) — the cost a pool avoids."""
-    out, _ = run_in_subprocess(time_alloc, positive_int("block_bytes", block_bytes), positive_int("n", n),
+    out, _ = run_in_subprocess(time_alloc, whole_number("block_bytes", block_bytes, 1), whole_number("n", n, 1),
                                env=QUIET_MALLOC)
     return out
 
@@ -101,7 +102,7 @@ def heap_pinning(n: int = 200, nbytes: int = 100_000) -> dict:
     RSS (resident bytes) stays high while one live tensor sits at the top of the heap: the freed space below
     it is kept by the allocator — free, but not returned to the OS. glibc behaviour (Linux), with its default
     settings (any MALLOC_* variable is unset for the child); other C libraries may return memory differently."""
-    n, nbytes = positive_int("n", n), positive_int("nbytes", nbytes)
+    n, nbytes = whole_number("n", n, 1), whole_number("nbytes", nbytes, 1)
     glibc_defaults = {k: None for k in os.environ if k.startswith("MALLOC_")}
     out, _ = run_in_subprocess(_heap_pinning_child, n, nbytes, env=glibc_defaults)
     out.update(allocated_all_live=n * (nbytes // 4) * 4, allocated_one_live=(nbytes // 4) * 4)
@@ -113,7 +114,7 @@ def time_append(tokens: int = 256, token_bytes: int = 1_536, block_size: int = 1
     transformers' DynamicCache does per layer) vs writing into blocks of a preallocated pool. Default: one
     layer of SmolLM2-135M in fp32 (2 · 3 · 64 · 4 = 1,536 B per token). Bytes copied, and seconds per growth to
     `tokens` (lk.repro.time_call: the median over `min_run_time` seconds, one thread)."""
-    tokens, numel = positive_int("tokens", tokens), positive_int("token_bytes", token_bytes) // 4
+    tokens, numel = whole_number("tokens", tokens, 1), whole_number("token_bytes", token_bytes, 1) // 4
     row = torch.ones(1, numel)
 
     def cat():
