@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from . import quantize as Q
+from .checks import whole_number
 from .compressed_format import (KIND, KMEANS_SAMPLE, MANIFEST, REPORT, SIDE_PARTS, WEIGHTS,  # noqa: F401
                                 ZSTD_LEVEL, Compressed, SafetensorsReader, decode_codes, encode_codes,
                                 packed_codes, count_stage_bytes, check_export_folder, decode_matrix, empty_model,
@@ -69,21 +70,20 @@ class Recipe:
             raise ValueError(f"Recipe.entropy={self.entropy!r}; use one of {ENTROPY}")
         if self.quant == "none" and self.entropy != "none":
             raise ValueError("entropy coding applies to integer codes: pick quant='int' or 'kmeans' with it")
-        if self.quant == "int" and (isinstance(self.bits, bool) or not isinstance(self.bits, int)
-                                    or self.bits not in Q.SUPPORTED_BITS):
-            raise ValueError(f"bits={self.bits!r} is not supported for quant='int'; use one of {Q.SUPPORTED_BITS}")
-        if self.quant == "kmeans" and not (isinstance(self.bits, int) and 1 <= self.bits <= 8):
-            raise ValueError(f"k-means sharing needs bits in 1..8, got {self.bits!r}")
-        if self.group_size is not None and (self.quant != "int" or int(self.group_size) < 1):
-            raise ValueError("group_size applies to quant='int' only, and must be positive")
+        if self.quant == "int":
+            Q.check_bits(self.bits)
+        if self.quant == "kmeans":
+            whole_number("Recipe.bits", self.bits, 1, "k-means sharing: 1–8", high=8)
+        if self.group_size is not None:
+            whole_number("Recipe.group_size", self.group_size, 1, "or None: one scale per row")
+            if self.quant != "int":
+                raise ValueError("group_size applies to quant='int' only; leave it None for the others")
         if self.codebook not in CODEBOOKS:
             raise ValueError(f"Recipe.codebook={self.codebook!r}; use one of {CODEBOOKS}")
         if not isinstance(self.symmetric, bool):
             raise TypeError(f"Recipe.symmetric must be True or False, got {self.symmetric!r}")
         if not self.symmetric and self.quant != "int":
             raise ValueError("symmetric=False applies to quant='int' only")
-        if self.group_size is not None and (isinstance(self.group_size, bool) or not isinstance(self.group_size, int)):
-            raise TypeError(f"Recipe.group_size must be a whole number or None, got {self.group_size!r}")
         if self.codebook != "matrix" and self.quant != "kmeans":
             raise ValueError("codebook='row' applies to quant='kmeans' only (integer codes already have a scale "
                              "per row or group)")

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .checks import whole_number
 from .repro import ChecksumError
 
 MAX_CODE_LENGTH = 57  # decoding reads a window of this many bits into one uint64
@@ -61,8 +62,7 @@ def _check_freqs(freqs) -> dict:
         raise TypeError(f"freqs must be a dict {{symbol: count}} (e.g. lk.compress.frequencies(x)), got "
                         f"{type(freqs).__name__}")
     for s, c in freqs.items():
-        if isinstance(c, bool) or not isinstance(c, (int, np.integer)) or c < 0:
-            raise ValueError(f"freqs[{s!r}] = {c!r}: counts must be whole numbers ≥ 0")
+        whole_number(f"freqs[{s!r}]", c, 0, "a count")
     return freqs
 
 
@@ -96,8 +96,11 @@ def canonical_codes(lengths: dict[int, int]) -> dict[int, tuple[int, int]]:
     """Canonical Huffman: sort by (length, symbol) and count upwards; {symbol: (code, length)}.
 
     Only the lengths need to be stored to rebuild the code."""
-    if not isinstance(lengths, dict) or not all(isinstance(L, (int, np.integer)) and L >= 1 for L in lengths.values()):
-        raise ValueError(f"lengths must be a dict {{symbol: code length ≥ 1}} (from huffman_lengths), got {lengths!r}"[:200])
+    if not isinstance(lengths, dict):
+        raise TypeError(f"lengths must be a dict {{symbol: code length ≥ 1}} (from huffman_lengths), got "
+                        f"{type(lengths).__name__}")
+    for s, L in lengths.items():
+        whole_number(f"lengths[{s!r}]", L, 1, "a code length from huffman_lengths")
     if sum(2.0 ** -L for L in lengths.values()) > 1 + 1e-12:
         raise ValueError("these code lengths break Kraft's inequality (Σ 2^-L > 1): no prefix code has them")
     code, prev = 0, 0
@@ -259,11 +262,7 @@ def _check_weights(w, who: str) -> torch.Tensor:
 
 
 def _check_k(k) -> int:
-    if isinstance(k, bool) or not isinstance(k, int):
-        raise TypeError(f"k must be a whole number of centroids, got {k!r}")
-    if k < 1:
-        raise ValueError(f"k must be ≥ 1, got {k}")
-    return k
+    return whole_number("k", k, 1, "a number of centroids, e.g. 16")
 
 
 def kmeans_1d(values: torch.Tensor, k: int, iters: int = 15) -> torch.Tensor:
@@ -321,11 +320,7 @@ def share_weights(w: torch.Tensor, bits: int = 4, iters: int = 15) -> tuple[np.n
 
 
 def _check_bits(bits) -> int:
-    if isinstance(bits, bool) or not isinstance(bits, int):
-        raise TypeError(f"bits must be a whole number from 1 to 8, got {bits!r}")
-    if not 1 <= bits <= 8:
-        raise ValueError(f"bits must be in 1..8, got {bits}")
-    return bits
+    return whole_number("bits", bits, 1, "1–8", high=8)
 
 
 def pack_bits(codes, bits: int) -> torch.Tensor:
@@ -377,8 +372,7 @@ def unpack_bits(packed, bits: int, n: int) -> torch.Tensor:
     if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8:
         raise TypeError(f"unpack_bits needs uint8 bytes (a tensor, array or bytes), got "
                         f"{getattr(packed, 'dtype', type(packed).__name__)}")
-    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-        raise ValueError(f"unpack_bits: n must be a whole number ≥ 0, got {n!r}")
+    n = whole_number("n", n, 0, "unpack_bits: how many codes to unpack")
     if packed.numel() * 8 < n * bits:
         raise ValueError(f"unpack_bits: {packed.numel()} bytes hold fewer than {n} codes of {bits} bits "
                          f"(truncated data?)")

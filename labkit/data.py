@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from .checks import whole_number
 from .models import package_dir
 from .repro import ChecksumError, cache_dir, read_verified, write_verified
 
@@ -142,8 +143,7 @@ def text_tokens(text_or_path, tokenizer, min_tokens: int = 257) -> torch.Tensor:
     text_or_path: the text itself (str), a file (pathlib.Path, or a str naming an existing file; UTF-8), or a
     list of documents (str). min_tokens (default: one 256-token window + 1) refuses text too short to score."""
     _check_tokenizer(tokenizer)
-    if isinstance(min_tokens, bool) or not isinstance(min_tokens, int) or min_tokens < 1:
-        raise ValueError(f"min_tokens must be a whole number ≥ 1, got {min_tokens!r}")
+    whole_number("min_tokens", min_tokens, 1, "e.g. 257: one 256-token window + 1")
     if isinstance(text_or_path, os.PathLike) or (isinstance(text_or_path, str) and "\n" not in text_or_path
                                                  and len(text_or_path) < 4096 and os.path.isfile(text_or_path)):
         path = Path(text_or_path)

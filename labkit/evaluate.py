@@ -11,10 +11,10 @@ Any other text can be scored the same way (lk.data.text_tokens), e.g. to re-chec
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 
+from .checks import real_number, whole_number
 from .repro import full_mode
 
 SEQ_LEN = 256            # window length of the protocol
@@ -29,12 +29,8 @@ def default_budget() -> int:
 
 
 def _check_budget(max_tokens, seq_len: int) -> int:
-    if isinstance(max_tokens, bool) or not isinstance(max_tokens, numbers.Integral):
-        raise TypeError(f"max_tokens must be a whole number of tokens, got {max_tokens!r}")
-    if max_tokens < seq_len:
-        raise ValueError(f"max_tokens={max_tokens} scores no full window of seq_len={seq_len}; pass at least "
-                         f"{seq_len} (the protocol's budgets are {LIVE_TOKENS} and {HEADLINE_TOKENS})")
-    return int(max_tokens)
+    return whole_number("max_tokens", max_tokens, seq_len, f"tokens: at least one full window of seq_len={seq_len}; "
+                        f"the protocol's budgets are {LIVE_TOKENS} and {HEADLINE_TOKENS}")
 
 
 def _check_tokens(tokens) -> torch.Tensor:
@@ -52,10 +48,7 @@ def _check_tokens(tokens) -> torch.Tensor:
 def windows(tokens: torch.Tensor, seq_len: int, max_tokens: int) -> torch.Tensor:
     """[n, seq_len] non-overlapping windows spread evenly over tokens, n = max_tokens // seq_len."""
     tokens = _check_tokens(tokens)
-    if isinstance(seq_len, bool) or not isinstance(seq_len, numbers.Integral):
-        raise TypeError(f"seq_len must be an int, got {seq_len!r}")
-    if seq_len < 2:
-        raise ValueError(f"seq_len must be ≥ 2, got {seq_len}")
+    seq_len = whole_number("seq_len", seq_len, 2, f"tokens per window, e.g. {SEQ_LEN}")
     max_tokens = _check_budget(max_tokens, seq_len)
     total = len(tokens) // seq_len
     if total == 0:
@@ -88,10 +81,7 @@ def mean_nll(model, tokens: torch.Tensor, seq_len: int = SEQ_LEN, max_tokens: in
     max_tokens = default_budget() if max_tokens is None else max_tokens
     data = windows(tokens, seq_len, max_tokens)
     _check_model(model, tokens)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral):
-        raise TypeError(f"batch_size must be a whole number of windows, got {batch_size!r}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be ≥ 1 window, got {batch_size}")
+    batch_size = whole_number("batch_size", batch_size, 1, "windows per forward pass, e.g. 4")
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -163,11 +153,7 @@ def gap_closed(reference: float, baseline: float, method: float) -> float:
     perplexity dominate."""
     vals = []
     for name, v in (("reference", reference), ("baseline", baseline), ("method", method)):
-        if isinstance(v, bool) or not isinstance(v, numbers.Real):
-            raise TypeError(f"{name} must be a perplexity (a number), got {v!r}")
-        if not (math.isfinite(v) and v >= 1.0):
-            raise ValueError(f"{name}={v!r} is not a perplexity (a finite number ≥ 1)")
-        vals.append(math.log(v))
+        vals.append(math.log(real_number(name, v, "a perplexity", low=1.0)))
     ref, base, meth = vals
     if base <= ref:
         raise ValueError(f"baseline perplexity {baseline} is not above the reference {reference}: there is no gap "

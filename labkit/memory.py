@@ -212,8 +212,7 @@ def estimate_training_bytes(n_params: int, precision: str = "fp32", optimizer: s
         raise ValueError(f"optimizer must be one of {sorted(state)}, got {optimizer!r}")
     if isinstance(zero_stage, bool) or zero_stage not in (0, 1, 2, 3):
         raise ValueError(f"ZeRO stage must be 0, 1, 2 or 3, got {zero_stage!r}")
-    if isinstance(ranks, bool) or not isinstance(ranks, int) or ranks < 1:
-        raise ValueError(f"ranks must be an int ≥ 1, got {ranks!r}")
+    whole_number("ranks", ranks, 1, "how many processes share the state, e.g. 2")
     real_number("n_params", n_params, low=0)
     w = 4 if precision == "fp32" else 2
     split = {"weights": zero_stage >= 3, "gradients": zero_stage >= 2, "master_weights": zero_stage >= 1,
@@ -322,9 +321,8 @@ def estimate_activation_bytes(config, batch: int, seq_len: int, dtype=torch.floa
     that scores every token (perplexity) keeps batch·seq_len·vocab logits; `model.generate` asks the model for the
     last position's logits only (transformers' `logits_to_keep=1`), so pass logits_to_keep=1 for generation.
     """
-    if logits_to_keep is not None and (isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, int)
-                                       or logits_to_keep < 1):
-        raise ValueError(f"logits_to_keep must be None (every position) or an int ≥ 1, got {logits_to_keep!r}")
+    if logits_to_keep is not None:
+        whole_number("logits_to_keep", logits_to_keep, 1, "or None for every position; 1 for generation")
     whole_number("batch", batch)
     whole_number("seq_len", seq_len)
     b = dtype_bytes(dtype)

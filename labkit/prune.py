@@ -10,7 +10,6 @@ rule as `torch.nn.utils.prune` (so our masks equal torch's on the same weights).
 from __future__ import annotations
 
 import contextlib
-import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,6 +21,7 @@ from torch import nn
 from .calibration import (  # noqa: F401
     FilterFn, calibration_batches, collect_input_norms, default_filter, select_linears,
 )
+from .checks import real_number, whole_number
 
 METHODS = ("magnitude", "wanda", "sparsegpt", "nm")
 SCORES = ("magnitude", "wanda", "sparsegpt")
@@ -64,8 +64,6 @@ class PruneConfig:
             raise ValueError(f"PruneConfig.score={self.score!r} is unknown; use one of {SCORES}")
         if self.method == "sparsegpt" and self.scope == "global":
             raise ValueError("SparseGPT chooses its mask within each layer; use scope='layer' or 'row'")
-        if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)):
-            raise TypeError(f"PruneConfig.sparsity must be a number in [0, 1), got {self.sparsity!r}")
         object.__setattr__(self, "sparsity", check_sparsity(self.sparsity))
         check_nm(self.n, self.m)
 
@@ -89,10 +87,7 @@ class PruneConfig:
 
 def check_sparsity(sparsity) -> float:
     """Return sparsity as a float; TypeError for a non-number (a string too), ValueError outside [0, 1)."""
-    if isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real):
-        raise TypeError(f"sparsity must be a number in [0, 1) such as 0.5, got {type(sparsity).__name__} "
-                        f"{sparsity!r}")
-    s = float(sparsity)
+    s = real_number("sparsity", sparsity, "a fraction in [0, 1) such as 0.5")
     if not (0.0 <= s < 1.0) or s != s:
         raise ValueError(
             f"sparsity must be in [0, 1) (the fraction of weights set to zero), got {sparsity!r}; "
@@ -101,9 +96,8 @@ def check_sparsity(sparsity) -> float:
 
 
 def check_nm(n, m) -> None:
-    """Raise a ValueError unless 0 < n < m are integers."""
-    if isinstance(n, bool) or isinstance(m, bool) or not (isinstance(n, int) and isinstance(m, int)):
-        raise TypeError(f"N:M needs integers n and m, got n={n!r}, m={m!r}")
+    """TypeError unless n and m are whole numbers, ValueError unless 0 < n < m."""
+    n, m = whole_number("n", n, 0, "e.g. n=2, m=4 for 2:4"), whole_number("m", m, 0, "e.g. n=2, m=4 for 2:4")
     if not (0 < n < m):
         raise ValueError(
             f"N:M pattern needs 0 < N < M (keep N of every M weights), got N={n}, M={m}; "

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .checks import whole_number
 from .compress import pack_bits, unpack_bits
 
 SUPPORTED_BITS = (2, 3, 4, 8)
@@ -23,10 +24,10 @@ SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def check_bits(bits) -> int:
-    """bits as an int, or a ValueError naming SUPPORTED_BITS."""
-    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in SUPPORTED_BITS:
+    """bits as an int; TypeError for a non-whole number, ValueError naming SUPPORTED_BITS for another one."""
+    if whole_number("bits", bits, 1, f"one of {SUPPORTED_BITS}") not in SUPPORTED_BITS:
         raise ValueError(f"bits={bits!r} is not supported; use one of {SUPPORTED_BITS}")
-    return bits
+    return int(bits)
 
 
 def check_float(x, who: str) -> None:

@@ -22,6 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .checks import whole_number
+
 # The quantized tensor (§2) has its own module; everything in it is re-exported (notebook 02 uses Q.quantize,
 # Q.dequantize, Q.QTensor, Q.save_qtensor, Q.quant_error, Q.SUPPORTED_BITS), and so is bit packing, whose one home
 # is lk.compress, because packed codes are what a quantized tensor stores (notebook 02 uses Q.unpack_bits).
@@ -75,11 +77,9 @@ class QuantConfig:
     scale_dtype: torch.dtype = torch.float16
 
     def __post_init__(self):
-        if isinstance(self.bits, bool) or not isinstance(self.bits, int):
-            raise TypeError(f"QuantConfig.bits must be an int, got {self.bits!r}; e.g. QuantConfig(bits=4)")
         check_bits(self.bits)
-        if self.group_size is not None and (isinstance(self.group_size, bool) or not isinstance(self.group_size, int)):
-            raise TypeError(f"QuantConfig.group_size must be a whole number, got {self.group_size!r}; e.g. 32 or 64")
+        if self.group_size is not None:
+            whole_number("QuantConfig.group_size", self.group_size, 1, "e.g. 32 or 64, or None")
         if not isinstance(self.symmetric, bool):
             raise TypeError(f"QuantConfig.symmetric must be True or False, got {self.symmetric!r}")
         if self.scale_dtype not in SCALE_DTYPES:
@@ -89,7 +89,7 @@ class QuantConfig:
             object.__setattr__(self, "granularity", g := ("group" if self.group_size is not None else "channel"))
         if g not in GRANULARITIES:
             raise ValueError(f"granularity={g!r}; use one of {GRANULARITIES}")
-        if g == "group" and (self.group_size is None or self.group_size < 1):
+        if g == "group" and self.group_size is None:
             raise ValueError("granularity='group' needs a positive group_size, e.g. QuantConfig(bits=4, group_size=64)")
         if g != "group" and self.group_size is not None:
             raise ValueError(f"group_size={self.group_size} conflicts with granularity={g!r}; drop one of them")

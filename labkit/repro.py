@@ -7,8 +7,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import math
-import numbers
 import os
 import random
 import tempfile
@@ -17,17 +15,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .checks import real_number, whole_number
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "data" / "results"
 
 
 def seed_everything(seed: int = 0) -> None:
     """Seed Python, NumPy and torch so that a notebook gives the same numbers on every run."""
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-        raise TypeError(f"seed must be a whole number such as 0, got {type(seed).__name__} {seed!r}")
-    if not 0 <= seed < 2**32:
-        raise ValueError(f"seed must be in 0 … 2**32 − 1 (NumPy's range), got {seed}")
-    seed = int(seed)
+    seed = whole_number("seed", seed, 0, "such as 0; NumPy's range", high=2**32 - 1)
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -125,10 +121,7 @@ def load_results(name: str) -> dict:
 # ---- threads and timing ------------------------------------------------------------------------------
 
 def _check_threads(n) -> None:
-    if isinstance(n, bool) or not isinstance(n, int):
-        raise TypeError(f"the number of threads must be a whole number such as 1, got {type(n).__name__} {n!r}")
-    if n < 1:
-        raise ValueError(f"the number of threads must be ≥ 1, got {n}")
+    whole_number("the number of threads", n, 1, "such as 1")
 
 
 @contextlib.contextmanager
@@ -153,9 +146,7 @@ def time_call(fn, *args, min_run_time: float = 0.2, n_threads: int | None = 1, *
     from torch.utils.benchmark import Timer
     if not callable(fn):
         raise TypeError(f"time_call needs a callable, got {type(fn).__name__}")
-    if isinstance(min_run_time, bool) or not isinstance(min_run_time, numbers.Real):
-        raise TypeError(f"min_run_time must be a number of seconds, got {min_run_time!r}")
-    if not (math.isfinite(min_run_time) and min_run_time > 0):
+    if not real_number("min_run_time", min_run_time, "seconds > 0, e.g. 0.2", low=0) > 0:
         raise ValueError(f"min_run_time must be a finite number of seconds > 0 (e.g. 0.2), got {min_run_time!r}")
     if n_threads is not None:
         _check_threads(n_threads)

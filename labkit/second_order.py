@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .checks import whole_number
 from .quantize import QTensor, QuantConfig, QuantLinear, rtn_codes, pack_bits, skip_tied
 from .repro import threads
 
@@ -104,13 +105,10 @@ class Grid:
     symmetric: bool = True
 
     def __post_init__(self):
-        if isinstance(self.bits, bool) or not isinstance(self.bits, int):
-            raise TypeError(f"Grid.bits must be an int (2, 3, 4 or 8), got {self.bits!r}")
-        if self.bits not in (2, 3, 4, 8):
+        if whole_number("Grid.bits", self.bits, 1, "2, 3, 4 or 8") not in (2, 3, 4, 8):
             raise ValueError(f"Grid.bits={self.bits} is not packed by labkit.quantize; use 2, 3, 4 or 8")
-        if self.group_size is not None and (isinstance(self.group_size, bool) or not isinstance(self.group_size, int)
-                                            or self.group_size < 1):
-            raise TypeError(f"Grid.group_size must be a positive int or None (per channel), got {self.group_size!r}")
+        if self.group_size is not None:
+            whole_number("Grid.group_size", self.group_size, 1, "or None: one scale per output channel")
         if not isinstance(self.symmetric, bool):
             raise TypeError(f"Grid.symmetric must be True or False, got {self.symmetric!r}")
 

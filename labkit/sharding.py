@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .checks import whole_number
 from .memory import count_params, estimate_training_bytes, tensor_bytes
 
 #: PIDs of the processes started by the last `launch` (tests check that none is left alive).
@@ -145,10 +146,7 @@ def launch(worker, world_size: int = 2, args: tuple = (), timeout: float = 300.0
     from torch.multiprocessing.spawn import ProcessExitedException, ProcessRaisedException
 
     _check_importable(worker)
-    if not isinstance(world_size, int) or world_size < 1:
-        raise ValueError(f"world_size must be an int ≥ 1, got {world_size!r}")
-    if world_size > 8:
-        raise ValueError(f"world_size={world_size} local processes is too many for a laptop; use ≤ 8")
+    whole_number("world_size", world_size, 1, "local processes: more than 8 is too many for a laptop", high=8)
     outdir = tempfile.mkdtemp(prefix="labkit-launch-")
     ctx = None
     LAST_PIDS.clear()
@@ -367,7 +365,7 @@ def compare_sharded(world_size: int = 2, modes=("zero1", "fsdp"), cfg: dict | No
                     timeout: float = 240.0) -> dict:
     """One process vs `modes` over `world_size` ranks (one launch): per-rank bytes and weight differences."""
     full = {**DEFAULT_DIST_CFG, **(cfg or {})}
-    if not isinstance(world_size, int) or world_size < 1 or full["batch"] % world_size:
+    if full["batch"] % whole_number("world_size", world_size, 1, "a rank count such as 1, 2 or 4"):
         raise ValueError(f"batch {full['batch']} cannot be split evenly over {world_size!r} ranks; use a rank "
                          f"count that divides it (e.g. 1, 2, 4) or a larger batch")
     single = train_single(cfg)

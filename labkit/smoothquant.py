@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import quantize as Q
+from .checks import real_number
 
 ACTS = ("token", "tensor")
 ALPHAS = tuple(round(0.1 * i, 1) for i in range(11))   # the grid search_alpha tries
@@ -43,9 +44,8 @@ EPS = 1e-5                                              # floor of max|X_j|, max
 # Checks
 # --------------------------------------------------------------------------------------------------
 def check_alpha(alpha) -> float:
-    """alpha as a float in [0, 1]; ValueError otherwise."""
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) \
-            or not 0 <= alpha <= 1:
+    """alpha as a float; TypeError for a non-number, ValueError outside [0, 1]."""
+    if not 0 <= real_number("alpha", alpha, "in [0, 1]; SmoothQuant's default is 0.5") <= 1:
         raise ValueError(f"alpha={alpha!r} must be a number in [0, 1] (the share of the activation's range that "
                          f"moves into the weights; 1 flattens the activation); SmoothQuant's default is 0.5")
     return float(alpha)

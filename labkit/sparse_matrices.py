@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from .checks import whole_number
+from .checks import real_number, whole_number
 
 
 def check_matrix(dense, what: str = "dense") -> torch.Tensor:
@@ -34,14 +34,10 @@ def check_matrix(dense, what: str = "dense") -> torch.Tensor:
 
 def check_block(shape, blocksize) -> tuple[int, int]:
     """(br, bc) from an int or a pair of positive ints that divide the matrix shape."""
-    if isinstance(blocksize, int) and not isinstance(blocksize, bool):
-        blocksize = (blocksize, blocksize)
-    if not isinstance(blocksize, (tuple, list)) or len(blocksize) != 2 or \
-            not all(isinstance(b, int) and not isinstance(b, bool) for b in blocksize):
+    pair = blocksize if isinstance(blocksize, (tuple, list)) else (blocksize, blocksize)
+    if len(pair) != 2:
         raise TypeError(f"blocksize must be an int or a pair of ints (rows, cols), e.g. (4, 4); got {blocksize!r}")
-    br, bc = blocksize
-    if br < 1 or bc < 1:
-        raise ValueError(f"blocksize must be positive, got {blocksize}")
+    br, bc = (whole_number("blocksize", b, 1, "an int or a pair (rows, cols), e.g. (4, 4)") for b in pair)
     rows, cols = check_shape(shape)
     if rows % br or cols % bc:
         raise ValueError(f"shape {tuple(shape)} is not divisible by blocksize {(br, bc)}; pick a block size that "
@@ -55,18 +51,12 @@ def check_shape(shape) -> tuple[int, int]:
         shape = tuple(shape)
     if not isinstance(shape, (tuple, list)) or len(shape) != 2:
         raise ValueError(f"shape must be (rows, cols), got {shape!r}")
-    if not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
-        raise TypeError(f"shape must hold two whole numbers, got {shape!r}")
-    if min(shape) < 0:
-        raise ValueError(f"shape must not be negative, got {tuple(shape)}")
-    return int(shape[0]), int(shape[1])
+    return tuple(whole_number("shape", d, 0, "two whole numbers (rows, cols)") for d in shape)
 
 
 def _check_density(density) -> float:
-    if isinstance(density, bool) or not isinstance(density, (int, float)):
-        raise TypeError(f"density must be a number in [0, 1], got {density!r}")
-    if not 0.0 <= density <= 1.0:
-        raise ValueError(f"density must be in [0, 1], got {density}")
+    if not 0.0 <= real_number("density", density, "a fraction in [0, 1], e.g. 0.1") <= 1.0:
+        raise ValueError(f"density must be in [0, 1] (e.g. 0.1 for 10% nonzeros), got {density}")
     return float(density)
 
 

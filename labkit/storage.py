@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from . import sparse as S
+from .checks import whole_number
 from .models import empty_model
 from .repro import REPO_ROOT, ChecksumError, check_file, read_manifest, replace_folder, write_manifest
 
@@ -103,10 +104,7 @@ def save_sparse(model: nn.Module, folder, fmt: str = "bitmap", chunk_bytes: int 
         raise TypeError(f"model must be a torch nn.Module, got {type(model).__name__}")
     if not isinstance(fmt, str) or fmt not in S.FORMATS:
         raise ValueError(f"unknown format {fmt!r}; choose one of {S.FORMATS}")
-    if isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int):
-        raise TypeError(f"chunk_bytes must be a whole number of bytes, got {chunk_bytes!r}")
-    if chunk_bytes < 1:
-        raise ValueError(f"chunk_bytes must be ≥ 1, got {chunk_bytes} (e.g. 32_000_000 for 32 MB chunks)")
+    whole_number("chunk_bytes", chunk_bytes, 1, "bytes, e.g. 32_000_000 for 32 MB chunks")
     state = model.state_dict()
     if not state:
         raise ValueError("the model has no parameters or buffers to save")

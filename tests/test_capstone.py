@@ -339,7 +339,7 @@ def test_compress_for_budget_exports_a_model_that_generates_the_same_tokens(tmp_
                     {"name": "fp32", "bytes": model_bytes(tiny), "ppl": 9e2, "recipe": K.Recipe().to_dict()}]}
     logs = []
     for bad, err in ((dict(out=tmp_path / "tiny" / "config.json"), "existing file"),
-                     (dict(out=folder), "not empty"), (dict(max_tokens=64), "no full window"),
+                     (dict(out=folder), "not empty"), (dict(max_tokens=64), "at least one full window"),
                      (dict(max_tokens=256.0), "whole number"), (dict(kind="vram"), "kind")):
         kw = dict(budget=0.5, out=tmp_path / "out", results=res, max_tokens=256, model_name="no-such-model") | bad
         with pytest.raises((ValueError, TypeError), match=err):                 # refused before any model is loaded

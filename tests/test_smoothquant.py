@@ -113,10 +113,11 @@ def test_smooth_model_is_an_identity_in_fp32_then_w8a8():
     SQ.smooth_(copy.deepcopy(model), stats, per_group)             # one α per group works too
 
 
-@pytest.mark.parametrize("alpha", [-0.1, 1.5, float("nan"), True, "0.5", None])
-def test_bad_alpha(alpha):
+@pytest.mark.parametrize("alpha, error", [(-0.1, ValueError), (1.5, ValueError), (float("nan"), ValueError),
+                                          (True, TypeError), ("0.5", TypeError), (None, TypeError)])
+def test_bad_alpha(alpha, error):
     x, w = _outlier_layer()
-    with pytest.raises(ValueError, match="alpha"):
+    with pytest.raises(error, match=r"alpha.*\[0, 1\].*0\.5"):
         SQ.smoothing_factors(x.abs().amax(0), w, alpha)
 
 

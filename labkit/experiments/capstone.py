@@ -19,6 +19,7 @@ from torch import nn
 from ..capstone import (EVAL_TOKENS, KMEANS_SAMPLE, ZSTD_LEVEL, BudgetError, Compressed, Recipe, beyond_single,
                         best_recipe, check_export_folder, compress_, decode_matrix, export, load_compressed,
                         pareto_front, parse_budget, ram_formula_bytes, recode, search_points, unique_state)
+from ..checks import whole_number
 
 class _Restorer:
     """Keep a copy of the weights to put them back after each recipe (cheaper than reloading the model)."""
@@ -418,11 +419,7 @@ def _check_tokens(max_tokens):
     from ..evaluate import SEQ_LEN
     if max_tokens is None:
         return None
-    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int):
-        raise TypeError(f"max_tokens must be a whole number of tokens, got {max_tokens!r}")
-    if max_tokens < SEQ_LEN:
-        raise ValueError(f"max_tokens={max_tokens} scores no full window of {SEQ_LEN} tokens; pass at least {SEQ_LEN}")
-    return max_tokens
+    return whole_number("max_tokens", max_tokens, SEQ_LEN, f"tokens: at least one full window of {SEQ_LEN}")
 
 
 def compress_for_budget(budget, out, results: dict | str | None = None, max_tokens: int | None = None,

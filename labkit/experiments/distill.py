@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from .. import distill as D
+from ..checks import whole_number
 from ..evaluate import HEADLINE_TOKENS, LIVE_TOKENS, gap_closed, perplexity
 from ..memory import count_params, kv_cache_bytes
 from ..repro import ChecksumError, cache_dir, read_verified_torch, write_verified_torch
@@ -54,10 +55,7 @@ def cached_teacher_topk(teacher, seqs: torch.Tensor, k: int = 32, batch_size: in
                         progress: bool = False) -> D.TopKLogits:
     """`teacher_topk`, computed once and cached under lk.cache_dir()/distill/ (never data/) with a sha256
     sidecar: a cache that is corrupted, truncated, edited or of another shape is rebuilt, never used."""
-    if isinstance(k, bool) or not isinstance(k, int):
-        raise TypeError(f"k must be a whole number (how many logits to keep per token), got {k!r}")
-    if k < 1:
-        raise ValueError(f"k must be ≥ 1 (how many logits to keep per token), got {k}")
+    k = whole_number("k", k, 1, "how many logits to keep per token, e.g. 32")
     path = topk_cache_path(teacher, seqs, k)
     if path.exists():
         try:
@@ -399,10 +397,7 @@ def bench() -> dict:
 def softened_next_token(model, tokenizer, prompt: str, temperature: float = 1.0, top: int = 10) -> dict:
     """softmax(logits/T) of `model` for the token after `prompt`: its `top` tokens, probabilities, entropy (nats)."""
     t = D.check_temperature(temperature)
-    if isinstance(top, bool) or not isinstance(top, int):
-        raise TypeError(f"top must be a whole number of tokens to show, got {top!r}")
-    if top < 1:
-        raise ValueError(f"top must be ≥ 1 (how many tokens to show), got {top}")
+    top = whole_number("top", top, 1, "how many tokens to show, e.g. 10")
     ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
     logits = model(input_ids=ids).logits[0, -1].float()
     logp = torch.log_softmax(logits / t, dim=-1)
