@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import numbers
 import os
 import shutil
 import tempfile
@@ -16,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from .checks import real_number, whole_number
 from .repro import (ChecksumError, cache_dir, check_file, read_manifest, replace_folder, sha256_file,
                     write_manifest)
 
@@ -227,19 +227,14 @@ class LlamaSpec:
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                      "intermediate_size", "max_position_embeddings"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, numbers.Integral):
-                raise TypeError(f"LlamaSpec.{name} must be a whole number, got {v!r}")
-            if v < 1:
-                raise ValueError(f"LlamaSpec.{name} must be ≥ 1, got {v}")
+            whole_number(f"LlamaSpec.{name}", getattr(self, name), 1)
         for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
-            v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0):
-                raise TypeError(f"LlamaSpec.{name} must be a token id ≥ 0 or None, got {v!r}")
+            if getattr(self, name) is not None:
+                whole_number(f"LlamaSpec.{name}", getattr(self, name), 0, "a token id, or None")
         if not isinstance(self.tie_word_embeddings, bool):
             raise TypeError(f"LlamaSpec.tie_word_embeddings must be True or False, got {self.tie_word_embeddings!r}")
-        eps = self.rms_norm_eps
-        if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0 < eps < 1:
+        eps = real_number("LlamaSpec.rms_norm_eps", self.rms_norm_eps, "a small number > 0, e.g. 1e-5", low=0)
+        if not 0 < eps < 1:
             raise ValueError(f"LlamaSpec.rms_norm_eps must be a small number > 0 (e.g. 1e-5), got {eps!r}")
         h, heads, kv = self.hidden_size, self.num_attention_heads, self.num_key_value_heads
         if h % heads or heads % kv or (h // heads) % 2:
@@ -269,8 +264,7 @@ def build_llama(spec: LlamaSpec, seed: int = 0):
     from transformers import LlamaForCausalLM
     if not isinstance(spec, LlamaSpec):
         raise TypeError(f"build_llama needs a lk.models.LlamaSpec, got {type(spec).__name__}")
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
-        raise ValueError(f"seed must be a whole number ≥ 0, got {seed!r}")
+    whole_number("seed", seed, 0, "any whole number ≥ 0")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
         model = LlamaForCausalLM(spec.to_hf())
@@ -292,8 +286,7 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int = 20) -> str:
     """Greedy continuation of prompt (deterministic); returns only the new text."""
     if not isinstance(prompt, str):
         raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a whole number ≥ 1, got {max_new_tokens!r}")
+    whole_number("max_new_tokens", max_new_tokens, 1, "how many tokens to add, e.g. 20")
     ids = tokenizer(prompt, return_tensors="pt")
     out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
                          pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from . import memory
+from .checks import whole_number
 from .models import LlamaSpec, build_llama
 
 PRECISIONS = ("fp32", "bf16")
@@ -28,21 +29,6 @@ CHECKPOINTING = ("none", "sqrt", "every")
 
 #: The small Llama notebook 06 trains and measures (16 layers, 11.7M parameters, byte vocabulary).
 SMALL = LlamaSpec(hidden_size=256, num_hidden_layers=16, intermediate_size=688, tie_word_embeddings=False)
-
-
-class SmallConfig(LlamaSpec):
-    """Notebook 06's spelling of a LlamaSpec with SMALL's defaults: SmallConfig(layers=4) is
-    dataclasses.replace(SMALL, num_hidden_layers=4); `.layers` reads num_hidden_layers."""
-
-    def __init__(self, vocab_size: int = SMALL.vocab_size, hidden_size: int = SMALL.hidden_size,
-                 layers: int = SMALL.num_hidden_layers, heads: int = SMALL.num_attention_heads,
-                 kv_heads: int = SMALL.num_key_value_heads, intermediate_size: int = SMALL.intermediate_size,
-                 tie: bool = SMALL.tie_word_embeddings):
-        super().__init__(vocab_size, hidden_size, layers, heads, kv_heads, intermediate_size, tie)
-
-    @property
-    def layers(self) -> int:
-        return self.num_hidden_layers
 
 
 #: The models of the notebook-06 widget: the small Llama we measure and SmolLM2-135M's shapes.
@@ -106,11 +92,14 @@ def untie_(model):
     return model
 
 
-@dataclass
+@dataclass(frozen=True)
 class ShareConfig:
     """ALBERT-style cross-layer sharing: consecutive groups of `group_size` decoder layers use the weights of
     the group's first layer (group_size = depth shares one layer everywhere, as ALBERT does)."""
     group_size: int = 2
+
+    def __post_init__(self):
+        whole_number("ShareConfig.group_size", self.group_size, 1, "decoder layers per group, e.g. 2")
 
 
 def _default_filter(module: nn.Module, fqn: str) -> bool:
@@ -122,9 +111,9 @@ def share_(model, config: ShareConfig, filter_fn=None):
     inside a layer (default: every Linear and norm). Returns the model."""
     layers = model.model.layers
     n = len(layers)
-    g = config.group_size
-    if not isinstance(g, int) or not 1 <= g <= n:
-        raise ValueError(f"ShareConfig.group_size must be an int in [1, {n}] (the depth), got {g!r}")
+    if not isinstance(config, ShareConfig):
+        raise TypeError(f"share_ needs a lk.training.ShareConfig, got {type(config).__name__}")
+    g = whole_number("ShareConfig.group_size", config.group_size, 1, "at most the model's depth", high=n)
     filter_fn = filter_fn or _default_filter
     for i, layer in enumerate(layers):
         src = layers[(i // g) * g]

@@ -28,16 +28,6 @@ def test_count_matches_model():
         assert estimate_params(cfg)["total"] == count_params(T.small_llama(cfg))
 
 
-def test_notebook_06_spelling_is_the_same_spec():
-    assert T.asdict(T.SmallConfig()) == T.asdict(T.SMALL)
-    old = T.SmallConfig(hidden_size=128, layers=4, intermediate_size=344)
-    assert old.layers == old.num_hidden_layers == 4 and isinstance(old, LlamaSpec)
-    assert T.asdict(old) == T.asdict(replace(T.SMALL, hidden_size=128, num_hidden_layers=4, intermediate_size=344))
-    a, b = T.small_llama(old), T.small_llama(replace(T.SMALL, hidden_size=128, num_hidden_layers=4,
-                                                           intermediate_size=344))
-    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
-
-
 def test_share_ties_storage_and_counts_params():
     model = T.small_llama(SMALL)
     per_layer = sum(p.numel() for p in model.model.layers[0].parameters())
@@ -73,9 +63,11 @@ def test_share_filter_and_bad_group():
     layers = model.model.layers
     assert layers[3].mlp.gate_proj.weight is layers[0].mlp.gate_proj.weight
     assert layers[3].self_attn.q_proj.weight is not layers[0].self_attn.q_proj.weight
-    for bad in (0, 5, 1.5):
-        with pytest.raises(ValueError, match="group_size"):
+    for bad, err in ((0, ValueError), (5, ValueError), (1.5, TypeError), ("2", TypeError)):
+        with pytest.raises(err, match="group_size"):   # 0, 1.5, "2": when the config is made; 5 > depth 4: in share_
             T.share_(T.small_llama(SMALL), T.ShareConfig(group_size=bad))
+    with pytest.raises(TypeError, match="ShareConfig"):
+        T.share_(T.small_llama(SMALL), 2)
 
 
 def test_tie_and_untie():
