@@ -20,7 +20,7 @@ from .checks import check, check_between, check_close, ok  # noqa: E402
 from .memory import (  # noqa: E402
     count_params, estimate_kv_cache_bytes, fmt_bytes, measure_memory, model_bytes, tensor_bytes,
 )
-from .repro import cache_dir, full_mode, seed_everything, set_threads  # noqa: E402
+from .repro import cache_dir, full_mode, seed_everything  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import Cache
 
-from .memory import kv_bytes_per_token  # noqa: F401  (2 · layers · kv_heads · head_dim · bytes)
+from .checks import whole_number
+from .memory import kv_bytes_per_token, kv_layout
 from .pool import BlockPool, PoolExhausted
 
 PAGED_ATTENTION = "labkit_paged"       # the attn_implementation name of `paged_attention`
@@ -37,12 +38,12 @@ def kv_token_bytes(config, kv_dtype: str = "fp32", group_size: int = 64, kv_head
     """Bytes one token takes in the cache: 2 · layers · kv_heads · (head_dim · bits / 8 + scales)."""
     if kv_dtype not in KV_DTYPES:
         raise ValueError(f"kv_dtype must be one of {list(KV_DTYPES)}, got {kv_dtype!r}")
-    heads = config.num_attention_heads
-    kv_heads = kv_heads or getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    bits = KV_DTYPES[kv_dtype][1]
-    scales = (head_dim // min(group_size, head_dim)) * SCALE_BYTES if bits <= 8 else 0
-    return 2 * config.num_hidden_layers * kv_heads * (head_dim * bits // 8 + scales)
+    whole_number("group_size", group_size, 1, "channels per fp16 scale, e.g. 64")
+    values = kv_bytes_per_token(config, kv_dtype, kv_heads)        # the values: lk.memory's formula
+    if KV_DTYPES[kv_dtype][1] > 8:
+        return values
+    layers, kv_heads, head_dim = kv_layout(config, kv_heads)
+    return values + 2 * layers * kv_heads * (head_dim // min(group_size, head_dim)) * SCALE_BYTES
 
 
 def quantize_kv(x: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -331,8 +332,7 @@ def register_paged_attention() -> str:
 def kv_cache_table(config, seq_len: int = 2048, batch: int = 1, group_size: int = 64) -> list[dict]:
     """Bytes of a KV cache per token and for batch × seq_len tokens: every attention layout (MHA: one KV head per
     query head; the model's GQA; MQA: one KV head) × fp32 / bf16 / int8 / int4 (+ fp16 group scales)."""
-    heads = config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    heads, kv_heads = config.num_attention_heads, kv_layout(config)[1]
     rows = []
     for name, h in (("MHA", heads), ("GQA", kv_heads), ("MQA", 1)):
         for dt in KV_DTYPES:

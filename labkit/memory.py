@@ -261,12 +261,20 @@ def estimate_params(config) -> dict[str, int]:
     return out
 
 
-def kv_bytes_per_token(config, dtype=torch.float32) -> int:
-    """KV-cache bytes for one token: 2 (K and V) · layers · kv_heads · head_dim · bytes."""
+def kv_layout(config, kv_heads: int | None = None) -> tuple[int, int, int]:
+    """(layers, kv_heads, head_dim) of a decoder config; `kv_heads` overrides the model's (MHA/GQA/MQA what-ifs)."""
     layers = _cfg(config, "num_hidden_layers", "n_layer")
     heads = _cfg(config, "num_attention_heads", "n_head")
-    kv_heads = _cfg(config, "num_key_value_heads", default=heads)
+    if kv_heads is None:
+        kv_heads = _cfg(config, "num_key_value_heads", default=heads)
     head_dim = getattr(config, "head_dim", None) or _cfg(config, "hidden_size", "n_embd") // heads
+    return layers, whole_number("kv_heads", kv_heads, 1), head_dim
+
+
+def kv_bytes_per_token(config, dtype=torch.float32, kv_heads: int | None = None) -> int:
+    """KV-cache bytes for one token: 2 (K and V) · layers · kv_heads · head_dim · bytes per value — the lab's one
+    KV formula (lk.kvcache.kv_token_bytes adds the group scales of a quantized cache to it)."""
+    layers, kv_heads, head_dim = kv_layout(config, kv_heads)
     return int(2 * layers * kv_heads * head_dim * dtype_bytes(dtype))
 
 

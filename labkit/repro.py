@@ -30,14 +30,6 @@ def seed_everything(seed: int = 0) -> None:
     os.environ["PYTHONHASHSEED"] = str(seed)
 
 
-def set_threads(n: int) -> int:
-    """Set torch's intra-op threads; return the previous value (restore it after a timing)."""
-    _check_threads(n)
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    return old
-
-
 def full_mode() -> bool:
     """True when LABKIT_FULL=1: heavier sweeps and bigger evaluation budgets."""
     return os.environ.get("LABKIT_FULL", "0").strip() not in ("", "0", "false", "False")

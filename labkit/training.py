@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 from torch import nn
 
-from . import memory
+from . import memory, repro
 from .checks import whole_number
 from .models import LlamaSpec, build_llama
 
@@ -294,9 +294,7 @@ def time_variants(variants: dict, cfg: LlamaSpec | None = None, batch: int = 4, 
                   repeats: int = 3) -> dict:
     """Seconds per training step (median of `repeats`, variants interleaved in ONE process, one thread).
     `variants` maps a name to {"precision": ..., "checkpoint": ...}. Compare the results as ratios."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with repro.threads(1):
         model = small_llama(cfg)
         opt = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: every variant sees the same weights
         x = torch.randint(0, model.config.vocab_size, (batch, seq_len),
@@ -313,8 +311,6 @@ def time_variants(variants: dict, cfg: LlamaSpec | None = None, batch: int = 4, 
                     times[name].append(time.perf_counter() - t)
         checkpoint_(model, "none")
         return {name: sorted(ts)[len(ts) // 2] for name, ts in times.items()}
-    finally:
-        torch.set_num_threads(old)
 
 
 # ----------------------------------------------------------------------------------------------------------

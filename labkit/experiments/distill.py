@@ -179,10 +179,10 @@ def _worker(job: list, extras: tuple) -> dict:
     extras: "teacher" (its perplexities), "init" (the cut student before training), "scratch" (the contrast)."""
     from .. import data
     from ..models import load_model
-    from ..repro import seed_everything, set_threads
+    from ..repro import seed_everything
 
     seed_everything(0)
-    set_threads(1)
+    torch.set_num_threads(1)   # this worker's own process
     exp = Experiment()
     teacher, tok = load_model(TEACHER)
     val, select = data.tokens("validation", tok), data.tokens("test", tok)
