@@ -1,7 +1,8 @@
 """Checks for notebooks and exercises: asserts that say what was expected and give a hint.
 
-Defined in notebook 00 ("Check your understanding"); used by every notebook. At the end, `real_number` and
-`whole_number`: the argument checks labkit's own functions share (a TypeError or ValueError naming the argument).
+Defined in notebook 00 ("Check your understanding"); used by every notebook. At the end, `real_number`,
+`whole_number`, `torch_tensor` and `torch_module`: the argument checks labkit's own functions share (a TypeError or
+ValueError naming the argument).
 """
 from __future__ import annotations
 
@@ -103,3 +104,44 @@ def whole_number(name: str, value, low: int = 0, hint: str = "", high: int | Non
         span = f"in [{low}, {high}]" if high is not None else f"≥ {low}"
         raise ValueError(f"{name} must be {span}{say}, got {value}")
     return int(value)
+
+
+def torch_tensor(name: str, value, hint: str = "", *, dims=None, kind: str | None = None, finite: bool = False,
+                 empty: bool = False):
+    """value if it is a dense torch.Tensor — with `dims` dimensions (an int or a tuple of the allowed counts), of
+    `kind` "float" (floating point), "int" (integer ids) or "real" (either; bool and complex refused), with no
+    NaN/inf when finite=True and at
+    least one element unless empty=True; else a TypeError (not a tensor, wrong dtype) or ValueError (shape, empty,
+    NaN/inf) naming `name` and the hint (what to pass)."""
+    import torch
+    say = f" ({hint})" if hint else ""
+    if not isinstance(value, torch.Tensor) or value.layout != torch.strided:
+        got = type(value).__name__ if not isinstance(value, torch.Tensor) else f"a {value.layout} tensor"
+        raise TypeError(f"{name} must be a torch.Tensor{say}, got {got}; wrap data with torch.tensor(...)"
+                        + ("" if not isinstance(value, torch.Tensor) else " or call .to_dense()"))
+    if kind == "float" and not value.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor{say}, got dtype {value.dtype}; convert with .float()")
+    if kind == "int" and (value.is_floating_point() or value.is_complex() or value.dtype == torch.bool):
+        raise TypeError(f"{name} must hold integer token ids{say}, got dtype {value.dtype}; convert with .long()")
+    if kind == "real" and (value.is_complex() or value.dtype == torch.bool):
+        raise TypeError(f"{name} must be a real-valued tensor{say}, got dtype {value.dtype}; convert with .float()")
+    allowed = (dims,) if isinstance(dims, int) else dims
+    if allowed is not None and value.dim() not in allowed:
+        want = " or ".join(f"{d}-D" for d in allowed)
+        raise ValueError(f"{name} must be {want}{say}, got shape {tuple(value.shape)}")
+    if not empty and value.numel() == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(value.shape)}){say}; pass at least one value")
+    if finite and (value.is_floating_point() or value.is_complex()) and not bool(torch.isfinite(value).all()):
+        bad = int((~torch.isfinite(value)).sum())
+        raise ValueError(f"{name} holds {bad} NaN/inf value(s){say}; every result computed from it would be NaN — "
+                         "find where they came from, or mask them first")
+    return value
+
+
+def torch_module(name: str, value, hint: str = ""):
+    """value if it is a torch.nn.Module, else a TypeError naming `name` and the hint (what to pass)."""
+    import torch
+    if not isinstance(value, torch.nn.Module):
+        say = f" ({hint})" if hint else ""
+        raise TypeError(f"{name} must be a torch.nn.Module{say}, got {type(value).__name__}")
+    return value

@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from .checks import real_number, whole_number
+from .checks import real_number, torch_module, torch_tensor, whole_number
 from .repro import full_mode
 
 SEQ_LEN = 256            # window length of the protocol
@@ -65,13 +65,30 @@ def _vocab_size(model) -> int | None:
     return emb.num_embeddings if emb is not None else getattr(getattr(model, "config", None), "vocab_size", None)
 
 
-def _check_model(model, tokens) -> None:
+def _check_model(model, tokens, name: str = "token ids") -> None:
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch module (e.g. lk.load_model()), got {type(model).__name__}")
     vocab = _vocab_size(model)
-    if vocab is not None and len(tokens) and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab):
-        raise ValueError(f"token ids run from {int(tokens.min())} to {int(tokens.max())} but the model's vocabulary "
+    if vocab is not None and tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab):
+        raise ValueError(f"{name} run from {int(tokens.min())} to {int(tokens.max())} but the model's vocabulary "
                          f"has {vocab} ids (0 … {vocab - 1}): tokenize with this model's own tokenizer")
+
+
+def check_token_ids(name: str, ids, model, dims=(1, 2)) -> torch.Tensor:
+    """ids if they are integer token ids `model` can read — `dims` dimensions ([tokens] or [batch, seq]), every id
+    in 0 … vocab − 1, rows no longer than the model's max_position_embeddings — else a TypeError/ValueError naming
+    `name`. Every function that runs a model on token ids checks them here before any work."""
+    torch_tensor(name, ids, "token ids from the model's own tokenizer, e.g. lk.data.tokens(...)", dims=dims,
+                 kind="int")
+    if _vocab_size(torch_module("model", model)) is None:
+        raise TypeError(f"model must read token ids through an embedding (lk.load_model()[0], "
+                        f"lk.models.tiny_llama()), got a {type(model).__name__} without one")
+    _check_model(model, ids, name)
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if ids.dim() == 2 and isinstance(limit, int) and ids.shape[1] > limit:
+        raise ValueError(f"{name} has rows of {ids.shape[1]} tokens but the model reads at most "
+                         f"max_position_embeddings={limit}; pass shorter sequences")
+    return ids
 
 
 @torch.inference_mode()

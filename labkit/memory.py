@@ -187,6 +187,16 @@ def bytes_by_module(model: torch.nn.Module) -> dict[str, int]:
     return out
 
 
+def check_fits(what: str, nbytes: float, hint: str = "") -> None:
+    """ValueError when `what` would need more than this machine's RAM (nbytes, an estimate made from the arguments
+    before any allocation): said at once, instead of torch's "can't allocate memory" after the work started."""
+    import psutil
+    total = psutil.virtual_memory().total
+    if nbytes > total:
+        raise ValueError(f"{what} would need {fmt_bytes(nbytes)}, more than this machine's {fmt_bytes(total)} of RAM"
+                         + (f"; {hint}" if hint else ""))
+
+
 # ---- estimates -----------------------------------------------------------------------------------
 
 def estimate_param_bytes(n_params: int, dtype="fp32") -> int:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .checks import real_number, whole_number
+from .checks import real_number, torch_module, whole_number
 from .repro import (ChecksumError, cache_dir, check_file, read_manifest, replace_folder, sha256_file,
                     write_manifest)
 
@@ -279,6 +279,17 @@ def tiny_llama(seed: int = 0, **spec):
         raise TypeError(f"tiny_llama: {', '.join(unknown)} is not a LlamaSpec field (Hugging Face's names: "
                         f"{', '.join(known)})")
     return build_llama(LlamaSpec(**spec), seed)
+
+
+def check_llama(model, name: str = "model"):
+    """model if it is a Llama-style causal LM — decoder layers at .model.layers, an input embedding — such as
+    lk.load_model()'s SmolLM2 or tiny_llama(); else a TypeError naming `name` (a BertModel, an nn.Sequential, …)."""
+    hint = "a Llama-style causal LM such as lk.load_model()[0] or lk.models.tiny_llama()"
+    torch_module(name, model, hint)
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList) or not hasattr(model, "get_input_embeddings"):
+        raise TypeError(f"{name} must be {hint} (decoder layers at .model.layers), got {type(model).__name__}")
+    return model
 
 
 @torch.inference_mode()

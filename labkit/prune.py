@@ -1,7 +1,8 @@
 """Pruning: magnitude, Wanda, SparseGPT and N:M masks, an in-place `prune_`, structured MLP pruning, recovery.
 
-Defined in notebook 01 (01_pruning.ipynb); notebook 04 (sparse storage) imports the masks from here. Selecting the
-Linear layers and the calibration inputs (Wanda's activation norms) are in labkit/calibration.py.
+Defined in notebook 01 (01_pruning.ipynb); notebook 04 (sparse storage) imports the masks from here. The masks
+themselves (pure functions on tensors) are in labkit/masks.py; selecting the Linear layers and the calibration
+inputs (Wanda's activation norms) in labkit/calibration.py — both re-exported here.
 
 Conventions: a mask is a bool tensor shaped like the weight, True = KEEP, False = pruned (zero).
 `sparsity` is the fraction of weights set to zero; the number pruned is round(sparsity * numel), the same
@@ -12,20 +13,26 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from torch import nn
 
 # Choosing the layers and calibrating them has its own module; re-exported (notebook 01 uses
 # lk.prune.select_linears, lk.prune.calibration_batches and lk.prune.collect_input_norms).
 from .calibration import (  # noqa: F401
-    FilterFn, calibration_batches, collect_input_norms, default_filter, select_linears,
+    FilterFn, calibration_batches, check_windows, collect_input_norms, default_filter, select_linears,
 )
-from .checks import real_number, whole_number
+from .checks import real_number, torch_module, torch_tensor, whole_number
+from .evaluate import check_token_ids
+from .masks import (  # noqa: F401  (notebook 01 uses lk.prune.magnitude_mask, nm_mask, wanda_scores, ...)
+    check_nm, check_sparsity, check_tensor_dict, global_magnitude_masks, global_masks_from_scores, magnitude_mask,
+    mask_from_scores, n_to_prune, nm_mask, nm_mask_from_scores, row_mask_from_scores, sparsity_of, wanda_scores,
+)
+from .models import check_llama
 
 METHODS = ("magnitude", "wanda", "sparsegpt", "nm")
 SCORES = ("magnitude", "wanda", "sparsegpt")
 SCOPES = ("layer", "global", "row")
+MAX_STEPS = 100_000   # training steps: more would run for days on a laptop (a typo, not a plan)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -85,142 +92,10 @@ class PruneConfig:
         return f"{self.method} {self.sparsity:.0%}"
 
 
-def check_sparsity(sparsity) -> float:
-    """Return sparsity as a float; TypeError for a non-number (a string too), ValueError outside [0, 1)."""
-    s = real_number("sparsity", sparsity, "a fraction in [0, 1) such as 0.5")
-    if not (0.0 <= s < 1.0) or s != s:
-        raise ValueError(
-            f"sparsity must be in [0, 1) (the fraction of weights set to zero), got {sparsity!r}; "
-            "use e.g. 0.5 for 50% — not 50 — and 1.0 would delete every weight")
-    return s
-
-
-def check_nm(n, m) -> None:
-    """TypeError unless n and m are whole numbers, ValueError unless 0 < n < m."""
-    n, m = whole_number("n", n, 0, "e.g. n=2, m=4 for 2:4"), whole_number("m", m, 0, "e.g. n=2, m=4 for 2:4")
-    if not (0 < n < m):
-        raise ValueError(
-            f"N:M pattern needs 0 < N < M (keep N of every M weights), got N={n}, M={m}; "
-            "e.g. n=2, m=4 for 2:4 sparsity (N ≥ M would prune nothing, N = 0 everything)")
-
-
-def _n_to_prune(numel: int, sparsity: float) -> int:
-    # Same rule as torch.nn.utils.prune._compute_nparams_toprune: Python's round().
-    return int(round(sparsity * numel))
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Masks (pure functions on tensors)
-# ---------------------------------------------------------------------------------------------------------
-def _kth_smallest(x: torch.Tensor, k: int, dim: int | None = None) -> torch.Tensor:
-    """k-th smallest value (1-based) of x, or of each row along dim (keepdim); numpy's introselect is ~4×
-    faster than torch.kthvalue on CPU."""
-    a = x.detach().to("cpu", torch.float64 if x.dtype == torch.float64 else torch.float32).numpy()
-    if dim is None:
-        return torch.tensor(np.partition(a.reshape(-1), k - 1)[k - 1], dtype=x.dtype, device=x.device)
-    part = np.take(np.partition(a, k - 1, axis=dim), [k - 1], axis=dim)
-    return torch.from_numpy(part).to(x.device, x.dtype)
-
-
-def mask_from_scores(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """Keep-mask that zeros the round(sparsity·numel) lowest scores of the whole tensor (notebook 01 §1)."""
-    sparsity = check_sparsity(sparsity)
-    k = _n_to_prune(scores.numel(), sparsity)
-    flat = scores.detach().reshape(-1)
-    if k == 0:
-        return torch.ones_like(scores, dtype=torch.bool)
-    # Fast path: the k-th smallest score is the threshold. With ties at the threshold, fall back to topk,
-    # which picks among equal scores exactly as torch.nn.utils.prune does.
-    mask = flat > _kth_smallest(flat, k)
-    if int((~mask).sum()) != k:
-        mask = torch.ones_like(flat, dtype=torch.bool)
-        mask[torch.topk(flat, k, largest=False).indices] = False
-    return mask.view_as(scores)
-
-
-def row_mask_from_scores(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """Keep-mask that zeros the lowest round(sparsity·in) scores of every output row (Wanda's comparison group)."""
-    sparsity = check_sparsity(sparsity)
-    if scores.dim() != 2:
-        raise ValueError(f"row scope needs a 2-D weight [out, in], got shape {tuple(scores.shape)}")
-    k = _n_to_prune(scores.shape[1], sparsity)
-    scores = scores.detach()
-    if k == 0:
-        return torch.ones_like(scores, dtype=torch.bool)
-    mask = scores > _kth_smallest(scores, k, dim=1)
-    if not bool(((~mask).sum(1) == k).all()):  # ties at a row's threshold: exact topk instead
-        mask = torch.ones_like(scores, dtype=torch.bool)
-        mask.scatter_(1, torch.topk(scores, k, dim=1, largest=False).indices, False)
-    return mask
-
-
-def magnitude_mask(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """Layer-wise magnitude mask: zero the smallest |w| (= torch.nn.utils.prune.l1_unstructured)."""
-    return mask_from_scores(weight.detach().abs(), sparsity)
-
-
-def global_masks_from_scores(scores: dict[str, torch.Tensor], sparsity: float) -> dict[str, torch.Tensor]:
-    """Masks for several tensors ranked together: the lowest round(sparsity·total) scores overall are zeroed."""
-    sparsity = check_sparsity(sparsity)
-    if not scores:
-        return {}
-    names = list(scores)
-    flat = torch.cat([scores[n].detach().reshape(-1).float() for n in names])
-    keep = mask_from_scores(flat, sparsity)
-    out, start = {}, 0
-    for n in names:
-        size = scores[n].numel()
-        out[n] = keep[start:start + size].view_as(scores[n])
-        start += size
-    return out
-
-
-def global_magnitude_masks(weights: dict[str, torch.Tensor], sparsity: float) -> dict[str, torch.Tensor]:
-    """Global magnitude masks (= torch.nn.utils.prune.global_unstructured with L1Unstructured)."""
-    return global_masks_from_scores({k: w.detach().abs() for k, w in weights.items()}, sparsity)
-
-
-def wanda_scores(weight: torch.Tensor, input_norm: torch.Tensor) -> torch.Tensor:
-    """Wanda importance |W_ij| · ‖X_j‖₂ (Sun et al. 2024): weight [out, in] times per-input-feature norms [in]."""
-    if weight.dim() != 2 or input_norm.shape != (weight.shape[1],):
-        raise ValueError(f"wanda_scores needs weight [out, in] and input_norm [in]; got {tuple(weight.shape)} "
-                         f"and {tuple(input_norm.shape)} — collect the norms with collect_input_norms(model, tokens)")
-    if not torch.isfinite(input_norm).all():
-        raise ValueError(f"input norms contain {int((~torch.isfinite(input_norm)).sum())} NaN/inf values: the "
-                         "calibration run overflowed or the model is broken; recollect them with collect_input_norms "
-                         "on a healthy model (Wanda would otherwise prune by garbage scores)")
-    return weight.detach().abs() * input_norm.to(weight.dtype).view(1, -1)
-
-
-def nm_mask_from_scores(scores: torch.Tensor, n: int = 2, m: int = 4) -> torch.Tensor:
-    """N:M keep-mask: in every group of m consecutive inputs of a row, keep the n highest scores."""
-    check_nm(n, m)
-    if scores.dim() != 2:
-        raise ValueError(f"N:M masks need a 2-D weight [out, in], got shape {tuple(scores.shape)}")
-    rows, cols = scores.shape
-    if cols % m:
-        raise ValueError(f"N:M with M={m} needs in_features divisible by {m}, got {cols}; pick an M that divides "
-                         f"{cols} or leave this layer out with filter_fn")
-    groups = scores.detach().reshape(rows, cols // m, m)
-    mask = torch.ones_like(groups, dtype=torch.bool)
-    idx = torch.topk(groups, m - n, dim=-1, largest=False).indices
-    mask.scatter_(-1, idx, False)
-    return mask.reshape(rows, cols)
-
-
-def nm_mask(weight: torch.Tensor, n: int = 2, m: int = 4) -> torch.Tensor:
-    """N:M magnitude mask (2:4 = the pattern sparse tensor cores accelerate)."""
-    return nm_mask_from_scores(weight.detach().abs(), n, m)
-
-
-def sparsity_of(x) -> float:
-    """Fraction of exact zeros in a tensor, or over the given modules' weights / a dict of tensors."""
-    if isinstance(x, torch.Tensor):
-        return float((x == 0).sum()) / max(1, x.numel())
-    tensors = list(x.values()) if isinstance(x, dict) else [getattr(mod, "weight", mod) for mod in x]
-    zeros = sum(int((t == 0).sum()) for t in tensors)
-    total = sum(t.numel() for t in tensors)
-    return zeros / max(1, total)
+def _check_prune_config(config) -> None:
+    if not isinstance(config, PruneConfig):
+        raise TypeError(f"prune_ needs a PruneConfig, got {type(config).__name__}; "
+                        "e.g. prune_(model, PruneConfig(method='magnitude', sparsity=0.5))")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -230,6 +105,10 @@ def compute_masks(model: nn.Module, config: PruneConfig, filter_fn: FilterFn | N
                   input_norms: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """{fqn: keep-mask} for the selected Linear weights, without changing the model (not for SparseGPT, whose
     masks depend on the weight updates: use prune_ / pruned)."""
+    torch_module("model", model, "a model such as lk.load_model()[0]")
+    _check_prune_config(config)
+    if input_norms is not None:
+        check_tensor_dict("input_norms", input_norms)
     if config.second_order:
         raise ValueError("SparseGPT's masks come with weight updates; call prune_(model, config, calib_tokens=…) "
                          "or `with pruned(model, config, calib_tokens=…) as masks:`")
@@ -257,15 +136,23 @@ def compute_masks(model: nn.Module, config: PruneConfig, filter_fn: FilterFn | N
     return {n: mask_from_scores(s, config.sparsity) for n, s in scores.items()}
 
 
-@torch.no_grad()
-def apply_masks_(model: nn.Module, masks: dict[str, torch.Tensor]) -> nn.Module:
-    """Zero the pruned weights in place (weight *= mask); every mask is checked before any weight changes."""
+def _check_masks(model: nn.Module, masks) -> dict[str, nn.Module]:
+    """The model's {fqn: module}, after checking that every mask is a bool tensor shaped like its module's weight."""
+    torch_module("model", model, "the model the masks were computed on")
+    check_tensor_dict("masks", masks)
     modules = dict(model.named_modules())
     for name, mask in masks.items():
         if name not in modules or not hasattr(modules[name], "weight"):
             raise ValueError(f"mask {name!r} names no module with a weight in this model")
         if mask.shape != modules[name].weight.shape or mask.dtype != torch.bool:
             raise ValueError(f"mask {name!r} must be a bool tensor of shape {tuple(modules[name].weight.shape)}")
+    return modules
+
+
+@torch.no_grad()
+def apply_masks_(model: nn.Module, masks: dict[str, torch.Tensor]) -> nn.Module:
+    """Zero the pruned weights in place (weight *= mask); every mask is checked before any weight changes."""
+    modules = _check_masks(model, masks)
     for name, mask in masks.items():
         modules[name].weight.mul_(mask.to(modules[name].weight.dtype))
     return model
@@ -277,6 +164,8 @@ def sparsegpt_(model: nn.Module, config: PruneConfig, calib_tokens: torch.Tensor
     """SparseGPT on every selected Linear, one decoder layer at a time (inputs from the layers already pruned);
     returns the keep-masks. All-or-nothing: the weights are restored if anything fails (notebook 01 §6)."""
     from .second_order import sequential_, sparsegpt
+    check_llama(model)
+    _check_prune_config(config)
     linears = select_linears(model, filter_fn)
     if not linears:
         raise ValueError("filter_fn selected no nn.Linear modules")
@@ -284,7 +173,8 @@ def sparsegpt_(model: nn.Module, config: PruneConfig, calib_tokens: torch.Tensor
         bad = [n for n, m in linears.items() if m.in_features % config.m]
         if bad:
             raise ValueError(f"N:M with M={config.m} needs in_features divisible by {config.m}: {bad[:3]}")
-    batches = calib_tokens if torch.as_tensor(calib_tokens).dim() == 2 else calibration_batches(calib_tokens)
+    two_d = isinstance(calib_tokens, torch.Tensor) and calib_tokens.dim() == 2
+    batches = check_token_ids("calib_tokens", calib_tokens if two_d else calibration_batches(calib_tokens), model)
     saved = {n: mod.weight.detach().clone() for n, mod in linears.items()}
     masks = {}
 
@@ -307,9 +197,8 @@ def prune_with_masks_(model: nn.Module, config: PruneConfig, filter_fn: FilterFn
                       calib_tokens: torch.Tensor | None = None,
                       input_norms: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """prune_ that returns the {fqn: keep-mask} it used instead of the model."""
-    if not isinstance(config, PruneConfig):
-        raise TypeError(f"prune_ needs a PruneConfig, got {type(config).__name__}; "
-                        "e.g. prune_(model, PruneConfig(method='magnitude', sparsity=0.5))")
+    torch_module("model", model, "a model such as lk.load_model()[0]")
+    _check_prune_config(config)
     if config.second_order:
         if calib_tokens is None:
             raise ValueError(f"{config.label} needs calibration tokens: pass calib_tokens=<1-D train tokens>")
@@ -372,8 +261,16 @@ def _slice_linear(lin: nn.Linear, idx: torch.Tensor, dim: int) -> nn.Linear:
 def neuron_scores(mlp: nn.Module, down_input_norm: torch.Tensor | None = None) -> torch.Tensor:
     """Importance of each intermediate neuron j of a Llama MLP: ‖X_j‖₂·‖W_down[:, j]‖₂ with calibration
     norms (Wanda-style), else ‖W_gate[j]‖·‖W_up[j]‖·‖W_down[:, j]‖ from the weights alone."""
+    if not all(isinstance(getattr(mlp, a, None), nn.Linear) for a in ("gate_proj", "up_proj", "down_proj")):
+        raise TypeError(f"mlp must be a Llama MLP (gate_proj, up_proj, down_proj), e.g. model.model.layers[0].mlp; "
+                        f"got {type(mlp).__name__}")
     down = mlp.down_proj.weight.detach().norm(dim=0)
     if down_input_norm is not None:
+        torch_tensor("down_input_norm", down_input_norm, "‖X_j‖₂ of down_proj's inputs, from collect_input_norms",
+                     kind="real", finite=True)
+        if down_input_norm.shape != down.shape:
+            raise ValueError(f"down_input_norm must have one value per neuron, shape {tuple(down.shape)}; got "
+                             f"{tuple(down_input_norm.shape)}")
         return down_input_norm.to(down.dtype) * down
     return mlp.gate_proj.weight.detach().norm(dim=1) * mlp.up_proj.weight.detach().norm(dim=1) * down
 
@@ -387,23 +284,27 @@ def prune_mlp_neurons_(model: nn.Module, sparsity: float,
     bytes and the matmul time really shrink (notebook 01 §5). Returns {mlp fqn: kept neuron indices}.
     """
     sparsity = check_sparsity(sparsity)
+    torch_module("model", model, "a Llama-style model such as lk.load_model()[0]")
+    if input_norms is not None:
+        check_tensor_dict("input_norms", input_norms)
     mlps = _mlps(model)
     if not mlps:
         raise ValueError("no gated MLP (gate_proj/up_proj/down_proj) found; prune_mlp_neurons_ expects a Llama-style model")
     kept = {}
-    for name, mlp in mlps.items():
+    for name, mlp in mlps.items():   # every choice before any layer changes (all-or-nothing)
         inter = mlp.gate_proj.out_features
-        n_keep = inter - _n_to_prune(inter, sparsity)
+        n_keep = inter - n_to_prune(inter, sparsity)
         if n_keep < 1:
             raise ValueError(f"sparsity {sparsity} would remove every neuron of {name}; use a smaller sparsity")
         norm = None if input_norms is None else input_norms.get(f"{name}.down_proj")
-        idx = torch.topk(neuron_scores(mlp, norm), n_keep).indices.sort().values
+        kept[name] = torch.topk(neuron_scores(mlp, norm), n_keep).indices.sort().values
+    for name, mlp in mlps.items():
+        idx, n_keep = kept[name], len(kept[name])
         mlp.gate_proj = _slice_linear(mlp.gate_proj, idx, 0)
         mlp.up_proj = _slice_linear(mlp.up_proj, idx, 0)
         mlp.down_proj = _slice_linear(mlp.down_proj, idx, 1)
         if hasattr(mlp, "intermediate_size"):
             mlp.intermediate_size = n_keep
-        kept[name] = idx
     sizes = {len(v) for v in kept.values()}
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "intermediate_size") and len(sizes) == 1:
@@ -419,10 +320,17 @@ def recovery_finetune_(model: nn.Module, tokens: torch.Tensor, masks: dict[str, 
                        train_filter: FilterFn | None = None, seed: int = 0) -> list[float]:
     """A few AdamW steps of next-token loss on `tokens` (train split), training only the selected Linear
     weights (default: the pruned ones), re-applying the masks after each step. Returns the loss per step."""
-    if steps < 0:
-        raise ValueError(f"steps must be ≥ 0, got {steps}")
-    tokens = torch.as_tensor(tokens).reshape(-1)
+    tokens = check_windows(check_llama(model), tokens, seq_len, batch_size)
+    steps = whole_number("steps", steps, 0, "AdamW steps, e.g. 20", high=MAX_STEPS)
+    if not 0 < real_number("lr", lr, "a learning rate in (0, 1], e.g. 1e-4", low=0) <= 1:
+        raise ValueError(f"lr must be in (0, 1] (e.g. 1e-4), got {lr!r}; a larger step diverges to NaN losses")
+    seed = whole_number("seed", seed, 0, "any whole number ≥ 0")
+    if masks is not None:
+        _check_masks(model, masks)
     params = [mod.weight for mod in select_linears(model, train_filter).values()]
+    if not params:
+        raise ValueError("train_filter selected no nn.Linear to train; check it against "
+                         "[n for n, m in model.named_modules()]")
     for p in model.parameters():
         p.requires_grad_(False)
     for p in params:
@@ -456,6 +364,7 @@ def recovery_finetune_(model: nn.Module, tokens: torch.Tensor, masks: dict[str, 
 # ---------------------------------------------------------------------------------------------------------
 def state_dict_bytes(module: nn.Module) -> int:
     """Bytes of everything in module.state_dict() (parameters AND buffers such as weight_mask)."""
+    torch_module("module", module, "a model or a layer, e.g. model.model.layers[0].mlp.up_proj")
     seen, total = set(), 0
     for t in module.state_dict().values():
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), t.numel())

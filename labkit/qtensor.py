@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .checks import whole_number
+from .checks import torch_tensor, whole_number
 from .compress import pack_bits, unpack_bits
 
 SUPPORTED_BITS = (2, 3, 4, 8)
@@ -58,6 +58,34 @@ class QTensor:
     granularity: str               # "tensor" | "channel" | "group"
     dtype: torch.dtype = torch.float32  # dtype of the original tensor (what dequantize returns)
 
+    def __post_init__(self):
+        """Checked when made: the parts must describe one another (a hand-built or loaded QTensor too)."""
+        torch_tensor("QTensor.packed", self.packed, "the uint8 bit stream of the codes", dims=1, empty=True)
+        if self.packed.dtype != torch.uint8:
+            raise TypeError(f"QTensor.packed must be uint8 (lk.compress.pack_bits), got {self.packed.dtype}")
+        torch_tensor("QTensor.scales", self.scales, "[rows, groups] scales", dims=2, kind="float")
+        check_bits(self.bits)
+        if not (isinstance(self.shape, (tuple, list, torch.Size)) and self.shape
+                and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in self.shape)):
+            raise TypeError(f"QTensor.shape must be the original tensor's shape, a tuple of ints, got {self.shape!r}")
+        self.shape = tuple(self.shape)
+        whole_number("QTensor.group_size", self.group_size, 1, "elements per scale")
+        if not isinstance(self.symmetric, bool):
+            raise TypeError(f"QTensor.symmetric must be True or False, got {self.symmetric!r}")
+        if self.granularity not in GRANULARITIES:
+            raise ValueError(f"QTensor.granularity={self.granularity!r}; use one of {GRANULARITIES}")
+        if not isinstance(self.dtype, torch.dtype) or not self.dtype.is_floating_point:
+            raise TypeError(f"QTensor.dtype must be a floating-point torch dtype, got {self.dtype!r}")
+        if self.symmetric != (self.zeros is None):
+            raise ValueError("QTensor.zeros must be None for symmetric codes and a tensor like scales otherwise")
+        if self.zeros is not None and (not isinstance(self.zeros, torch.Tensor) or self.zeros.shape != self.scales.shape):
+            raise ValueError(f"QTensor.zeros must have the scales' shape {tuple(self.scales.shape)}")
+        n = math.prod(self.shape)
+        if self.packed.numel() != math.ceil(n * self.bits / 8) or self.scales.numel() * self.group_size != n:
+            raise ValueError(f"QTensor parts do not fit its shape {self.shape}: {self.packed.numel()} packed bytes "
+                             f"(need {math.ceil(n * self.bits / 8)}) and {self.scales.numel()} scales of "
+                             f"{self.group_size} values (need {n} values)")
+
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
@@ -97,9 +125,9 @@ def _groups_view(x: torch.Tensor, granularity: str, group_size: int | None) -> t
     cols = x2.shape[1]
     if granularity == "channel":
         return x2.view(rows, 1, cols), cols
-    if group_size is None or isinstance(group_size, bool) or int(group_size) < 1:
-        raise ValueError(f"granularity='group' needs a positive group_size, got {group_size!r}")
-    group_size = int(group_size)
+    if group_size is None:
+        raise ValueError("granularity='group' needs a positive group_size, e.g. group_size=64")
+    group_size = whole_number("group_size", group_size, 1, "values per scale, e.g. 32 or 64")
     if cols % group_size:
         divisors = [d for d in (16, 32, 64, 96, 128, 192, 256) if cols % d == 0]
         raise ValueError(f"group_size={group_size} does not divide the last dimension ({cols}); "
@@ -151,6 +179,10 @@ def rtn_codes(x, bits, granularity, group_size, symmetric, scale_dtype):
     bits = check_bits(bits)
     if scale_dtype not in SCALE_DTYPES:
         raise ValueError(f"scale_dtype must be one of {SCALE_DTYPES}, got {scale_dtype}")
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity={granularity!r}; use one of {GRANULARITIES}")
+    if not isinstance(symmetric, bool):
+        raise TypeError(f"symmetric must be True or False, got {symmetric!r}")
     if granularity != "group" and group_size is not None:
         granularity = "group"
     if not torch.isfinite(x).all():
@@ -176,8 +208,15 @@ def rtn_codes(x, bits, granularity, group_size, symmetric, scale_dtype):
     return q, s, zeros, gs, granularity
 
 
+def _check_q(q) -> QTensor:
+    if not isinstance(q, QTensor):
+        raise TypeError(f"q must be a QTensor (from lk.quantize.quantize(w, bits=4)), got {type(q).__name__}")
+    return q
+
+
 def dequantize(q: QTensor) -> torch.Tensor:
     """Floats back from a QTensor (in the original dtype and shape)."""
+    _check_q(q)
     codes = q.codes().float()
     s = q.scales.float().unsqueeze(-1)
     if q.symmetric:
@@ -189,6 +228,9 @@ def dequantize(q: QTensor) -> torch.Tensor:
 
 def qtensor_state(q: QTensor, prefix: str = "") -> dict[str, torch.Tensor]:
     """The tensors a QTensor stores (for safetensors / state_dict)."""
+    _check_q(q)
+    if not isinstance(prefix, str):
+        raise TypeError(f"prefix must be a str put before each name (e.g. 'layer0.'), got {prefix!r}")
     d = {prefix + "packed": q.packed, prefix + "scales": q.scales}
     if q.zeros is not None:
         d[prefix + "zeros"] = q.zeros
@@ -197,6 +239,7 @@ def qtensor_state(q: QTensor, prefix: str = "") -> dict[str, torch.Tensor]:
 
 def save_qtensor(q: QTensor, path) -> int:
     """Write a QTensor to a safetensors file; return its size on disk in bytes (header included)."""
+    _check_q(q)
     import os
     from safetensors.torch import save_file
     meta = dict(bits=str(q.bits), group_size=str(q.group_size), shape=",".join(map(str, q.shape)),
@@ -207,6 +250,11 @@ def save_qtensor(q: QTensor, path) -> int:
 
 def quant_error(x: torch.Tensor, q: QTensor) -> dict:
     """How far dequantize(q) is from x: max/mean abs error, relative Frobenius error, SNR in dB."""
+    _check_q(q)
+    torch_tensor("x", x, "the tensor q was made from", kind="float", finite=True)
+    if tuple(x.shape) != q.shape:
+        raise ValueError(f"x has shape {tuple(x.shape)} but q was made from a tensor of shape {q.shape}; pass the "
+                         "tensor you quantized")
     x = x.detach().float()
     d = dequantize(q).float() - x
     rel = float(d.norm() / x.norm().clamp_min(1e-30))

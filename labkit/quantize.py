@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .checks import whole_number
+from .checks import real_number, torch_module, torch_tensor, whole_number
 
 # The quantized tensor (§2) has its own module; everything in it is re-exported (notebook 02 uses Q.quantize,
 # Q.dequantize, Q.QTensor, Q.save_qtensor, Q.quant_error, Q.SUPPORTED_BITS), and so is bit packing, whose one home
@@ -51,6 +51,9 @@ def float_formats() -> list[dict]:
 def cast_error(w: torch.Tensor, dtype: torch.dtype) -> dict:
     """Round-trip w → dtype → fp32: max and mean relative error, values that overflow or flush to zero."""
     check_float(w, "cast_error")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating-point torch dtype such as torch.float16 or torch.bfloat16, got "
+                        f"{dtype!r}")
     w = w.detach().float()
     back = w.to(dtype).float()
     nz = w != 0
@@ -110,6 +113,11 @@ class QuantLinear(nn.Module):
 
     def __init__(self, q: QTensor, bias: torch.Tensor | None = None):
         super().__init__()
+        if not isinstance(q, QTensor):
+            raise TypeError(f"QuantLinear needs a QTensor (lk.quantize.quantize(weight, ...)), got {type(q).__name__}")
+        if bias is not None and (torch_tensor("bias", bias, "the Linear's bias", dims=1, kind="float")
+                                 .shape[0] != q.shape[0]):
+            raise ValueError(f"bias must have one value per output row ({q.shape[0]}), got {tuple(bias.shape)}")
         if len(q.shape) != 2:
             raise ValueError(f"QuantLinear needs a 2-D weight, got shape {q.shape}")
         self.bits, self.group_size, self.symmetric = q.bits, q.group_size, q.symmetric
@@ -202,6 +210,7 @@ def _tied_weight_ids(model: nn.Module) -> set[int]:
 
 def skip_tied(model: nn.Module) -> Callable[[nn.Module, str], bool]:
     """filter_fn: every nn.Linear except those whose weight is tied to an embedding (SmolLM2's lm_head)."""
+    torch_module("model", model, "a model such as lk.load_model()[0]")
     tied = _tied_weight_ids(model)
     return lambda m, fqn: isinstance(m, nn.Linear) and m.weight.untyped_storage().data_ptr() not in tied
 
@@ -232,9 +241,7 @@ def quantize_(model: nn.Module, config: QuantConfig,
                             f"make filter_fn return False for it")
         if not m.weight.is_floating_point() or m.weight.device.type == "meta":
             raise TypeError(f"{fqn}.weight is {m.weight.dtype} on {m.weight.device}, not a loaded float weight")
-        if config.granularity == "group" and m.in_features % config.group_size:
-            raise ValueError(f"{fqn}: group_size={config.group_size} does not divide in_features="
-                             f"{m.in_features}; pick a divisor (e.g. 32 or 64) or granularity='channel'")
+    check_group_size(config, dict(chosen))
     new = {}
     for fqn, m in chosen:  # quantize every layer (may raise: NaN/inf, scale overflow) before swapping any
         try:
@@ -247,9 +254,19 @@ def quantize_(model: nn.Module, config: QuantConfig,
     return model
 
 
+def check_group_size(config: QuantConfig, linears: dict[str, nn.Linear]) -> None:
+    """ValueError naming the first Linear whose in_features the config's group_size does not divide — checked
+    before a transform (quantize_, gptq_, awq_) changes any layer."""
+    for fqn, m in linears.items():
+        if config.granularity == "group" and m.in_features % config.group_size:
+            raise ValueError(f"{fqn}: group_size={config.group_size} does not divide in_features="
+                             f"{m.in_features}; pick a divisor (e.g. 32 or 64) or granularity='channel'")
+
+
 def quantized_linear_bytes(model: nn.Module) -> dict:
     """Bytes of QuantLinear layers (codes, scales, zeros) vs what fp32 would need, for a quantized model."""
-    q = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    q = [m for m in torch_module("model", model, "a model quantized by quantize_").modules()
+         if isinstance(m, QuantLinear)]
     codes = sum(m.packed.numel() for m in q)
     scales = sum(m.scales.numel() * m.scales.element_size() for m in q)
     zeros = sum(m.zeros.numel() * m.zeros.element_size() for m in q if m.zeros is not None)
@@ -266,6 +283,7 @@ def temporarily_quantized(model: nn.Module, config: QuantConfig,
 
     Cheaper than deep-copying a 538 MB model for every point of a sweep.
     """
+    torch_module("model", model, "a model such as lk.load_model()[0]")
     filter_fn = filter_fn or skip_tied(model)
     originals = [(fqn, m) for fqn, m in model.named_modules() if fqn and filter_fn(m, fqn)]
     quantize_(model, config, filter_fn)
@@ -283,6 +301,9 @@ def temporarily_quantized(model: nn.Module, config: QuantConfig,
 def distinct_per_block(w: torch.Tensor, block: int = 32) -> torch.Tensor:
     """Number of distinct values in each block of `block` consecutive weights along the last dim."""
     check_float(w, "distinct_per_block")
+    block = whole_number("block", block, 1, "weights per block, e.g. 32 (GGUF's Q4_1)")
+    if w.dim() == 0 or w.shape[-1] % block:
+        raise ValueError(f"block={block} must divide the last dimension of w, got shape {tuple(w.shape)}")
     rows = w.detach().reshape(-1, block)
     s, _ = rows.sort(dim=1)
     return 1 + (s[:, 1:] != s[:, :-1]).sum(dim=1)
@@ -297,6 +318,16 @@ def linear_input_stats(model: nn.Module, tokens: torch.Tensor, names: list[str] 
 
     Returns {fqn: {"feature_absmax": [in_features], "inputs": [N, in] (only for fqns in `keep`)}}.
     """
+    from .evaluate import check_token_ids
+    check_token_ids("tokens", tokens, model)
+    for arg, v in (("names", names), ("keep", keep)):
+        if v is not None and (not isinstance(v, (list, tuple, set)) or not all(isinstance(n, str) for n in v)):
+            raise TypeError(f"{arg} must be a list of Linear names (e.g. ['model.layers.0.mlp.down_proj']) or None, "
+                            f"got {v!r}")
+    linears = {fqn for fqn, m in model.named_modules() if isinstance(m, (nn.Linear, QuantLinear))}
+    unknown = sorted(set(names or []) - linears) + sorted(set(keep or []) - linears)
+    if unknown:
+        raise ValueError(f"{unknown[0]!r} is not a Linear of this model; see [n for n, m in model.named_modules()]")
     out, hooks = {}, []
     keep = set(keep or [])
 
@@ -331,12 +362,19 @@ def fake_quant_per_token(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
     return dequantize(quantize(x, bits, "channel", scale_dtype=torch.float32))
 
 
+def _check_matmul(x, w) -> None:
+    torch_tensor("x", x, "activations [tokens, in_features]", kind="float", finite=True)
+    torch_tensor("w", w, "a weight [out, in_features]", dims=2, kind="float", finite=True)
+    if x.dim() == 0 or x.shape[-1] != w.shape[1]:
+        raise ValueError(f"x must end in the weight's {w.shape[1]} input features, got shape {tuple(x.shape)}")
+
+
 def mixed_int8_matmul(x: torch.Tensor, w: torch.Tensor, threshold: float = 6.0) -> tuple[torch.Tensor, int]:
     """LLM.int8() decomposition: y = x·wᵀ with input columns having any |x| > threshold kept in float and the
     rest as int8 (per-token activations × per-output-channel weights). Returns (y, number of outlier columns).
     """
-    check_float(x, "mixed_int8_matmul")
-    check_float(w, "mixed_int8_matmul")
+    _check_matmul(x, w)
+    threshold = real_number("threshold", threshold, "the |x| above which a column is an outlier, e.g. 6.0", low=0)
     x2 = x.reshape(-1, x.shape[-1]).float()
     outl = (x2.abs() > threshold).any(dim=0)
     xr, wr = x2.clone(), w.float().clone()
@@ -355,6 +393,9 @@ def int8_matmul_errors(x: torch.Tensor, w: torch.Tensor, threshold: float = 6.0)
     features suffer from one per-tensor scale, with and without the outlier columns setting that scale,
     and the share of normal values that the outlier-set scale rounds to zero.
     """
+    _check_matmul(x, w)
+    if x.dim() != 2:
+        raise ValueError(f"x must be [tokens, in_features], got shape {tuple(x.shape)}")
     x, w = x.detach().float(), w.detach().float()
     ref = x @ w.T
     wq = fake_quant_per_token(w)
@@ -384,6 +425,9 @@ def quiet_torchao():
 def torchao_int8_weight(linear: nn.Linear) -> dict:
     """torchao Int8WeightOnlyConfig on a copy of `linear`: its int8 codes, scales and dequantized weight."""
     import copy
+    if not isinstance(linear, nn.Linear):
+        raise TypeError(f"linear must be an nn.Linear (e.g. model.model.layers[0].mlp.up_proj), got "
+                        f"{type(linear).__name__}")
     quiet_torchao()
     from torchao.quantization import Int8WeightOnlyConfig
     from torchao.quantization import quantize_ as ao_quantize_
@@ -402,6 +446,7 @@ def torchao_config(kind: str, group_size: int = 64):
     int4 weight-only on a CPU is `torchao.prototype.quantization.int4.PrototypeInt4WeightOnlyConfig`: it needs a
     bf16 Linear and packs it as an `Int4OpaqueTensor` (two codes per byte + bf16 scale and zero per group) for
     `aten._weight_int4pack_mm_for_cpu`. (The non-prototype `Int4WeightOnlyConfig` packings target CUDA.)"""
+    group_size = whole_number("group_size", group_size, 1, "values per int4 scale, e.g. 32, 64 or 128")
     quiet_torchao()
     if kind == "int8 weight-only":
         from torchao.quantization import Int8WeightOnlyConfig
@@ -420,6 +465,9 @@ def torchao_quantize_(model: nn.Module, kind: str, group_size: int = 64,
     """torchao's quantize_ with the CPU config for `kind` on the Linears filter_fn picks (default skip_tied);
     int4 converts the chosen Linears to bf16 first (the CPU int4 kernel takes bf16 activations). Returns model."""
     from torchao.quantization import quantize_ as ao_quantize_
+    torch_module("model", model, "a model such as lk.load_model()[0]")
+    if filter_fn is not None and not callable(filter_fn):
+        raise TypeError(f"filter_fn must be a function (module, fqn) -> bool, or None; got {filter_fn!r}")
     cfg = torchao_config(kind, group_size)
     filter_fn = filter_fn or skip_tied(model)
     chosen = {fqn for fqn, m in model.named_modules() if fqn and filter_fn(m, fqn)}

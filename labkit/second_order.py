@@ -19,78 +19,22 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .checks import whole_number
-from .quantize import QTensor, QuantConfig, QuantLinear, rtn_codes, pack_bits, skip_tied
+from .calibration import check_filter
+from .checks import real_number, torch_module, torch_tensor, whole_number
+from .evaluate import check_token_ids
+# The Hessian has its own module; re-exported (notebook 01 uses so.hessian, awq uses HessianAccumulator).
+from .hessian import (  # noqa: F401
+    HessianAccumulator, check_hessian, check_inputs, check_weight, hessian, inverse_cholesky, prepare_hessian,
+)
+from .models import check_llama
+from .quantize import QTensor, QuantConfig, QuantLinear, check_group_size, rtn_codes, pack_bits, skip_tied
 from .repro import threads
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Hessian of the layer-wise loss
-# ---------------------------------------------------------------------------------------------------------
-class HessianAccumulator:
-    """Running H = 2/n · Σ xxᵀ over every input row x of a Linear (float64, [in, in]), and the mean |x| per
-    input feature (the activation statistic AWQ scales by; labkit.awq)."""
-
-    def __init__(self, in_features: int):
-        self.H = torch.zeros(in_features, in_features, dtype=torch.float64)
-        self.abs_sum = torch.zeros(in_features, dtype=torch.float64)
-        self.n = 0
-
-    def add(self, x: torch.Tensor) -> None:
-        """Add a batch of inputs [..., in]. XᵀX is computed in the inputs' precision (float32 for a float32 model,
-        as GPTQ's reference code does; float64 inputs stay float64) and accumulated in float64."""
-        x = x.detach().reshape(-1, x.shape[-1])
-        x = x if x.dtype in (torch.float32, torch.float64) else x.float()
-        if x.shape[1] != self.H.shape[0]:
-            raise ValueError(f"inputs have {x.shape[1]} features, the Hessian {self.H.shape[0]}")
-        if not torch.isfinite(x).all():
-            raise ValueError("calibration inputs contain NaN or inf; check the model and the tokens")
-        t = x.shape[0]
-        self.H *= self.n / (self.n + t)
-        self.n += t
-        self.H += (2.0 / self.n) * (x.T @ x).double()
-        self.abs_sum += x.abs().sum(0, dtype=torch.float64)
-
-    @property
-    def hessian(self) -> torch.Tensor:
-        if self.n == 0:
-            raise ValueError("no calibration inputs were seen; run the calibration tokens through the model")
-        return self.H
-
-    @property
-    def abs_mean(self) -> torch.Tensor:
-        """Mean |x| of each input feature over the calibration rows (float64, [in])."""
-        self.hessian  # noqa: B018 (raises when nothing was seen)
-        return self.abs_sum / self.n
-
-
-def hessian(x: torch.Tensor) -> torch.Tensor:
-    """H = 2/n · XᵀX for inputs x [..., in] (float64)."""
-    acc = HessianAccumulator(x.shape[-1])
-    acc.add(x)
-    return acc.hessian
-
-
-def prepare_hessian(H: torch.Tensor, weight: torch.Tensor, damp: float = 0.01):
-    """Dead inputs (H_jj = 0) get H_jj = 1 and their weights 0; then H += λI with λ = damp · mean(diag H).
-    Returns (H', W') as float64 copies."""
-    if not (0.0 <= float(damp) < 1.0):
-        raise ValueError(f"damp={damp!r}: use a small fraction of the mean diagonal, e.g. 0.01")
-    H = H.detach().double().clone()
-    W = weight.detach().double().clone()
-    if H.shape != (W.shape[1], W.shape[1]):
-        raise ValueError(f"Hessian {tuple(H.shape)} does not match weight {tuple(W.shape)} (needs [in, in])")
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1.0
-    W[:, dead] = 0.0
-    H += float(damp) * torch.mean(torch.diag(H)) * torch.eye(H.shape[0], dtype=H.dtype)
-    return H, W
-
-
-def inverse_cholesky(H: torch.Tensor) -> torch.Tensor:
-    """Upper Cholesky factor U of H⁻¹ (H⁻¹ = UᵀU); row j holds the OBS update for column j."""
-    L = torch.linalg.cholesky(H)
-    return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+def _check_flag(name: str, v) -> bool:
+    if not isinstance(v, bool):
+        raise TypeError(f"{name} must be True or False, got {v!r}")
+    return v
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -161,12 +105,19 @@ def obs_solve(weight: torch.Tensor, H: torch.Tensor, *, grid: Grid | None = None
 def _obs_solve(weight, H, grid, sparsity, nm, mask_rows, blocksize, damp, act_order, dtype) -> SolveResult:
     if grid is None and sparsity is None and nm is None:
         raise ValueError("obs_solve needs grid=Grid(...) (GPTQ), sparsity=… or nm=(2, 4) (SparseGPT)")
-    if weight.dim() != 2:
-        raise ValueError(f"obs_solve needs a 2-D weight [out, in], got {tuple(weight.shape)}")
-    if not torch.isfinite(weight).all() or not torch.isfinite(H).all():
-        raise ValueError("obs_solve: the weight or the Hessian contains NaN or inf")
-    if sparsity is not None and not (0.0 <= float(sparsity) < 1.0):
+    check_hessian(H, check_weight("weight", weight).shape[1])
+    if grid is not None and not isinstance(grid, Grid):
+        raise TypeError(f"grid must be a lk.second_order.Grid (e.g. Grid(bits=4, group_size=64)) or None, got "
+                        f"{type(grid).__name__}")
+    if sparsity is not None and not (0.0 <= real_number("sparsity", sparsity, "a fraction in [0, 1)") < 1.0):
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity!r}")
+    if nm is not None:
+        if not isinstance(nm, (tuple, list)) or len(nm) != 2:
+            raise TypeError(f"nm must be a pair (N, M) such as (2, 4), or None; got {nm!r}")
+        nm = (whole_number("nm[0]", nm[0], 1, "N of N:M, e.g. 2"), whole_number("nm[1]", nm[1], 1, "M, e.g. 4"))
+    blocksize = whole_number("blocksize", blocksize, 1, "columns per lazy update, e.g. 128")
+    _check_flag("mask_rows", mask_rows)
+    _check_flag("act_order", act_order)
     rows, cols = weight.shape
     gs = None if grid is None else (grid.group_size or cols)
     if gs is not None and cols % gs:
@@ -281,6 +232,11 @@ def sparsegpt(weight: torch.Tensor, H: torch.Tensor, sparsity: float = 0.5, *, n
 
 def layer_error(weight: torch.Tensor, new_weight: torch.Tensor, x: torch.Tensor) -> float:
     """Relative layer-wise error ‖XWᵀ − XŴᵀ‖_F / ‖XWᵀ‖_F on inputs x [..., in]."""
+    if check_weight("new_weight", new_weight).shape != check_weight("weight", weight).shape:
+        raise ValueError(f"weight {tuple(weight.shape)} and new_weight {tuple(new_weight.shape)} must have one shape")
+    torch_tensor("x", x, "the layer's inputs [..., in_features]", kind="float", finite=True)
+    if x.dim() == 0 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"x must end in the weight's {weight.shape[1]} input features, got shape {tuple(x.shape)}")
     x = x.reshape(-1, x.shape[-1]).float()
     ref = x @ weight.detach().float().T
     return float((ref - x @ new_weight.detach().float().T).norm() / ref.norm())
@@ -319,7 +275,11 @@ def calibrate_layers(model: nn.Module, batches: torch.Tensor,
     (forward hooks), call process(layer_name, layer, {fqn: (linear, accumulator)}) — which may change the layer in
     place — and feed the layer's new outputs to the next layer. Linears that read the very same input tensor
     (q/k/v, gate/up) share one accumulator. Works for Llama-style models (model.model.layers); returns the model."""
-    layers = model.model.layers
+    layers = check_llama(model).model.layers
+    check_token_ids("batches", batches, model, dims=2)
+    if not callable(process):
+        raise TypeError(f"process must be a function (layer_name, layer, found) -> None, got {process!r}")
+    check_filter(filter_fn)
     filter_fn = filter_fn or (lambda m, fqn: isinstance(m, nn.Linear))
     caught = {}
 
@@ -368,6 +328,8 @@ def calibrate_layers(model: nn.Module, batches: torch.Tensor,
 def recording(model: nn.Module, filter_fn: Callable[[nn.Module, str], bool] | None = None):
     """`with recording(model) as stats: <run inputs through model>` — stats fills with {fqn: HessianAccumulator}
     for every selected nn.Linear (Linears that read the same tensor share one); the hooks go on exit."""
+    torch_module("model", model, "a model such as lk.load_model()[0]")
+    check_filter(filter_fn)
     filter_fn = filter_fn or (lambda m, fqn: isinstance(m, nn.Linear))
     linears = {n: m for n, m in model.named_modules() if n and isinstance(m, nn.Linear) and filter_fn(m, n)}
     if not linears:
@@ -386,6 +348,7 @@ def collect_stats(model: nn.Module, batches: torch.Tensor,
                   filter_fn: Callable[[nn.Module, str], bool] | None = None) -> dict[str, HessianAccumulator]:
     """One pass of the unchanged model over token batches [B, T] (4 sequences at a time): the input statistics
     (H and mean |x|) of every selected Linear, {fqn: HessianAccumulator}."""
+    check_token_ids("batches", batches, model, dims=2)
     was_training = model.training
     model.eval()
     try:
@@ -401,10 +364,27 @@ def sequential_(model: nn.Module, batches: torch.Tensor, solve: Callable[[str, n
                 filter_fn: Callable[[nn.Module, str], bool] | None = None) -> nn.Module:
     """GPTQ/SparseGPT's layer-by-layer pass (calibrate_layers): for each Linear, solve(fqn, linear, H) changes the
     linear in place, and the next decoder layer sees the outputs of the already-processed ones. Returns the model."""
+    if not callable(solve):
+        raise TypeError(f"solve must be a function (fqn, linear, H) -> None, got {solve!r}")
+
     def process(lname, layer, found):
         for n, (m, acc) in found.items():
             solve(n, m, acc.hessian)
     return calibrate_layers(model, batches, process, filter_fn)
+
+
+def check_stats(stats, model: nn.Module) -> dict[str, nn.Module]:
+    """{name: module} of the model's modules that `stats` (collect_stats / recording) describes; TypeError unless it
+    maps names to HessianAccumulator, ValueError for a name the model does not have."""
+    if not isinstance(stats, dict) or not all(isinstance(v, HessianAccumulator) for v in stats.values()):
+        raise TypeError("the statistics must be a dict {Linear name: HessianAccumulator}, from "
+                        "lk.second_order.collect_stats(model, batches) or recording(model)")
+    modules = dict(torch_module("model", model, "the model the statistics were collected on").named_modules())
+    missing = [n for n in stats if n not in modules]
+    if missing:
+        raise ValueError(f"the statistics name {missing[0]!r}, which this model does not have; collect them on this "
+                         "model")
+    return {n: modules[n] for n in stats}
 
 
 def gptq_(model: nn.Module, calibration, config: QuantConfig, *, act_order: bool = True, blocksize: int = 128,
@@ -421,6 +401,17 @@ def gptq_(model: nn.Module, calibration, config: QuantConfig, *, act_order: bool
     if config.granularity == "tensor":
         raise ValueError("GPTQ here quantizes per channel or per group, not per tensor")
     grid = Grid(config.bits, config.group_size, config.symmetric)
+    blocksize = whole_number("blocksize", blocksize, 1, "columns per lazy update, e.g. 128")
+    real_number("damp", damp, "a fraction of the mean diagonal, e.g. 0.01")
+    _check_flag("act_order", act_order)
+    if isinstance(calibration, dict):          # as quantize_: not a lm_head tied to the embedding
+        keep = check_filter(filter_fn) if filter_fn is not None else skip_tied(torch_module("model", model))
+        linears = {n: m for n, m in check_stats(calibration, model).items() if isinstance(m, nn.Linear) and keep(m, n)}
+    else:
+        check_token_ids("calibration", calibration, check_llama(model), dims=2)
+        linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and check_filter(filter_fn)(m, n)}
+    check_group_size(config, linears)
+    saved = {n: m.weight.detach().clone() for n, m in linears.items()}
     done: dict[str, QTensor] = {}
 
     def solve(fqn, lin, H):
@@ -429,14 +420,17 @@ def gptq_(model: nn.Module, calibration, config: QuantConfig, *, act_order: bool
             lin.weight.copy_(q.dequantize())        # what the next layers see during a sequential pass
         done[fqn] = q
 
-    if isinstance(calibration, dict):
-        keep = filter_fn or skip_tied(model)        # as quantize_: not a lm_head tied to the embedding
-        for fqn, acc in calibration.items():
-            lin = model.get_submodule(fqn)
-            if isinstance(lin, nn.Linear) and keep(lin, fqn):
-                solve(fqn, lin, acc.hessian)
-    else:
-        sequential_(model, calibration, solve, filter_fn)
+    try:   # all-or-nothing: a failure on a later layer puts the weights already solved back
+        if isinstance(calibration, dict):
+            for fqn, lin in linears.items():
+                solve(fqn, lin, calibration[fqn].hessian)
+        else:
+            sequential_(model, calibration, solve, filter_fn)
+    except BaseException:
+        with torch.no_grad():
+            for n, m in linears.items():
+                m.weight.copy_(saved[n])
+        raise
     for fqn, q in done.items():
         lin = model.get_submodule(fqn)
         parent, _, child = fqn.rpartition(".")

@@ -33,7 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import quantize as Q
-from .checks import real_number
+from .checks import real_number, torch_module, torch_tensor
+from .models import check_llama
 
 ACTS = ("token", "tensor")
 ALPHAS = tuple(round(0.1 * i, 1) for i in range(11))   # the grid search_alpha tries
@@ -58,9 +59,13 @@ def check_act(act) -> str:
 
 
 def _as_weights(weights) -> list[torch.Tensor]:
+    if not isinstance(weights, (torch.Tensor, list, tuple)):
+        raise TypeError(f"weights must be one 2-D weight [out, in] or a list of them, got {type(weights).__name__}")
     ws = [weights] if isinstance(weights, torch.Tensor) else list(weights)
     if not ws or not all(isinstance(w, torch.Tensor) and w.dim() == 2 for w in ws):
         raise ValueError("weights must be one 2-D weight [out, in] or a list of them that read the same input")
+    for w in ws:
+        torch_tensor("weights", w, "Linear weights [out, in]", kind="float", finite=True)
     if len({w.shape[1] for w in ws}) != 1:
         raise ValueError(f"the weights read inputs of different widths {[w.shape[1] for w in ws]}; only Linears that "
                          f"read the same input share a smoothing factor")
@@ -70,12 +75,20 @@ def _as_weights(weights) -> list[torch.Tensor]:
 # --------------------------------------------------------------------------------------------------
 # One Linear: smoothing factors and W8A8 outputs (notebook 02, "SmoothQuant")
 # --------------------------------------------------------------------------------------------------
+def _check_x(x) -> torch.Tensor:
+    torch_tensor("x", x, "activations [..., in_features]", kind="float", finite=True)
+    if x.dim() == 0:
+        raise ValueError("x must have a last dimension of input features, got a 0-d tensor")
+    return x
+
+
 def smoothing_factors(x_absmax: torch.Tensor, weights, alpha: float = 0.5) -> torch.Tensor:
     """s_j = max|X_j|^α / max|W_j|^(1−α) per input channel j (fp32 [in]). `weights`: one [out, in] weight or a list
     of weights that read the same input (then max|W_j| is taken over all their rows). x_absmax: max |input| per
     channel over calibration tokens (labkit.quantize.linear_input_stats' "feature_absmax")."""
     alpha = check_alpha(alpha)
     ws = _as_weights(weights)
+    torch_tensor("x_absmax", x_absmax, "max |input| per channel", kind="float")
     if not isinstance(x_absmax, torch.Tensor) or x_absmax.dim() != 1 or x_absmax.numel() != ws[0].shape[1]:
         got = tuple(x_absmax.shape) if isinstance(x_absmax, torch.Tensor) else type(x_absmax).__name__
         raise ValueError(f"x_absmax must be 1-D with one value per input channel ({ws[0].shape[1]}), got {got}")
@@ -89,6 +102,7 @@ def smoothing_factors(x_absmax: torch.Tensor, weights, alpha: float = 0.5) -> to
 def fake_quant_activations(x: torch.Tensor, act: str = "token") -> torch.Tensor:
     """x [..., in] rounded to int8 with one scale per token (row) or one for the whole tensor, back in fp32."""
     check_act(act)
+    _check_x(x)
     q = Q.fake_quantize(x.reshape(-1, x.shape[-1]), 8, "channel" if act == "token" else "tensor",
                         scale_dtype=torch.float32)
     return q.reshape(x.shape)
@@ -96,6 +110,7 @@ def fake_quant_activations(x: torch.Tensor, act: str = "token") -> torch.Tensor:
 
 def fake_quant_weight(w: torch.Tensor) -> torch.Tensor:
     """W [out, in] rounded to int8 with one scale per output channel, back in fp32."""
+    torch_tensor("w", w, "a weight [out, in]", dims=2, kind="float", finite=True)
     return Q.fake_quantize(w.detach().float(), 8, "channel", scale_dtype=torch.float32)
 
 
@@ -103,6 +118,10 @@ def w8a8_matmul(x: torch.Tensor, w: torch.Tensor, act: str = "token", s: torch.T
     """x·Wᵀ in simulated W8A8: Q_act(x·diag(s)⁻¹) · Q_w(W·diag(s))ᵀ, weights int8 per output channel. s=None is
     naive W8A8 (no smoothing)."""
     check_act(act)
+    _check_x(x)
+    torch_tensor("w", w, "a weight [out, in]", dims=2, kind="float", finite=True)
+    if s is not None:
+        torch_tensor("s", s, "the smoothing factors, one per input channel", dims=1, kind="float", finite=True)
     if x.shape[-1] != w.shape[-1]:
         raise ValueError(f"x has {x.shape[-1]} features but the weight reads {w.shape[-1]}")
     x2, w = x.detach().reshape(-1, x.shape[-1]).float(), w.detach().float()
@@ -116,6 +135,9 @@ def w8a8_matmul(x: torch.Tensor, w: torch.Tensor, act: str = "token", s: torch.T
 
 def relative_error(y: torch.Tensor, ref: torch.Tensor) -> float:
     """‖y − ref‖_F / ‖ref‖_F."""
+    torch_tensor("ref", ref, "the exact output", kind="float", finite=True)
+    if torch_tensor("y", y, "the approximate output, ref's shape", kind="float", finite=True).shape != ref.shape:
+        raise ValueError(f"y {tuple(y.shape)} and ref {tuple(ref.shape)} must have one shape")
     return float((y.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30))
 
 
@@ -124,6 +146,11 @@ def search_alpha(x: torch.Tensor, weights, x_absmax: torch.Tensor | None = None,
     """The α of `alphas` whose W8A8 outputs are closest to fp32 on inputs x [n, in], summed over `weights` (the
     Linears that share the input and therefore s). Returns (best α, {α: relative error})."""
     ws = _as_weights(weights)
+    _check_x(x)
+    if x.shape[-1] != ws[0].shape[1]:
+        raise ValueError(f"x has {x.shape[-1]} features but the weights read {ws[0].shape[1]}")
+    if not isinstance(alphas, (list, tuple)) or not alphas:
+        raise ValueError(f"alphas must be a non-empty list of values in [0, 1], got {alphas!r}")
     x = x.detach().reshape(-1, x.shape[-1]).float()
     x_absmax = x.abs().amax(0) if x_absmax is None else x_absmax
     refs = [x @ w.detach().float().T for w in ws]
@@ -146,6 +173,11 @@ class W8A8Linear(nn.Module):
 
     def __init__(self, linear: nn.Linear, act: str = "token", input_scale: torch.Tensor | None = None):
         super().__init__()
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        if input_scale is not None and torch_tensor("input_scale", input_scale, "1/s, one per input channel", dims=1,
+                                                    kind="float", finite=True).shape[0] != linear.in_features:
+            raise ValueError(f"input_scale must hold {linear.in_features} values, got {tuple(input_scale.shape)}")
         self.act = check_act(act)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.register_buffer("weight", fake_quant_weight(linear.weight))
@@ -170,6 +202,7 @@ class W8A8Linear(nn.Module):
 def llama_groups(model: nn.Module) -> list[dict]:
     """The smoothable groups of a Llama: {"prev": module whose output channels absorb 1/s, "kind": "norm" (an
     RMSNorm's weight) or "rows" (a Linear's output rows), "linears": [fqn, ...] reading that output}."""
+    check_llama(model)
     groups = []
     for i, layer in enumerate(model.model.layers):
         p = f"model.layers.{i}."
@@ -187,6 +220,9 @@ def smooth_(model: nn.Module, stats: dict, alpha: float | dict = 0.5) -> dict[st
     model BEFORE smoothing; `alpha`: one α, or {fqn of a group's first Linear: α} (e.g. from search_alpha).
     Returns {first fqn: s}. Smoothing twice compounds: reload the model first."""
     groups = llama_groups(model)
+    if not isinstance(stats, dict):
+        raise TypeError(f"stats must be the dict Q.linear_input_stats(model, tokens) returned, got "
+                        f"{type(stats).__name__}")
     if isinstance(alpha, dict):
         missing = [g["linears"][0] for g in groups if g["linears"][0] not in alpha]
         if missing:
@@ -202,7 +238,11 @@ def smooth_(model: nn.Module, stats: dict, alpha: float | dict = 0.5) -> dict[st
     for g in groups:                         # everything checked and computed before the first weight changes
         lins = [model.get_submodule(n) for n in g["linears"]]
         a = alpha[g["linears"][0]] if isinstance(alpha, dict) else alpha
-        plan.append((g, lins, smoothing_factors(stats[g["linears"][0]]["feature_absmax"], [m.weight for m in lins], a)))
+        entry = stats[g["linears"][0]]
+        if not isinstance(entry, dict) or "feature_absmax" not in entry:
+            raise ValueError(f"stats[{g['linears'][0]!r}] lacks 'feature_absmax'; compute stats with "
+                             "Q.linear_input_stats(model, tokens)")
+        plan.append((g, lins, smoothing_factors(entry["feature_absmax"], [m.weight for m in lins], a)))
     out = {}
     for g, lins, s in plan:
         prev = g["prev"]
@@ -223,6 +263,9 @@ def w8a8_(model: nn.Module, act: str = "token",
     """In place: every selected nn.Linear (default: all but a lm_head tied to the embedding, as quantize_) becomes a
     W8A8Linear. Returns the model. A model that already holds W8A8Linear layers is refused."""
     check_act(act)
+    torch_module("model", model, "a model such as lk.load_model()[0]")
+    if filter_fn is not None and not callable(filter_fn):
+        raise TypeError(f"filter_fn must be a function (module, fqn) -> bool, or None; got {filter_fn!r}")
     if any(isinstance(m, W8A8Linear) for m in model.modules()):
         raise ValueError("the model already holds W8A8Linear layers; reload it (lk.load_model) before w8a8_ again")
     filter_fn = filter_fn or Q.skip_tied(model)
@@ -235,4 +278,4 @@ def w8a8_(model: nn.Module, act: str = "token",
 
 def w8a8_bytes(model: nn.Module) -> int:
     """Bytes the W8A8 Linears of a model would store (int8 codes + fp16 scales per output channel)."""
-    return sum(m.nbytes for m in model.modules() if isinstance(m, W8A8Linear))
+    return sum(m.nbytes for m in torch_module("model", model, "a model after w8a8_").modules() if isinstance(m, W8A8Linear))

@@ -27,10 +27,14 @@ import torch
 from hypothesis import HealthCheck, given, settings
 
 import labkit as lk
+from labkit import awq as A
 from labkit import compress as C
 from labkit import data as D
 from labkit import models as Mo
+from labkit import quantize as Q
 from labkit import repro as R
+from labkit import second_order as SO
+from labkit import smoothquant as SQ
 from labkit import sparse as S
 from labkit import storage as ST
 from labkit.experiments import compress as XC
@@ -290,6 +294,164 @@ OTHER_CASES: list[tuple[str, object, tuple]] = [
     ("distill.logit_cache_bytes k float", lambda: lk.distill.logit_cache_bytes(100, 256, k=2.5), (TE,)),
     ("distill.logit_cache_bytes negative", lambda: lk.distill.logit_cache_bytes(-100, 256), (VE,)),
 ]
+
+# The lesson modules (notebooks 01–07), case by case as a fuzzer found them: each call once raised an IndexError,
+# AttributeError, RuntimeError from deep inside torch, returned a silently wrong number, hung, or changed the model.
+LESSON_CASES: list[tuple[str, object, tuple]] = [
+    # calibration / prune (notebook 01)
+    ("calibration.default_filter fqn None", lambda: lk.calibration.default_filter(torch.nn.Linear(2, 2), None), (TE,)),
+    ("calibration.select_linears model str", lambda: lk.prune.select_linears("model"), (TE,)),
+    ("calibration.select_linears filter_fn int", lambda: lk.prune.select_linears(_tiny(), 3), (TE,)),
+    ("calibration.calibration_batches tokens None", lambda: lk.prune.calibration_batches(None), (TE,)),
+    ("calibration.calibration_batches n_samples 0", lambda: lk.prune.calibration_batches(_ids(4096), 0, 32), (VE,)),
+    ("calibration.calibration_batches n_samples 10**12", lambda: lk.prune.calibration_batches(_ids(4096), 10**12, 32),
+     (VE,)),
+    ("calibration.calibration_batches seq_len -1", lambda: lk.prune.calibration_batches(_ids(4096), 4, -1), (VE,)),
+    ("calibration.collect_input_norms Sequential", lambda: lk.prune.collect_input_norms(_seq(), _ids(4096)), (TE,)),
+    ("calibration.collect_input_norms ids >= vocab", lambda: lk.prune.collect_input_norms(_tiny(), _ids(4096) + 10**6),
+     (VE,)),
+    ("calibration.collect_input_norms float tokens", lambda: lk.prune.collect_input_norms(_tiny(), torch.rand(4096)),
+     (TE,)),
+    ("calibration.collect_input_norms batch_size 0", lambda: lk.prune.collect_input_norms(_tiny(), _ids(4096),
+                                                                                           batch_size=0), (VE,)),
+    ("prune.mask_from_scores complex", lambda: lk.prune.mask_from_scores(_w().to(torch.complex64), 0.5), (TE,)),
+    ("prune.mask_from_scores list", lambda: lk.prune.mask_from_scores([[0.1, 0.2]], 0.5), (TE,)),
+    ("prune.magnitude_mask weight None", lambda: lk.prune.magnitude_mask(None, 0.5), (TE,)),
+    ("prune.magnitude_mask NaN weight", lambda: lk.prune.magnitude_mask(_w(nan=True), 0.5), (VE,)),
+    ("prune.row_mask_from_scores numpy", lambda: lk.prune.row_mask_from_scores(_w().numpy(), 0.5), (TE,)),
+    ("prune.nm_mask str", lambda: lk.prune.nm_mask("w"), (TE,)),
+    ("prune.nm_mask_from_scores complex", lambda: lk.prune.nm_mask_from_scores(_w().to(torch.complex64)), (TE,)),
+    ("prune.wanda_scores input_norm None", lambda: lk.prune.wanda_scores(_w(), None), (TE,)),
+    ("prune.wanda_scores NaN weight", lambda: lk.prune.wanda_scores(_w(nan=True), torch.ones(16)), (VE,)),
+    ("prune.global_magnitude_masks list", lambda: lk.prune.global_magnitude_masks([_w()], 0.5), (TE,)),
+    ("prune.global_masks_from_scores None values", lambda: lk.prune.global_masks_from_scores({"a": None}, 0.5), (TE,)),
+    ("prune.sparsity_of list of floats", lambda: lk.prune.sparsity_of([0.0, 1.0]), (TE,)),
+    ("prune.sparsity_of str", lambda: lk.prune.sparsity_of("w"), (TE,)),
+    ("prune.compute_masks config dict", lambda: lk.prune.compute_masks(_tiny(), {"sparsity": 0.5}), (TE,)),
+    ("prune.compute_masks model str", lambda: lk.prune.compute_masks("m", lk.prune.PruneConfig()), (TE,)),
+    ("prune.apply_masks_ masks list", lambda: lk.prune.apply_masks_(_tiny(), []), (TE,)),
+    ("prune.prune_ model None", lambda: lk.prune.prune_(None, lk.prune.PruneConfig()), (TE,)),
+    ("prune.prune_ wanda float calib_tokens", lambda: lk.prune.prune_(Mo.tiny_llama(), lk.prune.PruneConfig(
+        method="wanda"), calib_tokens=torch.rand(4096)), (TE,)),
+    ("prune.prune_ wanda ids >= vocab", lambda: lk.prune.prune_(Mo.tiny_llama(), lk.prune.PruneConfig(
+        method="wanda"), calib_tokens=_ids(4096) + 300), (VE,)),
+    ("prune.prune_ wanda windows longer than the model reads", lambda: lk.prune.prune_(
+        Mo.tiny_llama(max_position_embeddings=64), lk.prune.PruneConfig(method="wanda"), calib_tokens=_ids(4096)),
+     (VE,)),
+    ("prune.prune_ sparsegpt Sequential", lambda: lk.prune.prune_(_seq(), lk.prune.PruneConfig(method="sparsegpt"),
+                                                                  calib_tokens=_ids(4096)), (TE,)),
+    ("prune.neuron_scores not an MLP", lambda: lk.prune.neuron_scores(torch.nn.Linear(4, 4)), (TE,)),
+    ("prune.neuron_scores norm of the wrong size", lambda: lk.prune.neuron_scores(
+        _tiny().model.layers[0].mlp, torch.ones(5)), (VE,)),
+    ("prune.prune_mlp_neurons_ input_norms str", lambda: lk.prune.prune_mlp_neurons_(Mo.tiny_llama(), 0.5, "n"), (TE,)),
+    ("prune.recovery_finetune_ Sequential", lambda: lk.prune.recovery_finetune_(_seq(), _ids(4096)), (TE,)),
+    ("prune.recovery_finetune_ steps 10**12", lambda: lk.prune.recovery_finetune_(Mo.tiny_llama(), _ids(4096),
+                                                                                  steps=10**12), (VE,)),
+    ("prune.recovery_finetune_ lr inf", lambda: lk.prune.recovery_finetune_(Mo.tiny_llama(), _ids(4096),
+                                                                            lr=float("inf")), (VE,)),
+    ("prune.recovery_finetune_ lr 1e12", lambda: lk.prune.recovery_finetune_(Mo.tiny_llama(), _ids(4096), lr=1e12),
+     (VE,)),
+    ("prune.recovery_finetune_ seq_len 0", lambda: lk.prune.recovery_finetune_(Mo.tiny_llama(), _ids(4096),
+                                                                               seq_len=0), (VE,)),
+    ("prune.recovery_finetune_ batch_size 10**12", lambda: lk.prune.recovery_finetune_(
+        Mo.tiny_llama(), _ids(4096), batch_size=10**12), (VE,)),
+    ("prune.recovery_finetune_ seed str", lambda: lk.prune.recovery_finetune_(Mo.tiny_llama(), _ids(4096),
+                                                                              seed="0"), (TE,)),
+    ("prune.recovery_finetune_ float tokens", lambda: lk.prune.recovery_finetune_(Mo.tiny_llama(), torch.rand(4096)),
+     (TE,)),
+    ("prune.state_dict_bytes None", lambda: lk.prune.state_dict_bytes(None), (TE,)),
+    # second_order (notebooks 01 and 02)
+    ("second_order.hessian None", lambda: SO.hessian(None), (TE,)),
+    ("second_order.hessian 0-d", lambda: SO.hessian(torch.tensor(1.0)), (VE,)),
+    ("second_order.HessianAccumulator in_features 10**12", lambda: SO.HessianAccumulator(10**12), (VE,)),
+    ("second_order.HessianAccumulator.add list", lambda: SO.HessianAccumulator(4).add([[1.0] * 4]), (TE,)),
+    ("second_order.inverse_cholesky not positive definite", lambda: SO.inverse_cholesky(-torch.eye(4)), (VE,)),
+    ("second_order.prepare_hessian NaN", lambda: SO.prepare_hessian(_hess(nan=True), _w()), (VE,)),
+    ("second_order.layer_error shapes differ", lambda: SO.layer_error(_w(), _w()[:1], torch.randn(32, 16)), (VE,)),
+    ("second_order.layer_error NaN inputs", lambda: SO.layer_error(_w(), _w(), _w(nan=True)), (VE,)),
+    ("second_order.obs_solve grid str", lambda: SO.obs_solve(_w(), _hess(), grid="int4"), (TE,)),
+    ("second_order.obs_solve blocksize 0", lambda: SO.obs_solve(_w(), _hess(), sparsity=0.5, blocksize=0), (VE,)),
+    ("second_order.gptq act_order str", lambda: SO.gptq(_w(), _hess(), SO.Grid(4), act_order="yes"), (TE,)),
+    ("second_order.sparsegpt nm ()", lambda: SO.sparsegpt(_w(), _hess(), nm=()), (TE,)),
+    ("second_order.collect_stats float batches", lambda: SO.collect_stats(_tiny(), torch.rand(2, 16)), (TE,)),
+    ("second_order.collect_stats 1-D batches", lambda: SO.collect_stats(_tiny(), _ids(16)), (VE,)),
+    ("second_order.collect_stats Sequential", lambda: SO.collect_stats(_seq(), _ids(32).reshape(2, 16)), (TE,)),
+    ("second_order.sequential_ solve None", lambda: SO.sequential_(_tiny(), _ids(32).reshape(2, 16), None), (TE,)),
+    ("second_order.calibrate_layers BertModel", lambda: SO.calibrate_layers(_bert(), _ids(32).reshape(2, 16),
+                                                                           lambda *a: None), (TE,)),
+    ("second_order.gptq_ ids >= vocab", lambda: SO.gptq_(Mo.tiny_llama(), _ids(32).reshape(2, 16) + 300,
+                                                         lk.quantize.QuantConfig(4)), (VE,)),
+    ("second_order.gptq_ blocksize 1.5", lambda: SO.gptq_(Mo.tiny_llama(), _ids(32).reshape(2, 16),
+                                                          lk.quantize.QuantConfig(4), blocksize=1.5), (TE,)),
+    # qtensor / quantize (notebook 02)
+    ("qtensor.quantize unknown granularity with a group_size", lambda: Q.quantize(_w(), 4, "rows", 8), (VE,)),
+    ("qtensor.quantize group_size 1.5", lambda: Q.quantize(_w(), 4, "group", 1.5), (TE,)),
+    ("qtensor.quantize symmetric str", lambda: Q.quantize(_w(), 4, symmetric="no"), (TE,)),
+    ("qtensor.quant_error x of another shape", lambda: Q.quant_error(_w()[:1], Q.quantize(_w(), 4)), (VE,)),
+    ("qtensor.quant_error NaN x", lambda: Q.quant_error(_w(nan=True), Q.quantize(_w(), 4)), (VE,)),
+    ("qtensor.dequantize dict", lambda: Q.dequantize({"packed": None}), (TE,)),
+    ("qtensor.save_qtensor None", lambda: Q.save_qtensor(None, "/tmp/lk-never.st"), (TE,)),
+    ("qtensor.QTensor packed too short", lambda: Q.QTensor(torch.zeros(3, dtype=torch.uint8), torch.ones(8, 1), None, 4,
+                                                           16, (8, 16), True, "channel"), (VE,)),
+    ("qtensor.QTensor bits 5", lambda: Q.QTensor(torch.zeros(64, dtype=torch.uint8), torch.ones(8, 1), None, 5, 16,
+                                                 (8, 16), True, "channel"), (VE,)),
+    ("quantize.cast_error dtype None", lambda: Q.cast_error(_w(), None), (TE,)),
+    ("quantize.cast_error dtype int8", lambda: Q.cast_error(_w(), torch.int8), (TE,)),
+    ("quantize.distinct_per_block block 0", lambda: Q.distinct_per_block(_w(), 0), (VE,)),
+    ("quantize.distinct_per_block block that does not divide", lambda: Q.distinct_per_block(_w(), 5), (VE,)),
+    ("quantize.mixed_int8_matmul inf x", lambda: Q.mixed_int8_matmul(_w(inf=True), _w()), (VE,)),
+    ("quantize.mixed_int8_matmul threshold nan", lambda: Q.mixed_int8_matmul(_w(), _w(), float("nan")), (VE,)),
+    ("quantize.int8_matmul_errors 1-D w", lambda: Q.int8_matmul_errors(_w(), torch.ones(16)), (VE,)),
+    ("quantize.int8_matmul_errors x None", lambda: Q.int8_matmul_errors(None, _w()), (TE,)),
+    ("quantize.linear_input_stats names str", lambda: Q.linear_input_stats(_tiny(), _ids(16), names="q_proj"), (TE,)),
+    ("quantize.linear_input_stats unknown name", lambda: Q.linear_input_stats(_tiny(), _ids(16), names=["nope"]),
+     (VE,)),
+    ("quantize.linear_input_stats float tokens", lambda: Q.linear_input_stats(_tiny(), torch.rand(16)), (TE,)),
+    ("quantize.QuantLinear q None", lambda: Q.QuantLinear(None), (TE,)),
+    ("quantize.QuantLinear bias of the wrong size", lambda: Q.QuantLinear(Q.quantize(_w(), 4), torch.zeros(3)), (VE,)),
+    ("quantize.torchao_int8_weight Sequential", lambda: Q.torchao_int8_weight(_seq()), (TE,)),
+    ("quantize.torchao_config group_size 0", lambda: Q.torchao_config("int4 weight-only", 0), (VE,)),
+    ("quantize.skip_tied None", lambda: Q.skip_tied(None), (TE,)),
+    ("quantize.quantized_linear_bytes str", lambda: Q.quantized_linear_bytes("m"), (TE,)),
+    # awq (notebook 02)
+    ("awq.fake_quantize w None", lambda: A.fake_quantize(None, lk.quantize.QuantConfig(4)), (TE,)),
+    ("awq.output_error shapes differ", lambda: A.output_error(_w(), _w()[:1], _hess()), (VE,)),
+    ("awq.output_error H NaN", lambda: A.output_error(_w(), _w(), _hess(nan=True)), (VE,)),
+    ("awq.output_error dtype int8", lambda: A.output_error(_w(), _w(), _hess(), torch.int8), (TE,)),
+    ("awq.relative_error new_weight None", lambda: A.relative_error(_w(), None, _hess()), (TE,)),
+    ("awq.channel_scales NaN", lambda: A.channel_scales(torch.tensor([1.0, float("nan")]), 0.5), (VE,)),
+    ("awq.scaled_rtn s int", lambda: A.scaled_rtn(_w(), torch.ones(16, dtype=torch.long),
+                                                  lk.quantize.QuantConfig(4)), (TE,)),
+    ("awq.search_scale weights tensor", lambda: A.search_scale(_w(), torch.ones(16), _hess(),
+                                                               lk.quantize.QuantConfig(4)), (TE,)),
+    ("awq.search_scale H None", lambda: A.search_scale([_w()], torch.ones(16), None, lk.quantize.QuantConfig(4)), (TE,)),
+    ("awq.clip_search ratios empty", lambda: A.clip_search(_w(), _hess(), lk.quantize.QuantConfig(4), ()), (VE,)),
+    ("awq.salient_channels frac 1.5", lambda: A.salient_channels(torch.rand(16), 1.5), (VE,)),
+    ("awq.keep_in_fp16 channel out of range", lambda: A.keep_in_fp16(_w(), torch.tensor([99]),
+                                                                     lk.quantize.QuantConfig(4)), (VE,)),
+    ("awq.gqa_expand not attention", lambda: A.gqa_expand(_seq()), (TE,)),
+    ("awq.llama_groups Sequential", lambda: A.llama_groups(_seq()), (TE,)),
+    ("awq.scale_input_ unknown fqn", lambda: A.scale_input_(_tiny(), "model.nope", torch.ones(64)), (VE,)),
+    ("awq.InputScaled negative scales", lambda: A.InputScaled(torch.nn.Linear(4, 4), -torch.ones(4)), (VE,)),
+    ("awq.awq_ clip str", lambda: A.awq_(Mo.tiny_llama(), _ids(32).reshape(2, 16), lk.quantize.QuantConfig(4),
+                                         clip="yes"), (TE,)),
+    ("awq.awq_ float calibration", lambda: A.awq_(Mo.tiny_llama(), torch.rand(2, 16), lk.quantize.QuantConfig(4)),
+     (TE,)),
+    ("awq.awq_explicit_ stats list", lambda: A.awq_explicit_(Mo.tiny_llama(), [], lk.quantize.QuantConfig(4)), (TE,)),
+    # smoothquant (notebook 02)
+    ("smoothquant.relative_error shapes differ", lambda: SQ.relative_error(_w()[:1], _w()), (VE,)),
+    ("smoothquant.relative_error NaN", lambda: SQ.relative_error(_w(nan=True), _w()), (VE,)),
+    ("smoothquant.w8a8_matmul x None", lambda: SQ.w8a8_matmul(None, _w()), (TE,)),
+    ("smoothquant.fake_quant_weight 1-D", lambda: SQ.fake_quant_weight(torch.ones(4)), (VE,)),
+    ("smoothquant.fake_quant_activations 0-d", lambda: SQ.fake_quant_activations(torch.tensor(1.0)), (VE,)),
+    ("smoothquant.search_alpha x 0-d", lambda: SQ.search_alpha(torch.tensor(1.0), [_w()]), (VE,)),
+    ("smoothquant.W8A8Linear input_scale of the wrong size", lambda: SQ.W8A8Linear(torch.nn.Linear(4, 4),
+                                                                                   input_scale=torch.ones(3)), (VE,)),
+    ("smoothquant.W8A8Linear Sequential", lambda: SQ.W8A8Linear(_seq()), (TE,)),
+    ("smoothquant.llama_groups Sequential", lambda: SQ.llama_groups(_seq()), (TE,)),
+    ("smoothquant.smooth_ stats list", lambda: SQ.smooth_(Mo.tiny_llama(), []), (TE,)),
+    ("smoothquant.w8a8_ model str", lambda: SQ.w8a8_("m"), (TE,)),
+]
 _CACHE: dict = {}
 
 
@@ -304,6 +466,32 @@ def _tiny():
     if "tiny" not in _CACHE:
         _CACHE["tiny"] = Mo.tiny_llama(seed=0)
     return _CACHE["tiny"]
+
+
+def _ids(n: int) -> torch.Tensor:
+    return torch.arange(n) % 256
+
+
+def _w(nan: bool = False, inf: bool = False) -> torch.Tensor:
+    w = torch.randn(8, 16, generator=torch.Generator().manual_seed(0))
+    w[0, 0] = float("nan") if nan else float("inf") if inf else w[0, 0]
+    return w
+
+
+def _hess(nan: bool = False) -> torch.Tensor:
+    h = SO.hessian(torch.randn(64, 16, generator=torch.Generator().manual_seed(1)))
+    h[0, 0] = float("nan") if nan else h[0, 0]
+    return h
+
+
+def _seq():
+    return torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8))
+
+
+def _bert():
+    from transformers import BertConfig, BertModel
+    return BertModel(BertConfig(vocab_size=300, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                intermediate_size=64, max_position_embeddings=64))
 
 
 def _huffman():
@@ -332,6 +520,12 @@ def test_bad_input_gives_a_clear_labkit_error(case):
 
 @pytest.mark.parametrize("case", OTHER_CASES, ids=[c[0] for c in OTHER_CASES])
 def test_other_modules_bad_input(case):
+    _, call, exc = case
+    clear_error(call, exc)
+
+
+@pytest.mark.parametrize("case", LESSON_CASES, ids=[c[0] for c in LESSON_CASES])
+def test_lesson_modules_bad_input(case):
     _, call, exc = case
     clear_error(call, exc)
 
@@ -370,6 +564,17 @@ TRANSFORMS = {   # a transform that fails on a later layer must leave the model 
                                                sparsity=0.5, quant="int", bits=4, group_size=64))),
     "compress_ NaN in layer 1": (lambda: _poisoned(float("nan")),
                                  lambda m: lk.capstone.compress_(m, lk.capstone.Recipe(quant="int", bits=4))),
+    "recovery_finetune_ masks str": (lambda: Mo.tiny_llama(seed=0),   # used to train, then fail applying them
+                                     lambda m: lk.prune.recovery_finetune_(m, _ids(4096), masks="mask", steps=2,
+                                                                           seq_len=16, batch_size=2)),
+    "prune_mlp_neurons_ bad norm in layer 1": (lambda: Mo.tiny_llama(seed=0), lambda m: lk.prune.prune_mlp_neurons_(
+        m, 0.5, {"model.layers.0.mlp.down_proj": torch.ones(128), "model.layers.1.mlp.down_proj": torch.ones(5)})),
+    "gptq_ group fits some matrices": (lambda: Mo.tiny_llama(seed=0, intermediate_size=96),
+                                       lambda m: SO.gptq_(m, _ids(32).reshape(2, 16), Q.QuantConfig(4, group_size=64))),
+    "awq_ group fits some matrices": (lambda: Mo.tiny_llama(seed=0, intermediate_size=96),
+                                      lambda m: A.awq_(m, _ids(32).reshape(2, 16), Q.QuantConfig(4, group_size=64))),
+    "awq_ clip per tensor": (lambda: Mo.tiny_llama(seed=0),
+                             lambda m: A.awq_(m, _ids(32).reshape(2, 16), Q.QuantConfig(4, granularity="tensor"))),
 }
 
 @pytest.mark.parametrize("name", list(TRANSFORMS))
@@ -650,7 +855,7 @@ def test_cli_bad_arguments(argv, capsys):
 def summary() -> dict:
     """Run every table case outside pytest and count the outcomes (for the developer notes)."""
     rows = {"cases": 0, "clear": 0, "wrong type / raw": []}
-    for name, call, exc in CASES + OTHER_CASES:
+    for name, call, exc in CASES + OTHER_CASES + LESSON_CASES:
         rows["cases"] += 1
         try:
             call()
