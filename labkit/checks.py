@@ -83,6 +83,9 @@ def forbid_calls(*functions, hint: str = "this exercise asks you to write it you
 
 # ---- argument checks for labkit's own functions (TypeError / ValueError, never AssertionError) ------------
 
+MAX_STEPS = 100_000   # the most training steps a loop accepts: more would run for days on a laptop (a typo)
+
+
 def real_number(name: str, value, hint: str = "", low: float | None = None) -> float:
     """value as a float; TypeError naming `name` (and the hint: what to pass) unless it is a real number;
     ValueError when `low` is given and value is below it or not finite."""

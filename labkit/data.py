@@ -81,7 +81,8 @@ def _tokenizer_key(tokenizer) -> str:
     return hashlib.sha256(spec.encode()).hexdigest()[:16]
 
 
-def _check_tokenizer(tokenizer) -> None:
+def check_tokenizer(tokenizer) -> None:
+    """TypeError unless tokenizer is a Hugging Face tokenizer (callable, with get_vocab)."""
     if not callable(tokenizer) or not hasattr(tokenizer, "get_vocab"):
         raise TypeError(f"tokenizer must be a Hugging Face tokenizer (the second value of lk.load_model), got "
                         f"{type(tokenizer).__name__}")
@@ -104,6 +105,8 @@ def _encode(chapters: list[str], tokenizer) -> torch.Tensor:
 
 def token_cache_path(split: str, tokenizer) -> Path:
     """Where the token cache of a split for this tokenizer lives (plus a .sha256.json sidecar)."""
+    _check_split(split)
+    check_tokenizer(tokenizer)
     return cache_dir() / "tokens" / f"kjv-{split}-{_tokenizer_key(tokenizer)}.safetensors"
 
 
@@ -116,7 +119,7 @@ def tokens(split: str, tokenizer) -> torch.Tensor:
     """
     from safetensors.torch import load, save
     _check_split(split)
-    _check_tokenizer(tokenizer)
+    check_tokenizer(tokenizer)
     path = token_cache_path(split, tokenizer)
     vocab = len(tokenizer) if hasattr(tokenizer, "__len__") else len(tokenizer.get_vocab())
     if path.exists() or path.with_name(path.name + ".sha256.json").exists():
@@ -142,7 +145,7 @@ def text_tokens(text_or_path, tokenizer, min_tokens: int = 257) -> torch.Tensor:
 
     text_or_path: the text itself (str), a file (pathlib.Path, or a str naming an existing file; UTF-8), or a
     list of documents (str). min_tokens (default: one 256-token window + 1) refuses text too short to score."""
-    _check_tokenizer(tokenizer)
+    check_tokenizer(tokenizer)
     whole_number("min_tokens", min_tokens, 1, "e.g. 257: one 256-token window + 1")
     if isinstance(text_or_path, os.PathLike) or (isinstance(text_or_path, str) and "\n" not in text_or_path
                                                  and len(text_or_path) < 4096 and os.path.isfile(text_or_path)):

@@ -22,13 +22,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .checks import real_number, whole_number
-from .models import LlamaSpec, build_llama
+from .checks import MAX_STEPS, real_number, torch_module, torch_tensor, whole_number
+from .evaluate import check_token_ids
+from .memory import check_fits
+from .models import LlamaSpec, build_llama, check_llama
 # The teacher's targets (top-k logits and their tail mass) have their own module; re-exported (notebook 03 uses
 # distill.TopKLogits, distill.tail_logmass, distill.topk_mass, distill.logit_cache_bytes, distill.TAIL_TEMPERATURES).
 from .teacher_targets import (  # noqa: F401
-    TAIL_TEMPERATURES, TopKLogits, check_temperature, logit_cache_bytes, tail_logmass, teacher_topk, topk_mass,
-    vocab_size_of,
+    TAIL_TEMPERATURES, TopKLogits, check_temperature, check_temps, check_topk, logit_cache_bytes, tail_logmass,
+    teacher_topk, topk_mass, vocab_size_of,
 )
 
 # ----------------------------------------------------------------------------------------------------------
@@ -50,6 +52,9 @@ def check_vocab(teacher, student, tokenizer=None) -> int:
     if tv != sv:
         raise ValueError(f"vocabulary mismatch: teacher has {tv} tokens, student has {sv}; distillation compares "
                          f"their logits token by token, so build the student with make_student(teacher.config)")
+    if tokenizer is not None:
+        from .data import check_tokenizer
+        check_tokenizer(tokenizer)
     if tokenizer is not None and len(tokenizer) > sv:
         raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but the models only {sv}; "
                          f"use the teacher's own tokenizer")
@@ -66,7 +71,7 @@ def make_depth_student(teacher, keep, freeze_embedding: bool = True):
     The tied embedding/output matrix and the final norm come along (frozen when `freeze_embedding`: it was
     learned from far more text than any recovery run sees). DistilBERT kept one layer in two; keeping the first
     layers and the last two (a contiguous cut of the middle) starts far better than every k-th layer."""
-    layers = teacher.model.layers
+    layers = check_llama(teacher, "teacher").model.layers
     n = len(layers)
     if isinstance(keep, (str, bytes)) or not hasattr(keep, "__iter__"):
         raise TypeError(f"keep must be a list of layer indices in [0, {n}), got {keep!r}")
@@ -98,6 +103,7 @@ def make_student(teacher_config, spec: LlamaSpec | None = None, seed: int = 0, *
     """A small LlamaForCausalLM of `spec` (default STUDENT; `overrides` are LlamaSpec fields, e.g.
     tie_word_embeddings=False) with the teacher's vocabulary, special tokens and norm epsilon (random, seeded)."""
     tc = getattr(teacher_config, "config", teacher_config)
+    vocab_size_of(tc)     # a TypeError naming what to pass when it is not a model's config
     if spec is not None and not isinstance(spec, LlamaSpec):
         raise TypeError(f"spec must be a lk.models.LlamaSpec, got {type(spec).__name__}")
     if "vocab_size" in overrides:
@@ -113,7 +119,11 @@ def embedding_share(model) -> float:
     """Fraction of the (deduplicated) parameters that sit in the token-embedding table."""
     from .memory import count_params
 
-    return model.get_input_embeddings().weight.numel() / count_params(model)
+    emb = getattr(torch_module("model", model, "a language model such as lk.load_model()[0]"),
+                  "get_input_embeddings", lambda: None)()
+    if emb is None:
+        raise TypeError(f"model must have a token embedding (get_input_embeddings), got {type(model).__name__}")
+    return emb.weight.numel() / count_params(model)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -135,8 +145,17 @@ def kd_loss(student_logits, teacher_logits, labels=None, temperature: float = 1.
     """
     t = check_temperature(temperature)
     a = check_alpha(alpha)
-    V = student_logits.shape[-1]
+    torch_tensor("student_logits", student_logits, "the student's logits [..., vocab]", kind="float", finite=True)
     topk = isinstance(teacher_logits, TopKLogits)
+    if not topk:
+        torch_tensor("teacher_logits", teacher_logits, "the teacher's logits [..., vocab] or a TopKLogits", kind="float",
+                     finite=True)
+    if student_logits.dim() == 0 or (not topk and teacher_logits.dim() == 0):
+        raise ValueError("student_logits and teacher_logits must be [..., vocab], got a 0-d tensor")
+    ignore_index = whole_number("ignore_index", ignore_index, -2**63, "the label of skipped positions, e.g. -100")
+    if not isinstance(return_parts, bool):
+        raise TypeError(f"return_parts must be True or False, got {return_parts!r}")
+    V = student_logits.shape[-1]
     if topk:
         if teacher_logits.vocab_size != V:
             raise ValueError(f"vocabulary mismatch: teacher top-k logits come from a {teacher_logits.vocab_size}-"
@@ -152,9 +171,12 @@ def kd_loss(student_logits, teacher_logits, labels=None, temperature: float = 1.
                          f"{tuple(student_logits.shape[:-1])}; feed both the same token batch")
     if labels is None and a < 1.0:
         raise ValueError("labels are needed when alpha < 1 (the hard-label cross-entropy term)")
-    if labels is not None and tuple(labels.shape) != tuple(student_logits.shape[:-1]):
+    if labels is not None and tuple(torch_tensor("labels", labels, "next-token ids", kind="int", empty=True).shape) \
+            != tuple(student_logits.shape[:-1]):
         raise ValueError(f"labels {tuple(labels.shape)} must have the student's positions "
                          f"{tuple(student_logits.shape[:-1])} (shift them first)")
+    if labels is not None and bool(((labels != ignore_index) & ((labels < 0) | (labels >= V))).any()):
+        raise ValueError(f"labels must be token ids in 0 … {V - 1} (or ignore_index={ignore_index})")
 
     s = student_logits.reshape(-1, V).float()
     mask = (labels.reshape(-1) != ignore_index) if labels is not None else torch.ones(s.shape[0], dtype=torch.bool)
@@ -227,13 +249,14 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self):
-        whole_number("TrainConfig.steps", self.steps, 1, "optimizer steps, e.g. 100")
+        whole_number("TrainConfig.steps", self.steps, 1, "optimizer steps, e.g. 100", high=MAX_STEPS)
         whole_number("TrainConfig.batch_size", self.batch_size, 1, "sequences per step, e.g. 4")
         whole_number("TrainConfig.warmup", self.warmup, 0, "warm-up steps, 0 for none")
         whole_number("TrainConfig.seed", self.seed, 0, "the batch-order seed")
         lr = real_number("TrainConfig.lr", self.lr, "the peak learning rate, e.g. 3e-4")
-        if not (lr > 0 and math.isfinite(lr)):
-            raise ValueError(f"TrainConfig.lr must be a finite number > 0 (e.g. 3e-4), got {self.lr}")
+        if not (0 < lr <= 1):
+            raise ValueError(f"TrainConfig.lr must be a finite number > 0 (e.g. 3e-4) and ≤ 1 (a larger step diverges "
+                             f"to NaN losses), got {self.lr}")
         for name in ("weight_decay", "clip"):
             v = real_number(f"TrainConfig.{name}", getattr(self, name), "≥ 0; 0 turns it off")
             if not (v >= 0 and math.isfinite(v)):
@@ -246,6 +269,11 @@ class TrainConfig:
 
 def batch_order(n_seqs: int, steps: int, batch_size: int, seed: int) -> torch.Tensor:
     """[steps, batch_size] sequence indices: a fresh seeded shuffle every epoch; a pure function of its inputs."""
+    n_seqs = whole_number("n_seqs", n_seqs, 1, "how many training sequences")
+    steps = whole_number("steps", steps, 1, "optimizer steps", high=MAX_STEPS)
+    batch_size = whole_number("batch_size", batch_size, 1, "sequences per step, at most n_seqs")
+    seed = whole_number("seed", seed, 0, "the batch-order seed", high=2**63 - 1)
+    check_fits(f"a shuffle of n_seqs={n_seqs} sequences", 8 * n_seqs, "pass the number of sequences you have")
     if batch_size > n_seqs:
         raise ValueError(f"batch_size {batch_size} > {n_seqs} sequences")
     per_epoch = n_seqs // batch_size
@@ -257,6 +285,9 @@ def batch_order(n_seqs: int, steps: int, batch_size: int, seed: int) -> torch.Te
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Learning rate of 0-based `step`: linear warm-up to cfg.lr, then cosine decay to 10% of it at the end."""
+    if not isinstance(cfg, TrainConfig):
+        raise TypeError(f"cfg must be a distill.TrainConfig, got {type(cfg).__name__}")
+    step = whole_number("step", step, 0, "a 0-based optimizer step")
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     frac = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
@@ -270,6 +301,9 @@ def save_checkpoint(path, state: dict) -> Path:
     """Write a training state atomically with a sha256 sidecar (lk.repro.write_verified_torch); Ctrl-C waits."""
     from .repro import write_verified_torch
 
+    if not isinstance(state, dict):
+        raise TypeError(f"state must be a dict of tensors, numbers and lists (a training state), got "
+                        f"{type(state).__name__}")
     return write_verified_torch(path, state, CHECKPOINT_KIND, {"step": int(state.get("step", 0))})
 
 
@@ -327,6 +361,19 @@ def train_student(student, seqs: torch.Tensor, cfg: TrainConfig, teacher_logits:
 
     if not isinstance(cfg, TrainConfig):
         raise TypeError(f"cfg must be a distill.TrainConfig, got {type(cfg).__name__}")
+    check_token_ids("seqs", seqs, check_llama(student, "student"), dims=2)
+    if seqs.shape[1] < 2:
+        raise ValueError(f"seqs must be [n, T + 1] with T ≥ 1 (from make_sequences), got {tuple(seqs.shape)}")
+    if teacher_logits is not None and not isinstance(teacher_logits, (TopKLogits, torch.Tensor)):
+        raise TypeError(f"teacher_logits must be a TopKLogits (teacher_topk), a logits tensor or None, got "
+                        f"{type(teacher_logits).__name__}")
+    if checkpoint is not None and not isinstance(checkpoint, (str, Path)):
+        raise TypeError(f"checkpoint must be a path (str or pathlib.Path) or None, got {checkpoint!r}")
+    for name, fn in (("callback", callback), ("eval_fn", eval_fn)):
+        if fn is not None and not callable(fn):
+            raise TypeError(f"{name} must be a function or None, got {fn!r}")
+    if not isinstance(progress, bool):
+        raise TypeError(f"progress must be True or False, got {progress!r}")
     checkpoint_every = whole_number("checkpoint_every", checkpoint_every, 1, "steps between checkpoints, e.g. 50")
     eval_every = whole_number("eval_every", eval_every, 0, "steps between evaluations, 0 for none")
     stop = cfg.steps if stop_at is None else min(cfg.steps, whole_number("stop_at", stop_at, 1, "a step count"))
@@ -401,6 +448,7 @@ def train_student(student, seqs: torch.Tensor, cfg: TrainConfig, teacher_logits:
 
 def weights_sha256(model) -> str:
     """sha256 of a model's state_dict tensors in name order: the fingerprint of a trained student."""
+    torch_module("model", model, "a model such as a trained student")
     h = hashlib.sha256()
     for name, t in sorted(model.state_dict().items()):
         h.update(name.encode())

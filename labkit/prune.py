@@ -21,7 +21,7 @@ from torch import nn
 from .calibration import (  # noqa: F401
     FilterFn, calibration_batches, check_windows, collect_input_norms, default_filter, select_linears,
 )
-from .checks import real_number, torch_module, torch_tensor, whole_number
+from .checks import MAX_STEPS, real_number, torch_module, torch_tensor, whole_number
 from .evaluate import check_token_ids
 from .masks import (  # noqa: F401  (notebook 01 uses lk.prune.magnitude_mask, nm_mask, wanda_scores, ...)
     check_nm, check_sparsity, check_tensor_dict, global_magnitude_masks, global_masks_from_scores, magnitude_mask,
@@ -32,7 +32,6 @@ from .models import check_llama
 METHODS = ("magnitude", "wanda", "sparsegpt", "nm")
 SCORES = ("magnitude", "wanda", "sparsegpt")
 SCOPES = ("layer", "global", "row")
-MAX_STEPS = 100_000   # training steps: more would run for days on a laptop (a typo, not a plan)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .checks import real_number, whole_number
+from .checks import real_number, torch_tensor, whole_number
 
 
 def check_temperature(temperature) -> float:
@@ -27,7 +27,24 @@ def check_temperature(temperature) -> float:
 def vocab_size_of(model_or_config) -> int:
     """The vocabulary size of a model or of its config."""
     cfg = getattr(model_or_config, "config", model_or_config)
-    return int(cfg.vocab_size)
+    v = getattr(cfg, "vocab_size", None)
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(f"need a language model or its config (with a vocab_size), e.g. lk.load_model()[0] or "
+                        f"model.config; got {type(model_or_config).__name__}")
+    return v
+
+
+def check_temps(temps) -> tuple:
+    """temps as a tuple of floats, each a valid temperature (finite, > 0); () is allowed (no tail stored)."""
+    if isinstance(temps, (str, bytes)) or not isinstance(temps, (list, tuple)):
+        raise TypeError(f"temperatures must be a list of numbers > 0, e.g. (1.0, 2.0, 4.0); got {temps!r}")
+    return tuple(check_temperature(t) for t in temps)
+
+
+def check_topk(tl) -> "TopKLogits":
+    if not isinstance(tl, TopKLogits):
+        raise TypeError(f"need a TopKLogits (from teacher_topk), got {type(tl).__name__}")
+    return tl
 
 
 # Temperatures at which the teacher-logit cache also keeps the log-mass of the tokens outside its top k.
@@ -48,9 +65,16 @@ class TopKLogits:
     tail_temps: tuple = ()
 
     def __post_init__(self):
+        torch_tensor("TopKLogits.values", self.values, "the k largest logits [..., k]", kind="float")
+        torch_tensor("TopKLogits.indices", self.indices, "their token ids [..., k]", kind="int")
+        self.vocab_size = whole_number("TopKLogits.vocab_size", self.vocab_size, 1, "the teacher's vocabulary size")
+        if self.indices.numel() and (int(self.indices.min()) < 0 or int(self.indices.max()) >= self.vocab_size):
+            raise ValueError(f"TopKLogits.indices must be token ids in 0 … {self.vocab_size - 1}")
+        if self.tail is not None:
+            torch_tensor("TopKLogits.tail", self.tail, "the tail log-mass [..., len(tail_temps)]", kind="float")
         if self.values.shape != self.indices.shape:
             raise ValueError(f"values {tuple(self.values.shape)} and indices {tuple(self.indices.shape)} differ")
-        self.tail_temps = tuple(float(t) for t in self.tail_temps)
+        self.tail_temps = check_temps(self.tail_temps)
         if self.tail is not None and tuple(self.tail.shape) != (*self.values.shape[:-1], len(self.tail_temps)):
             raise ValueError(f"tail {tuple(self.tail.shape)} must be [..., {len(self.tail_temps)}] "
                              f"(one log-mass per temperature in tail_temps)")
@@ -79,6 +103,15 @@ class TopKLogits:
 
 def tail_logmass(logits: torch.Tensor, indices: torch.Tensor, temps=TAIL_TEMPERATURES) -> torch.Tensor:
     """[..., len(temps)]: log Σ exp(logits/T) over the tokens *not* in `indices`, one column per T."""
+    torch_tensor("logits", logits, "logits [..., vocab]", kind="float", finite=True)
+    torch_tensor("indices", indices, "token ids [..., k] of the kept logits", kind="int", empty=True)
+    if logits.dim() == 0 or indices.shape[:-1] != logits.shape[:-1] or indices.dim() != logits.dim():
+        raise ValueError(f"indices {tuple(indices.shape)} must be [..., k] over the positions of logits "
+                         f"{tuple(logits.shape)}")
+    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= logits.shape[-1]):
+        raise ValueError(f"indices must be token ids in 0 … {logits.shape[-1] - 1}")
+    if not check_temps(temps):
+        raise ValueError("temps is empty; pass at least one temperature, e.g. (1.0, 2.0, 4.0)")
     rest = logits.float().scatter(-1, indices.long(), float("-inf"))
     return torch.stack([(rest / check_temperature(t)).logsumexp(-1) for t in temps], dim=-1)
 
@@ -88,7 +121,15 @@ def teacher_topk(teacher, seqs: torch.Tensor, k: int = 32, batch_size: int = 4, 
                  tail_temps=TAIL_TEMPERATURES) -> TopKLogits:
     """Run the teacher once over `seqs[:, :-1]`; keep its k largest logits and the tail log-mass per position."""
     from tqdm.auto import tqdm
+    from .evaluate import check_token_ids
+    from .models import check_llama
 
+    check_token_ids("seqs", seqs, check_llama(teacher, "teacher"), dims=2)
+    if seqs.shape[1] < 2:
+        raise ValueError(f"seqs must be [n, T + 1] with T ≥ 1 (inputs plus one label), got {tuple(seqs.shape)}")
+    if not isinstance(progress, bool):
+        raise TypeError(f"progress must be True or False, got {progress!r}")
+    tail_temps = check_temps(tail_temps)
     k = whole_number("k", k, 1, f"how many logits to keep per token, at most the vocabulary {vocab_size_of(teacher)}")
     if k > vocab_size_of(teacher):
         raise ValueError(f"k must be in [1, vocab size {vocab_size_of(teacher)}], got {k}")
@@ -111,6 +152,7 @@ def teacher_topk(teacher, seqs: torch.Tensor, k: int = 32, batch_size: int = 4, 
 
 def topk_mass(tl: TopKLogits, temperature: float = 1.0) -> float:
     """Mean share of the teacher's softened probability (at T) that falls on its top k tokens (needs the tail)."""
+    check_topk(tl)
     tail = tl.tail_at(check_temperature(temperature))
     if tail is None:
         raise ValueError(f"no tail log-mass stored at T = {temperature:g} (stored: {tl.tail_temps})")

@@ -450,7 +450,53 @@ LESSON_CASES: list[tuple[str, object, tuple]] = [
     ("smoothquant.W8A8Linear Sequential", lambda: SQ.W8A8Linear(_seq()), (TE,)),
     ("smoothquant.llama_groups Sequential", lambda: SQ.llama_groups(_seq()), (TE,)),
     ("smoothquant.smooth_ stats list", lambda: SQ.smooth_(Mo.tiny_llama(), []), (TE,)),
-    ("smoothquant.w8a8_ model str", lambda: SQ.w8a8_("m"), (TE,)),
+    ("smoothquant.w8a8_ model str", lambda: SQ.w8a8_("m"), (TE,)),    # distill / teacher_targets (notebook 03)
+    ("distill.check_vocab teacher None", lambda: lk.distill.check_vocab(None, _tiny()), (TE,)),
+    ("distill.check_vocab tokenizer str", lambda: lk.distill.check_vocab(_tiny(), _tiny(), "gpt2"), (TE,)),
+    ("distill.make_depth_student BertModel", lambda: lk.distill.make_depth_student(_bert(), [0]), (TE,)),
+    ("distill.make_student config dict", lambda: lk.distill.make_student({"vocab_size": 256}), (TE,)),
+    ("distill.embedding_share Sequential", lambda: lk.distill.embedding_share(_seq()), (TE,)),
+    ("distill.kd_loss NaN student logits", lambda: lk.distill.kd_loss(_logits(nan=True), _logits(), _labels()), (VE,)),
+    ("distill.kd_loss NaN teacher logits", lambda: lk.distill.kd_loss(_logits(), _logits(nan=True), _labels()), (VE,)),
+    ("distill.kd_loss teacher_logits list", lambda: lk.distill.kd_loss(_logits(), [[0.0]], _labels()), (TE,)),
+    ("distill.kd_loss 0-d logits", lambda: lk.distill.kd_loss(torch.tensor(1.0), torch.tensor(1.0)), (VE,)),
+    ("distill.kd_loss label >= vocab", lambda: lk.distill.kd_loss(_logits(), _logits(), _labels() + 300), (VE,)),
+    ("distill.kd_loss labels numpy", lambda: lk.distill.kd_loss(_logits(), _logits(), _labels().numpy()), (TE,)),
+    ("distill.kd_loss ignore_index 1.5", lambda: lk.distill.kd_loss(_logits(), _logits(), _labels(), ignore_index=1.5),
+     (TE,)),
+    ("distill.TrainConfig steps 10**12", lambda: lk.distill.TrainConfig(steps=10**12), (VE,)),
+    ("distill.TrainConfig lr 1e12", lambda: lk.distill.TrainConfig(lr=1e12), (VE,)),
+    ("distill.batch_order batch_size 0", lambda: lk.distill.batch_order(8, 5, 0, 0), (VE,)),
+    ("distill.batch_order n_seqs 10**12", lambda: lk.distill.batch_order(10**12, 5, 2, 0), (VE,)),
+    ("distill.batch_order seed 1.5", lambda: lk.distill.batch_order(8, 5, 2, 1.5), (TE,)),
+    ("distill.lr_at step nan", lambda: lk.distill.lr_at(float("nan"), lk.distill.TrainConfig()), (TE,)),
+    ("distill.lr_at cfg dict", lambda: lk.distill.lr_at(3, {"lr": 1e-3}), (TE,)),
+    ("distill.save_checkpoint state list", lambda: lk.distill.save_checkpoint("/tmp/lk-never.pt", []), (TE,)),
+    ("distill.train_student Sequential", lambda: lk.distill.train_student(_seq(), _seqs(), lk.distill.TrainConfig(
+        steps=2)), (TE,)),
+    ("distill.train_student float seqs", lambda: lk.distill.train_student(Mo.tiny_llama(), _seqs().float(),
+                                                                          lk.distill.TrainConfig(steps=2)), (TE,)),
+    ("distill.train_student checkpoint int", lambda: lk.distill.train_student(Mo.tiny_llama(), _seqs(),
+                                                                              lk.distill.TrainConfig(steps=2),
+                                                                              checkpoint=3), (TE,)),
+    ("distill.train_student teacher_logits str", lambda: lk.distill.train_student(
+        Mo.tiny_llama(), _seqs(), lk.distill.TrainConfig(steps=2, alpha=0.5), teacher_logits="t"), (TE,)),
+    ("distill.weights_sha256 None", lambda: lk.distill.weights_sha256(None), (TE,)),
+    ("teacher_targets.vocab_size_of Sequential", lambda: lk.distill.vocab_size_of(_seq()), (TE,)),
+    ("teacher_targets.TopKLogits values list", lambda: lk.distill.TopKLogits([0.0], torch.zeros(1, dtype=torch.long),
+                                                                             256), (TE,)),
+    ("teacher_targets.TopKLogits index >= vocab", lambda: lk.distill.TopKLogits(torch.zeros(2, 4), torch.full(
+        (2, 4), 300), 256), (VE,)),
+    ("teacher_targets.TopKLogits vocab_size 1.5", lambda: lk.distill.TopKLogits(torch.zeros(2, 4), torch.zeros(
+        2, 4, dtype=torch.long), 1.5), (TE,)),
+    ("teacher_targets.tail_logmass index >= vocab", lambda: lk.distill.tail_logmass(_logits(), torch.full(
+        (2, 8, 4), 999)), (VE,)),
+    ("teacher_targets.tail_logmass temps ()", lambda: lk.distill.tail_logmass(_logits(), torch.zeros(
+        2, 8, 4, dtype=torch.long), ()), (VE,)),
+    ("teacher_targets.teacher_topk BertModel", lambda: lk.distill.teacher_topk(_bert(), _seqs()), (TE,)),
+    ("teacher_targets.teacher_topk float seqs", lambda: lk.distill.teacher_topk(_tiny(), _seqs().float()), (TE,)),
+    ("teacher_targets.topk_mass dict", lambda: lk.distill.topk_mass({"values": 1}), (TE,)),
+    ("data.token_cache_path tokenizer None", lambda: D.token_cache_path("validation", None), (TE,)),
 ]
 _CACHE: dict = {}
 
@@ -492,6 +538,20 @@ def _bert():
     from transformers import BertConfig, BertModel
     return BertModel(BertConfig(vocab_size=300, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                 intermediate_size=64, max_position_embeddings=64))
+
+
+def _logits(nan: bool = False) -> torch.Tensor:
+    z = torch.randn(2, 8, 256, generator=torch.Generator().manual_seed(2))
+    z[0, 0, 0] = float("nan") if nan else z[0, 0, 0]
+    return z
+
+
+def _labels() -> torch.Tensor:
+    return torch.arange(16).reshape(2, 8)
+
+
+def _seqs() -> torch.Tensor:
+    return lk.distill.make_sequences(_ids(2000), 16, 4)
 
 
 def _huffman():
