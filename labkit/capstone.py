@@ -22,12 +22,12 @@ import torch
 from torch import nn
 
 from . import quantize as Q
-from .checks import whole_number
+from .checks import real_number, torch_module, whole_number
 from .compressed_format import (KIND, KMEANS_SAMPLE, MANIFEST, REPORT, SIDE_PARTS, WEIGHTS,  # noqa: F401
                                 ZSTD_LEVEL, Compressed, SafetensorsReader, decode_codes, encode_codes,
-                                packed_codes, count_stage_bytes, check_export_folder, decode_matrix, empty_model,
-                                encode_matrix, export, int_qtensor, load_compressed, ram_formula_bytes, read_report,
-                                share, share_rows, unique_state)
+                                packed_codes, count_stage_bytes, check_compressed, check_export_folder,
+                                decode_matrix, empty_model, encode_matrix, export, int_qtensor, load_compressed,
+                                ram_formula_bytes, read_report, share, share_rows, unique_state)
 from .storage import default_sparse_names
 
 QUANTS = ("none", "int", "kmeans")
@@ -113,6 +113,9 @@ class Recipe:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Recipe":
+        if not isinstance(d, dict):
+            raise TypeError(f"Recipe.from_dict needs a dict (Recipe.to_dict(), or a report's 'recipe'), got "
+                            f"{type(d).__name__}")
         return cls(**{k: d[k] for k in ("sparsity", "quant", "bits", "group_size", "entropy", "codebook",
                                                "symmetric")
                       if k in d})
@@ -121,7 +124,7 @@ class Recipe:
 # ----------------------------------------------------------------------------------------------- compress a model
 def recode(packed: "Compressed", entropy: str) -> "Compressed":
     """The same stored weights with the codes stored another way (bit-packed, zstd or Huffman): lossless."""
-    recipe = replace(packed.recipe, entropy=entropy)
+    recipe = replace(check_compressed(packed).recipe, entropy=entropy)
     entries = {}
     for name, e in packed.entries.items():
         if e["format"] not in ("int", "kmeans"):
@@ -139,6 +142,9 @@ def recode(packed: "Compressed", entropy: str) -> "Compressed":
 
 def _masks_by_tensor(model: nn.Module, masks: dict[str, torch.Tensor], aliases: dict[str, str]) -> dict:
     """{state name: keep-mask} for masks keyed by module fqn (as lk.prune returns them); checked, nothing changed."""
+    if not isinstance(masks, dict):
+        raise TypeError(f"masks must be a dict {{module fqn: bool keep-mask}} (lk.prune.compute_masks), got "
+                        f"{type(masks).__name__}")
     modules = dict(model.named_modules())
     out = {}
     for fqn, mask in masks.items():
@@ -174,6 +180,10 @@ def compress_(model: nn.Module, recipe: Recipe, masks: dict[str, torch.Tensor] |
     from . import prune as P
     if not isinstance(recipe, Recipe):
         raise TypeError(f"compress_ needs a labkit Recipe, got {type(recipe).__name__}")
+    torch_module("model", model, "a float model such as lk.load_model()[0]")
+    if masks is not None and not isinstance(masks, dict):
+        raise TypeError(f"masks must be a dict {{module fqn: bool keep-mask}} (lk.prune.compute_masks) or None, got "
+                        f"{type(masks).__name__}")
     prunable = default_sparse_names(model)
     state, aliases = unique_state(model)
     for name, t in state.items():
@@ -213,9 +223,22 @@ def compress_(model: nn.Module, recipe: Recipe, masks: dict[str, torch.Tensor] |
 
 
 # ----------------------------------------------------------------------------------------------- frontier, budget
+def _check_points(points, *keys: str) -> None:
+    """points: a list of dicts, each with a number under every key (e.g. 'bytes' and 'ppl')."""
+    if isinstance(points, (str, bytes, dict)) or not isinstance(points, (list, tuple)):
+        raise TypeError(f"points must be a list of dicts such as search_points(results), got {type(points).__name__}")
+    for k in keys:
+        if not isinstance(k, str):
+            raise TypeError(f"the keys must name fields of the points (str, e.g. 'bytes', 'ppl'), got {k!r}")
+    for p in points:
+        if not isinstance(p, dict) or any(not isinstance(p.get(k), (int, float)) for k in keys):
+            raise ValueError(f"every point must be a dict with numbers under {list(keys)}, got {p!r:.120}")
+
+
 def pareto_front(points: list[dict], x: str = "bytes", y: str = "ppl") -> list[dict]:
     """Points not dominated by another (no other point is at most as large AND at most as bad, one strictly),
     sorted by x: the best perplexity reachable at each size."""
+    _check_points(points, x, y)
     best, out = math.inf, []
     for p in sorted(points, key=lambda p: (p[x], p[y])):
         if p[y] < best:
@@ -227,6 +250,7 @@ def pareto_front(points: list[dict], x: str = "bytes", y: str = "ppl") -> list[d
 def beyond_single(points: list[dict]) -> list[dict]:
     """Frontier points that combine techniques and that no single-technique point matches: nothing with one
     technique (or none) is at most as large and at most as bad."""
+    _check_points(points, "bytes", "ppl")
     singles = [p for p in points if len(p.get("techniques", [])) <= 1]
     return [p for p in pareto_front(points) if len(p.get("techniques", [])) > 1
             and not any(s["bytes"] <= p["bytes"] and s["ppl"] <= p["ppl"] for s in singles)]
@@ -235,6 +259,9 @@ def beyond_single(points: list[dict]) -> list[dict]:
 def parse_budget(budget, fp32_bytes: int) -> int:
     """A budget as bytes: a fraction of fp32 (0 < x ≤ 1, e.g. 0.25), a byte count (e.g. 67000000), or a
     size with a unit ('64MB', '1.5GB'; decimal units)."""
+    fp32_bytes = whole_number("fp32_bytes", fp32_bytes, 1, "the model's fp32 size in bytes (lk.model_bytes)")
+    if isinstance(budget, bool) or not isinstance(budget, (int, float, str)):
+        raise TypeError(f"budget must be a number or a size such as '64MB', got {budget!r}")
     text = str(budget).strip().upper().replace(" ", "")
     units = {"KB": 1e3, "MB": 1e6, "GB": 1e9, "B": 1}
     scale = 1
@@ -251,21 +278,31 @@ def parse_budget(budget, fp32_bytes: int) -> int:
         raise ValueError(f"budget must be positive, got {budget!r}")
     if scale == 1 and value <= 1:
         return int(value * fp32_bytes)
+    if scale == 1 and not value.is_integer():
+        raise ValueError(f"budget {budget!r} is more than 1 so it is a byte count, and bytes are whole: pass a "
+                         "fraction ≤ 1 (0.25), whole bytes (67000000) or a size ('1.5MB')")
     return int(value * scale)
 
 
 def best_recipe(points: list[dict], budget_bytes: int, key: str = "bytes") -> dict:
     """The lowest-perplexity point whose bytes (`key`: "bytes" on disk, "ram_bytes" once loaded) fit the budget
     (ties: fewer bytes). A budget below every point raises BudgetError naming the smallest reachable point."""
+    _check_points(points, key, "ppl")
+    if not points:
+        raise ValueError("points is empty: nothing to choose from (search_points(results) of a finished search)")
+    real_number("budget_bytes", budget_bytes, "bytes, e.g. parse_budget('64MB', fp32_bytes)", low=0)
     fits = [p for p in points if p[key] <= budget_bytes]
     if not fits:
         small = min(points, key=lambda p: p[key])
         raise BudgetError(f"a budget of {budget_bytes:,} bytes is below anything reachable: the smallest point "
-                          f"found is '{small['name']}' at {small[key]:,} bytes (perplexity {small['ppl']:.1f}); "
+                          f"found is '{small.get('name', small.get('recipe'))}' at {small[key]:,} bytes (perplexity {small['ppl']:.1f}); "
                           f"raise the budget to at least that")
     return min(fits, key=lambda p: (p["ppl"], p[key]))
 
 
 def search_points(results: dict) -> list[dict]:
     """The grid points of a results dict (make_results) that a recipe search can choose from (exportable ones)."""
+    if not isinstance(results, dict) or not isinstance(results.get("grid"), list):
+        raise ValueError("results must be the dict make_results wrote, with a 'grid' list (lk.repro.load_results"
+                         "('capstone'))")
     return [p for p in results["grid"] if "recipe" in p]

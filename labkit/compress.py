@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .checks import whole_number
+from .checks import MAX_STEPS, whole_number
 from .repro import ChecksumError
 
 MAX_CODE_LENGTH = 57  # decoding reads a window of this many bits into one uint64
@@ -154,6 +154,7 @@ def mean_code_length(freqs: dict[int, int], lengths: dict[int, int]) -> float:
 def huffman_encode(symbols, chunk: int = 1 << 18) -> HuffmanEncoded:
     """Encode an integer array with a canonical Huffman code built from its own frequencies."""
     a = check_symbols(symbols)
+    chunk = whole_number("chunk", chunk, 1, "symbols encoded at a time, e.g. 1 << 18")
     flat = a.ravel()
     if flat.size == 0:
         return HuffmanEncoded(b"", 0, a.shape, a.dtype.str, np.zeros(0, np.int64), np.zeros(0, np.uint8))
@@ -261,14 +262,22 @@ def _check_weights(w, who: str) -> torch.Tensor:
     return w
 
 
-def _check_k(k) -> int:
-    return whole_number("k", k, 1, "a number of centroids, e.g. 16")
+def _check_k(k, rows: int = 1) -> int:
+    from .memory import check_fits
+    k = whole_number("k", k, 1, "a number of centroids, e.g. 16")
+    check_fits(f"k-means with k={k} centroids", 16 * k * rows, "pick k below the number of values")
+    return k
+
+
+def _check_iters(iters) -> int:
+    return whole_number("iters", iters, 0, "k-means iterations, e.g. 15", high=MAX_STEPS)
 
 
 def kmeans_1d(values: torch.Tensor, k: int, iters: int = 15) -> torch.Tensor:
     """Sorted centroids of a 1-D k-means with linear initialisation (min..max), as in Deep Compression."""
     v = _check_weights(values, "kmeans_1d").reshape(-1)
     _check_k(k)
+    iters = _check_iters(iters)
     if v.numel() == 0:
         raise ValueError("no values to cluster")
     c = torch.linspace(float(v.min()), float(v.max()), k)
@@ -288,7 +297,8 @@ def kmeans_rows(w: torch.Tensor, k: int, iters: int = 15) -> torch.Tensor:
     w = _check_weights(w, "kmeans_rows")
     if w.dim() != 2:
         raise ValueError(f"kmeans_rows needs a 2-D weight, got shape {tuple(w.shape)}")
-    _check_k(k)
+    _check_k(k, w.shape[0])
+    iters = _check_iters(iters)
     w = w.contiguous()
     nz = w != 0
     lo = torch.where(nz, w, torch.inf).amin(1)
@@ -310,6 +320,7 @@ def share_weights(w: torch.Tensor, bits: int = 4, iters: int = 15) -> tuple[np.n
 
     Returns (symbols as uint8 numpy array, codebook with codebook[0] = 0)."""
     _check_bits(bits)
+    _check_iters(iters)
     w = _check_weights(w, "share_weights")
     nz = w != 0
     k = 2 ** bits - 1

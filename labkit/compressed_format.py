@@ -21,6 +21,7 @@ from torch import nn
 from . import quantize as Q
 from . import sparse as S
 from .models import empty_model  # noqa: F401  (lk.capstone re-exports it)
+from .checks import torch_module, whole_number
 from .repro import ChecksumError
 # One weight matrix's stored form has its own module; re-exported (lk.capstone re-exports these names in turn).
 from .stored_matrix import (  # noqa: F401
@@ -61,6 +62,7 @@ class Compressed:
 
 def unique_state(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """state_dict without tied duplicates: ({name: tensor}, {alias: target})."""
+    torch_module("model", model, "a model such as lk.load_model()[0]")
     seen, out, aliases = {}, {}, {}
     for name, t in model.state_dict().items():
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
@@ -76,6 +78,10 @@ def count_stage_bytes(entries: dict[str, dict], recipe: Recipe) -> dict[str, int
     """Bytes of the stored tensors after each stage of the recipe (file header not included): fp32 → pruned
     (bitmap: 1 bit per position + fp32 nonzeros) → quantized/shared (bit-packed codes + scales/codebook) →
     entropy coded."""
+    if not isinstance(entries, dict) or not all(isinstance(e, dict) and "parts" in e for e in entries.values()):
+        raise TypeError("entries must be the {name: entry} dict of a Compressed (compress_(...).entries)")
+    if not all(hasattr(recipe, a) for a in ("sparsity", "quant", "entropy")):
+        raise TypeError(f"recipe must be a lk.capstone.Recipe, got {type(recipe).__name__}")
     sizes = dict.fromkeys(("fp32", "pruned", "quantized", "entropy"), 0)
     for name, e in entries.items():
         n = math.prod(e["shape"])
@@ -96,6 +102,20 @@ def count_stage_bytes(entries: dict[str, dict], recipe: Recipe) -> dict[str, int
 
 
 # ----------------------------------------------------------------------------------------------- export / load
+def check_compressed(packed) -> "Compressed":
+    """TypeError unless packed is the Compressed returned by lk.capstone.compress_."""
+    if not isinstance(packed, Compressed):
+        raise TypeError(f"need the Compressed returned by lk.capstone.compress_(model, recipe), got "
+                        f"{type(packed).__name__}")
+    return packed
+
+
+def _check_folder_arg(folder) -> Path:
+    if not isinstance(folder, (str, Path)) or not str(folder):
+        raise TypeError(f"folder must be a path (str or pathlib.Path) of an export, got {folder!r}")
+    return Path(folder)
+
+
 def _fix(folder) -> str:
     return f"re-export it (`python -m labkit compress --budget … --out {folder} --force`); never edit an export by hand"
 
@@ -143,6 +163,12 @@ def export(packed: Compressed, folder, tokenizer=None, extra: dict | None = None
     from .repro import atomic_write_json, file_entry, replace_folder, write_manifest
     if not isinstance(packed, Compressed):
         raise TypeError(f"export needs the Compressed returned by compress_, got {type(packed).__name__}")
+    if tokenizer is not None and not hasattr(tokenizer, "save_pretrained"):
+        raise TypeError(f"tokenizer must be a Hugging Face tokenizer (lk.load_model()[1]) or None, got "
+                        f"{type(tokenizer).__name__}")
+    if extra is not None and not isinstance(extra, dict):
+        raise TypeError(f"extra must be a dict of what the report adds (e.g. {{'ppl': 31.2}}) or None, got "
+                        f"{type(extra).__name__}")
     folder = check_export_folder(folder, force)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.tmp-"))
     try:
@@ -171,7 +197,7 @@ def read_report(folder) -> dict:
     """The export's report after checking the manifest and every file it lists (lk.repro.read_manifest);
     raises lk.repro.ChecksumError naming the file and the fix, or FileNotFoundError / ValueError."""
     from .repro import read_manifest
-    folder = Path(folder)
+    folder = _check_folder_arg(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} is not a folder; pass the folder written by lk.capstone.export")
     read_manifest(folder, KIND, _fix(folder), name=MANIFEST)
@@ -187,6 +213,7 @@ def read_report(folder) -> dict:
 def ram_formula_bytes(packed: Compressed) -> int:
     """Bytes the weights take in RAM after load_compressed: "int" matrices stay bit-packed (codes + scales
     [+ zeros], whatever the file's entropy coding), everything else is decoded to fp32."""
+    check_compressed(packed)
     total = 0
     for e in packed.entries.values():
         n = math.prod(e["shape"])
@@ -226,8 +253,9 @@ class SafetensorsReader:
 
     def __init__(self, path, chunk_bytes: int = 1 << 20):
         import struct
-        self.chunk_bytes, self.scratch = chunk_bytes, None
-        self.f = open(path, "rb")
+        self.chunk_bytes = whole_number("chunk_bytes", chunk_bytes, 1, "bytes read at a time, e.g. 1 << 20")
+        self.scratch = None
+        self.f = open(_check_folder_arg(path), "rb")
         (n,) = struct.unpack("<Q", self.f.read(8))
         self.header = json.loads(self.f.read(n))
         self.header.pop("__metadata__", None)
@@ -296,6 +324,12 @@ def load_compressed(folder, packed: bool = True, dtype: torch.dtype = torch.floa
     (raw, bitmap, k-means) are decoded to `dtype`. packed=False decodes everything to `dtype` (the naive load).
     convert(fqn, module) -> module, if given, is called on every float nn.Linear as soon as it is filled (e.g. to
     hand it to torchao one layer at a time)."""
+    if not isinstance(packed, bool):
+        raise TypeError(f"packed must be True or False, got {packed!r}")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating-point torch dtype (torch.float32, torch.bfloat16), got {dtype!r}")
+    if convert is not None and not callable(convert):
+        raise TypeError(f"convert must be a function (fqn, module) -> module, or None; got {convert!r}")
     report = read_report(folder)
     if not report.get("config"):
         raise ValueError(f"{folder} has no model config in its report; it cannot be rebuilt as a model")

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .checks import whole_number
+from .checks import torch_tensor, whole_number
 from .compress import pack_bits, unpack_bits
 # The checks on a matrix, shape and block size, and the random test matrices, live in labkit/sparse_matrices.py;
 # random_sparse and nm_sparse are re-exported (notebook 04 uses lk.sparse.random_sparse).
@@ -32,6 +32,8 @@ FORMATS = ("dense", "coo", "csr", "csr32", "bsr", "bitmap", "2:4")
 # ----------------------------------------------------------------------------------------------- helpers
 def parts_bytes(*tensors: torch.Tensor) -> int:
     """Bytes held by the tensors' elements (numel · element_size), summed."""
+    for t in tensors:
+        torch_tensor("tensors", t, "the parts of a stored matrix", empty=True)
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
@@ -43,6 +45,11 @@ def _check_index_dtype(index_dtype) -> torch.dtype:
     if index_dtype not in INDEX_DTYPES:
         raise TypeError(f"index_dtype must be torch.int32 or torch.int64, got {index_dtype}")
     return index_dtype
+
+
+def _check_value_dtype(value_dtype) -> None:
+    if value_dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        raise TypeError(f"value_dtype must be a floating-point torch dtype, got {value_dtype}")
 
 
 def _check_fits(n: int, index_dtype: torch.dtype, what: str) -> None:
@@ -180,6 +187,10 @@ class CSR:
         return _scatter(self.shape, rows * self.shape[1] + self.col_indices.numpy(), self.values)
 
     def __matmul__(self, x: torch.Tensor) -> torch.Tensor:
+        torch_tensor("x", x, f"a dense matrix [{self.shape[1]}, k] of the values' dtype", dims=2)
+        if x.shape[0] != self.shape[1] or x.dtype != self.values.dtype:
+            raise ValueError(f"CSR {tuple(self.shape)} @ x needs x of shape [{self.shape[1]}, k] and dtype "
+                             f"{self.values.dtype}, got {tuple(x.shape)} {x.dtype}")
         return self.to_torch() @ x
 
     @property
@@ -396,8 +407,7 @@ def formula_bytes(fmt: str, shape, nnz: int, value_dtype=torch.float32, index_dt
     rows, cols = check_shape(shape)
     if nnz is not None:
         whole_number("nnz", nnz, 0, high=rows * cols)
-    if value_dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-        raise TypeError(f"value_dtype must be a floating-point torch dtype, got {value_dtype}")
+    _check_value_dtype(value_dtype)
     _check_index_dtype(index_dtype)
     if fmt == "csr32":
         fmt, index_dtype = "csr", torch.int32
@@ -408,12 +418,16 @@ def formula_bytes(fmt: str, shape, nnz: int, value_dtype=torch.float32, index_dt
     if fmt == "bsr":
         if n_blocks is None:
             raise ValueError("BSR's size depends on the number of stored blocks: pass n_blocks=")
+        br, bc = check_block(shape, blocksize)
+        whole_number("n_blocks", n_blocks, 0, "blocks stored", high=(rows // br) * (cols // bc))
         return BSR.formula_bytes(shape, n_blocks, blocksize, value_dtype=value_dtype, index_dtype=index_dtype)
     raise ValueError(f"unknown format {fmt!r}; choose one of {FORMATS}")
 
 
 def bytes_per_nonzero(fmt: str, value_dtype=torch.float32, index_dtype=torch.int64) -> float:
     """Bytes each nonzero costs (ignoring the per-row pointers): COO 2·i+v, CSR i+v, bitmap v (+1/8 per slot)."""
+    _check_value_dtype(value_dtype)
+    _check_index_dtype(index_dtype)
     if fmt == "csr32":
         fmt, index_dtype = "csr", torch.int32
     v, i = _elsize(value_dtype), _elsize(index_dtype)
@@ -429,6 +443,8 @@ def storage_break_even(fmt: str, shape=(4096, 4096), value_dtype=torch.float32, 
     """Largest density at which `fmt` is no bigger than dense, from the exact formulas (BSR: random sparsity
     is assumed — a block is kept when any of its br·bc values is nonzero)."""
     rows, cols = check_shape(shape)
+    _check_value_dtype(value_dtype)
+    _check_index_dtype(index_dtype)
     if rows < 1 or cols < 1:
         raise ValueError(f"storage_break_even needs a non-empty shape, got {tuple(shape)}")
     if fmt not in FORMATS or fmt == "dense":

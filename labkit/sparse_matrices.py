@@ -23,6 +23,8 @@ def check_matrix(dense, what: str = "dense") -> torch.Tensor:
                         f"convert with torch.as_tensor(x, dtype=torch.float32)")
     if dense.layout != torch.strided:
         raise TypeError(f"{what} must be a dense (strided) tensor, got layout {dense.layout}; call .to_dense() first")
+    if not isinstance(what, str):
+        raise TypeError(f"what must name the matrix in messages (a str), got {what!r}")
     if not dense.is_floating_point():
         raise TypeError(f"{what} must be a floating-point tensor (weights), got {dense.dtype}; "
                         f"convert with .float()")
@@ -65,6 +67,8 @@ def random_sparse(shape, density: float, seed: int = 0, blocksize=None, dtype=to
     _check_density(density)
     check_shape(shape)
     whole_number("seed", seed)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating-point torch dtype (e.g. torch.float32), got {dtype!r}")
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(shape, generator=g, dtype=dtype)
     if blocksize is None:

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from . import sparse as S
-from .checks import whole_number
+from .checks import torch_module, whole_number
 from .models import empty_model
 from .repro import REPO_ROOT, ChecksumError, check_file, read_manifest, replace_folder, write_manifest
 
@@ -44,6 +44,7 @@ def _content_sha256(index: dict) -> str:
 # ----------------------------------------------------------------------------------------------- save
 def default_sparse_names(model: nn.Module) -> set[str]:
     """The weights stored sparse by default: every Linear weight except lm_head (what lk.prune prunes)."""
+    torch_module("model", model, "a model such as lk.load_model()[0]")
     return {f"{fqn}.weight" for fqn, mod in model.named_modules()
             if isinstance(mod, nn.Linear) and not fqn.endswith("lm_head")}
 
@@ -177,8 +178,11 @@ def save_sparse(model: nn.Module, folder, fmt: str = "bitmap", chunk_bytes: int 
 
 def checkpoint_bytes(folder) -> int:
     """Bytes on disk of all chunks (the index is a few kB more)."""
-    if not Path(folder).is_dir():
-        raise FileNotFoundError(f"{folder} is not a folder; pass the folder given to lk.storage.save_sparse")
+    if not isinstance(folder, (str, Path)):
+        raise TypeError(f"folder must be a path (str or pathlib.Path), got {type(folder).__name__}")
+    if not (Path(folder) / INDEX).is_file():
+        raise FileNotFoundError(f"{folder} is not a sparse checkpoint (no {INDEX}); pass the folder given to "
+                                "lk.storage.save_sparse")
     return sum(p.stat().st_size for p in Path(folder).glob("chunk-*.safetensors"))
 
 
@@ -241,14 +245,18 @@ class SparseCheckpoint:
         return list(self.index["tensors"]) + list(self.index["aliases"])
 
     def _resolve(self, name: str) -> str:
+        if not isinstance(name, str):
+            raise TypeError(f"a tensor name is a str such as 'model.layers.0.mlp.up_proj.weight', got {name!r}")
         name = self.index["aliases"].get(name, name)
         if name not in self.index["tensors"]:
-            raise KeyError(f"{name!r} is not in the checkpoint {self.folder}")
+            raise ValueError(f"{name!r} is not in the checkpoint {self.folder}; see its .names()")
         return name
 
     def get_many(self, names) -> dict[str, torch.Tensor]:
         """Dense tensors for these names, reading each chunk once (opened, read, closed)."""
         from safetensors import safe_open
+        if isinstance(names, (str, bytes)) or not isinstance(names, (list, tuple, set)):
+            raise TypeError(f"names must be a list of tensor names (see .names()), got {names!r}")
         by_chunk: dict[str, list[str]] = {}
         for n in names:
             by_chunk.setdefault(self.index["tensors"][self._resolve(n)]["chunk"], []).append(n)
@@ -398,11 +406,26 @@ def load_lazy(folder, layers_fqn: str = "model.layers") -> nn.Module:
 
 
 # ----------------------------------------------------------------------------------------------- measured in a fresh process
+def _check_input_ids(input_ids, index: dict) -> None:
+    """[batch, seq] token ids in the saved model's vocabulary (read from the checkpoint's config)."""
+    from .checks import torch_tensor
+    torch_tensor("input_ids", input_ids, "token ids [batch, seq], e.g. tok('text', return_tensors='pt').input_ids",
+                 dims=2, kind="int")
+    vocab = (index.get("config") or {}).get("vocab_size")
+    if isinstance(vocab, int) and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab):
+        raise ValueError(f"input_ids run from {int(input_ids.min())} to {int(input_ids.max())} but the saved model's "
+                         f"vocabulary has {vocab} ids; tokenize with its own tokenizer")
+
+
 def logits_after_load(folder, input_ids: torch.Tensor, lazy: bool, threads: int = 1) -> dict:
     """Load (full or lazy) and run one forward in this process; the memory above the entry baseline is
     measured here, after torch/transformers are imported. Use with lk.memory.run_in_subprocess.
     One thread by default: two of these may run beside a notebook kernel on a 2-core machine."""
     from .memory import measure_memory
+    threads = whole_number("threads", threads, 1, "torch threads for the load and forward, e.g. 1")
+    _check_input_ids(input_ids, SparseCheckpoint.open(folder).index)
+    if not isinstance(lazy, bool):
+        raise TypeError(f"lazy must be True or False, got {lazy!r}")
     torch.set_num_threads(threads)
     _empty_model(SparseCheckpoint.open(folder).index)   # imports the model's code first: not part of the peak
     with measure_memory() as m:
@@ -418,6 +441,7 @@ def compare_loads(folder, input_ids: torch.Tensor) -> dict:
     from concurrent.futures import ThreadPoolExecutor
 
     from .memory import run_in_subprocess
+    _check_input_ids(input_ids, SparseCheckpoint.open(folder).index)   # before two processes start
     with ThreadPoolExecutor(max_workers=2) as ex:
         jobs = {k: ex.submit(run_in_subprocess, logits_after_load, str(folder), input_ids, lazy=(k == "lazy"))
                 for k in ("full", "lazy")}

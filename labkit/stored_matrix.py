@@ -18,6 +18,7 @@ import torch
 from . import compress as C
 from . import quantize as Q
 from . import sparse as S
+from .checks import torch_tensor, whole_number
 from .repro import ChecksumError
 
 ZSTD_LEVEL = 3
@@ -25,11 +26,33 @@ SIDE_PARTS = ("values", "mask", "codebook", "scales", "zeros")   # stored beside
 KMEANS_SAMPLE = 1 << 15     # k-means centroids are fitted on an evenly strided sample of this many weights
 
 
+def _check_w(w) -> torch.Tensor:
+    return torch_tensor("w", w, "a weight matrix, e.g. model.model.layers[0].mlp.up_proj.weight", kind="float",
+                        finite=True, empty=True)
+
+
+def _check_bits(bits) -> int:
+    return whole_number("bits", bits, 1, "bits per code, 1–8", high=8)
+
+
+def _check_meta(parts, meta) -> None:
+    """parts and meta of a stored matrix as encode_codes / encode_matrix wrote them, or a ValueError saying so."""
+    if not isinstance(parts, dict) or not all(isinstance(v, torch.Tensor) for v in parts.values()):
+        raise TypeError(f"parts must be the dict of tensors encode_codes/encode_matrix returned, got {parts!r:.80}")
+    if not isinstance(meta, dict) or not isinstance(meta.get("bits"), int) or not (
+            {"packed", "zstd"} & set(parts) or {"huffman", "huffman_symbols", "huffman_lengths"} <= set(parts)):
+        raise ValueError("parts/meta are not a stored matrix's codes (they need 'bits' and packed, zstd or Huffman "
+                         "parts); pass what encode_codes or encode_matrix returned")
+
+
 def share(w: torch.Tensor, bits: int, sample: int = KMEANS_SAMPLE) -> tuple[np.ndarray, torch.Tensor]:
     """Weight sharing as lk.compress.share_weights (symbol 0 = zero, 2^bits − 1 k-means centroids for the
     nonzeros), with the centroids fitted on an evenly strided sample plus the matrix's smallest and largest
     weight (so the linear initialisation spans the whole range, as Han et al.'s, and a lone outlier keeps a
     centroid): fast enough for 134M weights. Returns (uint8 symbols, flat; codebook [2^bits])."""
+    _check_w(w)
+    bits = _check_bits(bits)
+    sample = whole_number("sample", sample, 1, "weights the centroids are fitted on, e.g. 32768")
     w = w.detach().float().reshape(-1)
     nz = w != 0
     vals = w[nz]
@@ -48,8 +71,9 @@ def share_rows(w: torch.Tensor, bits: int) -> tuple[np.ndarray, torch.Tensor]:
     symbol 0 = zero, 1..2^bits − 1 the row's centroids, stored in fp16 (codes are chosen against the fp16
     centroids, so the stored codebook is exactly what is decoded). Returns (uint8 symbols, flat, row-major;
     codebook [rows, 2^bits] fp16)."""
-    if w.dim() != 2:
+    if _check_w(w).dim() != 2:
         raise ValueError(f"per-row codebooks need a 2-D weight, got shape {tuple(w.shape)}")
+    bits = _check_bits(bits)
     w = w.detach().float().contiguous()
     cent = C.kmeans_rows(w, 2 ** bits - 1).half().float()
     sym = torch.searchsorted(((cent[:, 1:] + cent[:, :-1]) / 2).contiguous(), w) + 1
@@ -59,6 +83,12 @@ def share_rows(w: torch.Tensor, bits: int) -> tuple[np.ndarray, torch.Tensor]:
 
 def encode_codes(codes: np.ndarray, bits: int, entropy: str) -> tuple[dict[str, torch.Tensor], dict]:
     """Codes (uint8, flat) → stored tensors: bit-packed, zstd of one code per byte, or canonical Huffman."""
+    if not isinstance(codes, np.ndarray) or codes.dtype != np.uint8:
+        raise TypeError(f"codes must be a uint8 numpy array (from share or unpack_bits(...).numpy()), got "
+                        f"{getattr(codes, 'dtype', type(codes).__name__)}")
+    _check_bits(bits)
+    if entropy not in ("none", "zstd", "huffman"):
+        raise ValueError(f"entropy={entropy!r}; use 'none' (bit-packed), 'zstd' or 'huffman'")
     if entropy == "none":
         return {"packed": Q.pack_bits(torch.from_numpy(codes), bits)}, {}
     if entropy == "zstd":
@@ -74,6 +104,8 @@ def encode_codes(codes: np.ndarray, bits: int, entropy: str) -> tuple[dict[str, 
 
 def decode_codes(parts: dict[str, torch.Tensor], meta: dict, n: int) -> np.ndarray:
     """Inverse of encode_codes: n uint8 codes."""
+    _check_meta(parts, meta)
+    n = whole_number("n", n, 0, "how many codes the matrix holds (rows × cols)")
     bits = meta["bits"]
     if "packed" in parts:
         return Q.unpack_bits(parts["packed"], bits, n).numpy()
@@ -146,6 +178,9 @@ def int_qtensor(packed: torch.Tensor, side: dict[str, torch.Tensor], meta: dict)
 def encode_matrix(w: torch.Tensor, recipe) -> tuple[dict, torch.Tensor]:
     """One weight (already pruned when recipe.sparsity > 0) → ({"format", "shape", ..., "parts": {name: tensor}},
     its reconstruction); `recipe` is a lk.capstone.Recipe. 1-D tensors (norms, biases) are always stored raw."""
+    _check_w(w)
+    if not all(hasattr(recipe, a) for a in ("sparsity", "quant", "bits", "group_size", "entropy", "codebook")):
+        raise TypeError(f"recipe must be a lk.capstone.Recipe, got {type(recipe).__name__}")
     w = w.detach().float().contiguous()
     meta = {"shape": list(w.shape), "dtype": "float32"}
     codes = packed = None
@@ -178,6 +213,10 @@ def encode_matrix(w: torch.Tensor, recipe) -> tuple[dict, torch.Tensor]:
 
 def decode_matrix(entry: dict) -> torch.Tensor:
     """The fp32 weight of one stored entry (as written by encode_matrix)."""
+    if (not isinstance(entry, dict) or entry.get("format") not in ("raw", "bitmap", "int", "kmeans")
+            or not isinstance(entry.get("shape"), (list, tuple)) or not isinstance(entry.get("parts"), dict)):
+        raise ValueError("entry must be a stored matrix as encode_matrix returned it ({'format', 'shape', 'parts', "
+                         f"...}}); got {entry!r:.80}")
     parts = entry["parts"]
     side = {k: v for k, v in parts.items() if k in SIDE_PARTS}
     if entry["format"] not in ("int", "kmeans") or "packed" in parts:

@@ -496,7 +496,81 @@ LESSON_CASES: list[tuple[str, object, tuple]] = [
     ("teacher_targets.teacher_topk BertModel", lambda: lk.distill.teacher_topk(_bert(), _seqs()), (TE,)),
     ("teacher_targets.teacher_topk float seqs", lambda: lk.distill.teacher_topk(_tiny(), _seqs().float()), (TE,)),
     ("teacher_targets.topk_mass dict", lambda: lk.distill.topk_mass({"values": 1}), (TE,)),
-    ("data.token_cache_path tokenizer None", lambda: D.token_cache_path("validation", None), (TE,)),
+    ("data.token_cache_path tokenizer None", lambda: D.token_cache_path("validation", None), (TE,)),    # sparse / compress / storage (notebook 04)
+    ("sparse.CSR @ x of the wrong shape", lambda: S.CSR.from_dense(W) @ torch.ones(3, 2), (VE,)),
+    ("sparse.CSR @ x list", lambda: S.CSR.from_dense(W) @ [[1.0]], (TE,)),
+    ("sparse.parts_bytes list", lambda: S.parts_bytes([1, 2]), (TE,)),
+    ("sparse.formula_bytes bsr n_blocks -1", lambda: S.formula_bytes("bsr", (8, 16), 10, n_blocks=-1), (VE,)),
+    ("sparse.formula_bytes bsr n_blocks 1.5", lambda: S.formula_bytes("bsr", (8, 16), 10, n_blocks=1.5), (TE,)),
+    ("sparse.formula_bytes bsr more blocks than fit", lambda: S.formula_bytes("bsr", (8, 16), 10, n_blocks=99), (VE,)),
+    ("sparse.bytes_per_nonzero index int8", lambda: S.bytes_per_nonzero("csr", index_dtype=torch.int8), (TE,)),
+    ("sparse.storage_break_even value complex", lambda: S.storage_break_even("csr", value_dtype=torch.complex64),
+     (TE,)),
+    ("sparse_matrices.random_sparse dtype int8", lambda: S.random_sparse((4, 4), 0.5, dtype=torch.int8), (TE,)),
+    ("sparse_matrices.check_matrix what int", lambda: lk.sparse_matrices.check_matrix(W, 3), (TE,)),
+    ("compress.kmeans_1d iters 10**12", lambda: C.kmeans_1d(torch.randn(10), 2, iters=10**12), (VE,)),
+    ("compress.kmeans_1d k 10**12", lambda: C.kmeans_1d(torch.randn(10), 10**12), (VE,)),
+    ("compress.kmeans_rows iters -1", lambda: C.kmeans_rows(torch.randn(3, 5), 2, iters=-1), (VE,)),
+    ("compress.share_weights iters 1.5", lambda: C.share_weights(torch.randn(8), iters=1.5), (TE,)),
+    ("compress.huffman_encode chunk -1", lambda: C.huffman_encode(np.arange(10), chunk=-1), (VE,)),
+    ("storage.checkpoint_bytes None", lambda: ST.checkpoint_bytes(None), (TE,)),
+    ("storage.checkpoint_bytes a folder that is no checkpoint", lambda: ST.checkpoint_bytes(LABKIT_DIR), (FNF,)),
+    ("storage.default_sparse_names str", lambda: ST.default_sparse_names("m"), (TE,)),
+    ("storage.logits_after_load float input_ids", lambda: ST.logits_after_load(_ckpt(), torch.rand(1, 4), lazy=True),
+     (TE,)),
+    ("storage.logits_after_load ids >= vocab", lambda: ST.logits_after_load(_ckpt(), torch.full((1, 4), 999),
+                                                                          lazy=True), (VE,)),
+    ("storage.logits_after_load threads 0", lambda: ST.logits_after_load(_ckpt(), torch.zeros(1, 4, dtype=torch.long),
+                                                                       lazy=True, threads=0), (VE,)),
+    ("storage.compare_loads 1-D input_ids", lambda: ST.compare_loads(_ckpt(), torch.zeros(4, dtype=torch.long)), (VE,)),
+    ("storage.SparseCheckpoint.get unknown name", lambda: ST.SparseCheckpoint.open(_ckpt()).get("nope"), (VE,)),
+    ("storage.SparseCheckpoint.get_many str", lambda: ST.SparseCheckpoint.open(_ckpt()).get_many("lm_head.weight"),
+     (TE,)),
+    # stored_matrix / compressed_format / capstone (notebook 07)
+    ("stored_matrix.share w None", lambda: lk.capstone.share(None, 3), (TE,)),
+    ("stored_matrix.share bits 10**12", lambda: lk.capstone.share(_w(), 10**12), (VE,)),
+    ("stored_matrix.share sample 0", lambda: lk.capstone.share(_w(), 3, sample=0), (VE,)),
+    ("stored_matrix.share_rows bits True", lambda: lk.capstone.share_rows(_w(), True), (TE,)),
+    ("stored_matrix.encode_codes unknown entropy", lambda: lk.capstone.encode_codes(np.zeros(8, np.uint8), 3, "lz4"),
+     (VE,)),
+    ("stored_matrix.encode_codes bits 1.5", lambda: lk.capstone.encode_codes(np.zeros(8, np.uint8), 1.5, "zstd"),
+     (TE,)),
+    ("stored_matrix.encode_codes list", lambda: lk.capstone.encode_codes([0, 1], 3, "zstd"), (TE,)),
+    ("stored_matrix.decode_codes parts {}", lambda: lk.capstone.decode_codes({}, {"bits": 3}, 8), (VE,)),
+    ("stored_matrix.decode_matrix {}", lambda: lk.capstone.decode_matrix({}), (VE,)),
+    ("stored_matrix.encode_matrix recipe dict", lambda: lk.capstone.encode_matrix(_w(), {"quant": "int"}), (TE,)),
+    ("stored_matrix.encode_matrix w numpy", lambda: lk.capstone.encode_matrix(_w().numpy(), lk.capstone.Recipe()),
+     (TE,)),
+    ("compressed_format.unique_state None", lambda: lk.capstone.unique_state(None), (TE,)),
+    ("compressed_format.count_stage_bytes entries list", lambda: lk.capstone.count_stage_bytes(
+        [], lk.capstone.Recipe()), (TE,)),
+    ("compressed_format.ram_formula_bytes dict", lambda: lk.capstone.ram_formula_bytes({}), (TE,)),
+    ("compressed_format.read_report None", lambda: lk.capstone.read_report(None), (TE,)),
+    ("compressed_format.load_compressed dtype int8", lambda: lk.capstone.load_compressed("/nonexistent", dtype=torch.int8),
+     (TE,)),
+    ("compressed_format.load_compressed convert str", lambda: lk.capstone.load_compressed("/nonexistent", convert="x"),
+     (TE,)),
+    ("compressed_format.SafetensorsReader chunk_bytes 0", lambda: lk.capstone.SafetensorsReader("/nonexistent", 0),
+     (VE,)),
+    ("compressed_format.export tokenizer str", lambda: lk.capstone.export(_packed(), "/tmp/lk-never-export",
+                                                                           tokenizer="gpt2"), (TE,)),
+    ("compressed_format.export extra list", lambda: lk.capstone.export(_packed(), "/tmp/lk-never-export", extra=[]),
+     (TE,)),
+    ("capstone.Recipe.from_dict list", lambda: lk.capstone.Recipe.from_dict(["quant", "int"]), (TE,)),
+    ("capstone.recode dict", lambda: lk.capstone.recode({}, "zstd"), (TE,)),
+    ("capstone.compress_ model None", lambda: lk.capstone.compress_(None, lk.capstone.Recipe()), (TE,)),
+    ("capstone.compress_ masks str", lambda: lk.capstone.compress_(Mo.tiny_llama(), lk.capstone.Recipe(sparsity=0.5),
+                                                                   masks="m"), (TE,)),
+    ("capstone.pareto_front unknown key", lambda: lk.capstone.pareto_front(_points(), x="size"), (VE,)),
+    ("capstone.pareto_front str", lambda: lk.capstone.pareto_front("points"), (TE,)),
+    ("capstone.beyond_single [None]", lambda: lk.capstone.beyond_single([None]), (VE,)),
+    ("capstone.parse_budget 1.5 bytes", lambda: lk.capstone.parse_budget(1.5, 1000), (VE,)),
+    ("capstone.parse_budget fp32_bytes 0", lambda: lk.capstone.parse_budget(0.25, 0), (VE,)),
+    ("capstone.parse_budget fp32_bytes inf", lambda: lk.capstone.parse_budget(0.25, float("inf")), (TE,)),
+    ("capstone.best_recipe budget nan", lambda: lk.capstone.best_recipe(_points(), float("nan")), (VE,)),
+    ("capstone.best_recipe unknown key", lambda: lk.capstone.best_recipe(_points(), 150, key="ram"), (VE,)),
+    ("capstone.best_recipe no points", lambda: lk.capstone.best_recipe([], 150), (VE,)),
+    ("capstone.search_points {}", lambda: lk.capstone.search_points({}), (VE,)),
 ]
 _CACHE: dict = {}
 
@@ -552,6 +626,27 @@ def _labels() -> torch.Tensor:
 
 def _seqs() -> torch.Tensor:
     return lk.distill.make_sequences(_ids(2000), 16, 4)
+
+
+def _ckpt() -> Path:
+    if "ckpt" not in _CACHE:
+        import atexit
+        import shutil
+        import tempfile
+        root = tempfile.mkdtemp(prefix="lk-bad-inputs-")
+        atexit.register(shutil.rmtree, root, ignore_errors=True)
+        folder = Path(root) / "ck"
+        ST.save_sparse(Mo.tiny_llama(seed=0), folder, fmt="csr")
+        _CACHE["ckpt"] = folder
+    return _CACHE["ckpt"]
+
+
+def _packed():
+    return lk.capstone.compress_(Mo.tiny_llama(seed=0), lk.capstone.Recipe(quant="int", bits=4))
+
+
+def _points() -> list[dict]:
+    return [{"name": "a", "bytes": 100, "ppl": 30.0}, {"name": "b", "bytes": 50, "ppl": 40.0}]
 
 
 def _huffman():
