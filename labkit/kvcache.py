@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import Cache
 
-from .checks import whole_number
-from .memory import kv_bytes_per_token, kv_layout
+from .checks import real_number, torch_tensor, whole_number
+from .memory import check_fits, kv_bytes_per_token, kv_layout
 from .pool import BlockPool, PoolExhausted
 
 PAGED_ATTENTION = "labkit_paged"       # the attn_implementation name of `paged_attention`
@@ -49,6 +49,16 @@ def kv_token_bytes(config, kv_dtype: str = "fp32", group_size: int = 64, kv_head
 def quantize_kv(x: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric round-to-nearest over groups of `group_size` channels of the last dim: x ≈ q · scale.
     Returns q (int8, or two int4 values packed per uint8) and fp16 scales [..., D // group_size]."""
+    torch_tensor("x", x, "keys or values [..., head_dim]", kind="float", finite=True)
+    bits = _check_kv_bits(bits)
+    group_size = whole_number("group_size", group_size, 1, "channels per scale, e.g. 64")
+    if x.dim() == 0 or x.shape[-1] % group_size or (bits == 4 and x.shape[-1] % 2):
+        raise ValueError(f"group_size={group_size} must divide the last dimension of x (shape {tuple(x.shape)}), "
+                         "which must be even for int4")
+    return _quantize_kv(x, bits, group_size)
+
+
+def _quantize_kv(x, bits, group_size):      # the cache's hot path: its arguments are checked when it is built
     *lead, D = x.shape
     g = x.float().reshape(*lead, D // group_size, group_size)
     qmax = 2 ** (bits - 1) - 1
@@ -60,8 +70,25 @@ def quantize_kv(x: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tens
     return u[..., 0::2] | (u[..., 1::2] << 4), scale.squeeze(-1)
 
 
+def _check_kv_bits(bits) -> int:
+    if whole_number("bits", bits, 4, "4 or 8", high=8) not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8 (the cache's int4 and int8), got {bits}")
+    return bits
+
+
 def dequantize_kv(q: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
     """The inverse of `quantize_kv`, in fp32."""
+    bits = _check_kv_bits(bits)
+    torch_tensor("q", q, "the codes quantize_kv returned", kind="int")
+    torch_tensor("scale", scale, "the fp16 scales quantize_kv returned", kind="float", finite=True)
+    D = q.shape[-1] * (2 if bits == 4 else 1) if q.dim() else 0
+    if q.dim() == 0 or q.shape[:-1] != scale.shape[:-1] or scale.dim() == 0 or D % scale.shape[-1]:
+        raise ValueError(f"q {tuple(q.shape)} and scale {tuple(scale.shape)} do not belong together: pass the pair "
+                         f"quantize_kv(x, {bits}, group_size) returned")
+    return _dequantize_kv(q, scale, bits)
+
+
+def _dequantize_kv(q, scale, bits):         # the hot path of paged attention (one call per block and layer)
     if bits == 4:
         q = torch.stack([(q & 15).to(torch.int8) - 8, (q >> 4).to(torch.int8) - 8], -1).flatten(-2)
     *lead, D = q.shape
@@ -94,11 +121,10 @@ class PagedKVCache(Cache):
     def __init__(self, config, num_blocks: int = 256, block_size: int = 16, kv_dtype: str = "fp32",
                  group_size: int = 64, attention: str | None = None):
         super().__init__(layers=[])
-        heads = config.num_attention_heads
-        self.num_layers = config.num_hidden_layers
-        self.kv_heads = getattr(config, "num_key_value_heads", None) or heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-        self.block_size = int(block_size)
+        self.num_layers, self.kv_heads, self.head_dim = kv_layout(config)    # a TypeError for a non-config
+        num_blocks = whole_number("num_blocks", num_blocks, 1, "blocks in the pool, e.g. 256")
+        self.block_size = whole_number("block_size", block_size, 1, "tokens per block, e.g. 16")
+        group_size = whole_number("group_size", group_size, 1, "channels per fp16 scale, e.g. 64")
         if kv_dtype not in KV_DTYPES:
             raise ValueError(f"kv_dtype must be one of {list(KV_DTYPES)}, got {kv_dtype!r}")
         if attention is None:
@@ -106,6 +132,8 @@ class PagedKVCache(Cache):
         if attention not in ("paged", "gather"):
             raise ValueError(f"attention must be 'paged' or 'gather', got {attention!r}")
         store_dtype, self.bits = KV_DTYPES[kv_dtype]
+        check_fits(f"a KV cache of {num_blocks} blocks × {self.block_size} tokens",
+                   num_blocks * self.block_size * kv_token_bytes(config, kv_dtype, group_size), "use fewer blocks")
         self.kv_dtype, self.attention = kv_dtype, attention
         self.group_size = min(int(group_size), self.head_dim) if self.bits <= 8 else self.head_dim
         if self.bits <= 8 and (self.group_size <= 0 or self.head_dim % self.group_size or self.group_size % 2):
@@ -134,6 +162,12 @@ class PagedKVCache(Cache):
         return -1
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        for name, t in (("key_states", key_states), ("value_states", value_states)):
+            torch_tensor(name, t, "[batch, kv_heads, tokens, head_dim]", dims=4, kind="float")
+        if value_states.shape != key_states.shape:
+            raise ValueError(f"key_states {tuple(key_states.shape)} and value_states {tuple(value_states.shape)} "
+                             "must have one shape")
+        whole_number("layer_idx", layer_idx, 0, "the decoder layer", high=self.num_layers - 1)
         B, H, q, D = key_states.shape
         if (H, D) != (self.kv_heads, self.head_dim):
             raise ValueError(f"cache built for {self.kv_heads} KV heads × {self.head_dim}, got {H} × {D}")
@@ -169,10 +203,10 @@ class PagedKVCache(Cache):
     def _encode(self, x):
         if self.bits > 8:
             return x.to(self.pool.storage.dtype), None
-        return quantize_kv(x, self.bits, self.group_size)
+        return _quantize_kv(x, self.bits, self.group_size)
 
     def _decode(self, stored, scale):
-        return stored.float() if scale is None else dequantize_kv(stored, scale, self.bits)
+        return stored.float() if scale is None else _dequantize_kv(stored, scale, self.bits)
 
     def _gather(self, layer_idx: int, end: int, dtype):
         """The copying path: all of each sequence's blocks → one contiguous [B, H, end, D] per K and V."""
@@ -192,11 +226,16 @@ class PagedKVCache(Cache):
 
     def block_kv(self, layer_idx: int, block: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of the first n slots of one block, [Hkv, n, D] each: views for fp32, dequantized otherwise."""
+        if not (type(layer_idx) is int and type(block) is int and type(n) is int and 0 <= layer_idx < self.num_layers
+                and 0 <= block < self.pool.num_blocks and 0 <= n <= self.block_size):   # cheap: the decode hot path
+            whole_number("layer_idx", layer_idx, 0, "the decoder layer", high=self.num_layers - 1)
+            whole_number("block", block, 0, "a block id of this cache's pool", high=self.pool.num_blocks - 1)
+            whole_number("n", n, 0, "slots to read", high=self.block_size)
         kv = self.pool.storage[block, layer_idx, :, :, :n]                     # a view: [2, H, n, D']
         if self.scales is None:
             return (kv[0], kv[1]) if self.bits == 32 else (kv[0].float(), kv[1].float())
         sc = self.scales[block, layer_idx, :, :, :n]
-        return dequantize_kv(kv[0], sc[0], self.bits), dequantize_kv(kv[1], sc[1], self.bits)
+        return _dequantize_kv(kv[0], sc[0], self.bits), _dequantize_kv(kv[1], sc[1], self.bits)
 
     # ---- block management
     def _reserve(self, end: int) -> None:
@@ -224,12 +263,16 @@ class PagedKVCache(Cache):
 
     def fork(self, src: int = 0, n: int = 1) -> None:
         """Add n sequences that share sequence src's blocks (a common prompt) instead of copying them."""
+        whole_number("src", src, 0, "the sequence to share", high=len(self.tables) - 1)
+        n = whole_number("n", n, 0, "sequences to add; each needs blocks of its own to decode into",
+                         high=self.pool.num_blocks)
         for _ in range(n):
             i = len(self.tables)
             self.tables.append([self.pool.share(b, owner=i) for b in self.tables[src]])
 
     def free_sequence(self, i: int) -> None:
         """A finished sequence gives its blocks back (shared ones only lose one reference)."""
+        whole_number("i", i, 0, "a sequence of this cache", high=len(self.tables) - 1)
         for b in self.tables[i]:
             self.pool.free(b, owner=i)
         self.tables[i] = []
@@ -277,6 +320,11 @@ def paged_attention_decode(query: torch.Tensor, view: BlockView, attention_mask=
     query [B, Hq, q, D] (Hq = g · Hkv: query heads h·g … h·g+g−1 share KV head h); attention_mask: None (causal)
     or bool [B, 1, q, kv] (True = attend). Per block: scores s, new running max m' = max(m, max s), then
     sum ← sum·e^(m−m') + Σe^(s−m') and acc ← acc·e^(m−m') + e^(s−m')·V. Returns [B, Hq, q, D] in fp32."""
+    torch_tensor("query", query, "[batch, heads, tokens, head_dim]", dims=4, kind="float", finite=True)
+    if not isinstance(view, BlockView):
+        raise TypeError(f"view must be the BlockView a PagedKVCache's update returned, got {type(view).__name__}")
+    if scaling is not None and not real_number("scaling", scaling, "e.g. head_dim ** -0.5, or None", low=0) > 0:
+        raise ValueError(f"scaling must be > 0 (e.g. head_dim ** -0.5) or None, got {scaling!r}")
     B, Hq, q, D = query.shape
     cache, L = view.cache, view.length
     H, bs = cache.kv_heads, cache.block_size
@@ -332,7 +380,10 @@ def register_paged_attention() -> str:
 def kv_cache_table(config, seq_len: int = 2048, batch: int = 1, group_size: int = 64) -> list[dict]:
     """Bytes of a KV cache per token and for batch × seq_len tokens: every attention layout (MHA: one KV head per
     query head; the model's GQA; MQA: one KV head) × fp32 / bf16 / int8 / int4 (+ fp16 group scales)."""
-    heads, kv_heads = config.num_attention_heads, kv_layout(config)[1]
+    seq_len = whole_number("seq_len", seq_len, 0, "tokens per sequence, e.g. 2048")
+    batch = whole_number("batch", batch, 0, "sequences, e.g. 1")
+    kv_heads = kv_layout(config)[1]
+    heads = config.num_attention_heads
     rows = []
     for name, h in (("MHA", heads), ("GQA", kv_heads), ("MQA", 1)):
         for dt in KV_DTYPES:
@@ -344,8 +395,20 @@ def kv_cache_table(config, seq_len: int = 2048, batch: int = 1, group_size: int 
 
 def shared_prefix_blocks(n: int, prefix_len: int, total_len: int, block_size: int) -> int:
     """Blocks n sequences need when they share a prefix: its full blocks once + each sequence's own tail."""
+    n = whole_number("n", n, 1, "sequences sharing the prefix")
+    block_size = whole_number("block_size", block_size, 1, "tokens per block, e.g. 16")
+    total_len = whole_number("total_len", total_len, 0, "tokens per sequence, prefix included")
+    prefix_len = whole_number("prefix_len", prefix_len, 0, "tokens shared, at most total_len", high=total_len)
     full = prefix_len // block_size
     return full + n * (-(-total_len // block_size) - full)
+
+
+def _check_generation(model, prompt_len: int, max_new_tokens, block_size) -> None:
+    """max_new_tokens ≥ 1 within the model's context after the prompt, and a block size ≥ 1."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    room = limit - prompt_len if isinstance(limit, int) else None
+    whole_number("max_new_tokens", max_new_tokens, 1, "tokens to generate, within the model's context", high=room)
+    whole_number("block_size", block_size, 1, "tokens per block, e.g. 16")
 
 
 @torch.inference_mode()
@@ -355,6 +418,11 @@ def generate_shared_prefix(model, prefix_ids, suffix_ids, max_new_tokens: int = 
     move together): prefill the prefix once, `fork` it N − 1 times, then `model.generate` the N requests
     greedily. Returns the tokens [N, prefix + suffix + new], blocks used, the formula, and what N private
     copies would need."""
+    from .evaluate import check_token_ids
+    from .models import check_llama
+    check_token_ids("prefix_ids", prefix_ids, check_llama(model), dims=2)
+    check_token_ids("suffix_ids", suffix_ids, model, dims=2)
+    _check_generation(model, prefix_ids.shape[1] + suffix_ids.shape[1], max_new_tokens, block_size)
     if prefix_ids.shape[0] != 1:
         raise ValueError("prefix_ids must be one row [1, P]; the N requests are the rows of suffix_ids")
     N, P, S = suffix_ids.shape[0], prefix_ids.shape[1], suffix_ids.shape[1]
@@ -388,10 +456,19 @@ def sample_parallel(model, input_ids, n: int = 4, max_new_tokens: int = 16, bloc
     sharing, the blocks n private copies would need, and the copy-on-write count.
     """
     from transformers import DynamicCache
+
+    from .evaluate import check_token_ids
+    from .models import check_llama
+    check_token_ids("input_ids", input_ids, check_llama(model), dims=2)
     if input_ids.shape[0] != 1:
         raise ValueError("sample_parallel takes one prompt (batch 1); it forks the n sequences itself")
-    if n < 1 or max_new_tokens < 1 or temperature <= 0:
-        raise ValueError("n and max_new_tokens must be ≥ 1 and temperature > 0")
+    n = whole_number("n", n, 1, "sequences to sample, e.g. 4", high=1024)
+    seed = whole_number("seed", seed, 0, "any whole number ≥ 0")
+    if not real_number("temperature", temperature, "e.g. 1.0", low=0) > 0:
+        raise ValueError(f"temperature must be > 0 (e.g. 1.0), got {temperature!r}")
+    _check_generation(model, input_ids.shape[1], max_new_tokens, block_size)
+    check_fits(f"sampling noise for {n} × {max_new_tokens} tokens", 4 * n * max_new_tokens * model.config.vocab_size,
+               "sample fewer or shorter sequences")
     T = input_ids.shape[1]
     paged = cache is None
     if paged:

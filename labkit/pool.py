@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .checks import check, whole_number
+from .checks import MAX_STEPS, check, real_number, whole_number
+from .memory import check_fits
 
 
 class PoolExhausted(MemoryError):
@@ -49,10 +50,16 @@ class BlockPool:
 
     def __init__(self, num_blocks: int, block_shape=(16,), dtype=torch.float32, block_size: int | None = None):
         self.num_blocks = whole_number("num_blocks", num_blocks, 1)
-        block_shape = tuple(int(s) for s in block_shape)
-        if not block_shape or min(block_shape) <= 0:
-            raise ValueError(f"block_shape must be a non-empty tuple of positive ints, got {block_shape}")
+        if isinstance(block_shape, (str, bytes)) or not isinstance(block_shape, (tuple, list, torch.Size)) \
+                or not block_shape:
+            raise ValueError(f"block_shape must be a non-empty tuple of positive ints, got {block_shape!r}")
+        block_shape = tuple(whole_number("block_shape", s, 1, "a tuple of positive ints, e.g. (16,)")
+                            for s in block_shape)
+        if not isinstance(dtype, torch.dtype):
+            raise TypeError(f"dtype must be a torch dtype such as torch.float32, got {dtype!r}")
         self.block_size = whole_number("block_size", block_size or block_shape[0], 1)
+        check_fits(f"a pool of {self.num_blocks} blocks of {block_shape}",
+                   self.num_blocks * math.prod(block_shape) * dtype.itemsize, "use fewer or smaller blocks")
         self.storage = torch.zeros((self.num_blocks, *block_shape), dtype=dtype)
         self._free = list(range(self.num_blocks - 1, -1, -1))  # pop() hands out 0, 1, 2, ... first
         self.refcount = [0] * self.num_blocks
@@ -80,6 +87,7 @@ class BlockPool:
 
     def allocate_many(self, n: int, owner=None) -> list[int]:
         """All-or-nothing: n blocks, or PoolExhausted with nothing allocated."""
+        n = whole_number("n", n, 0, f"blocks to allocate; this pool has {self.num_blocks}")
         if n > len(self._free):
             raise PoolExhausted(f"need {n} blocks but only {len(self._free)} of {self.num_blocks} are free — free "
                                 "a sequence (or preempt one), or use a bigger pool")
@@ -120,8 +128,7 @@ class BlockPool:
 
     def set_fill(self, block: int, n: int) -> None:
         b = self._check_live(block)
-        if not 0 <= n <= self.block_size:
-            raise ValueError(f"fill must be in 0..{self.block_size}, got {n}")
+        n = whole_number("fill", n, 0, "slots in use", high=self.block_size)
         self.fill[b] = int(n)
 
     def stats(self) -> PoolStats:
@@ -165,6 +172,7 @@ class VariableAllocator:
 
     def __init__(self, capacity: int, policy: str = "first", align: int = 1):
         self.capacity = whole_number("capacity", capacity, 1)
+        check_fits(f"an arena of capacity={self.capacity} bytes", self.capacity, "pass a smaller capacity")
         if policy not in ("first", "best"):
             raise ValueError(f"policy must be 'first' or 'best', got {policy!r}")
         self.policy, self.align = policy, whole_number("align", align, 1)
@@ -174,7 +182,7 @@ class VariableAllocator:
         self._next = 0
 
     def allocate(self, nbytes: int) -> int:
-        req = whole_number("nbytes", nbytes, 1)
+        req = whole_number("nbytes", nbytes, 1, "bytes to place")
         size = -(-req // self.align) * self.align
         fits = [i for i, (_, s) in enumerate(self.holes) if s >= size]
         if not fits:
@@ -256,10 +264,16 @@ def churn(policy: str = "first", capacity: int = 4096, n_ops: int = 400, seed: i
     buffers, the same stream for either policy; a request that finds no hole is counted as failed and dropped.
     Returns the allocator in its final (fragmented) state and counts of what happened (failed_but_enough_free:
     refused although the free bytes added up — external fragmentation)."""
+    seed = whole_number("seed", seed, 0, "any whole number ≥ 0")
+    min_size = whole_number("min_size", min_size, 1, "the smallest request, in units")
+    max_size = whole_number("max_size", max_size, min_size + 1, "more than min_size (sizes are min_size..max_size−1)")
+    unit = whole_number("unit", unit, 1, "bytes per size unit, e.g. 1")
+    capacity = whole_number("capacity", capacity, 1, "the arena, in units")
+    n_ops = whole_number("n_ops", n_ops, 1, "operations to simulate", high=MAX_STEPS)
     rng = np.random.default_rng(seed)
     a = VariableAllocator(capacity * unit, policy)
     live, failed, fragmented, done = [], 0, 0, 0
-    for _ in range(whole_number("n_ops", n_ops, 1)):
+    for _ in range(n_ops):
         r, size = rng.random(), int(rng.integers(min_size, max_size)) * unit   # both drawn every step
         if live and r < 0.4:
             a.free(live.pop(int(r / 0.4 * len(live))))
@@ -308,7 +322,14 @@ DISTRIBUTIONS = ("uniform", "short", "longtail")
 def make_requests(n: int = 200, seed: int = 0, dist: str = "uniform", max_len: int = 1024,
                   rate: float = 0.5) -> list[Request]:
     """n seeded requests arriving as a Poisson process (`rate` per step); prompt + output ≤ max_len."""
-    n, max_len = whole_number("n", n, 1), whole_number("max_len", max_len, 1)
+    n = whole_number("n", n, 1, "requests", high=MAX_STEPS)
+    if dist not in DISTRIBUTIONS:
+        raise ValueError(f"dist must be one of {DISTRIBUTIONS}, got {dist!r}")
+    shortest = 64 if dist == "short" else 16   # room for prompts and outputs of at least 8 tokens each
+    max_len = whole_number("max_len", max_len, shortest, f"tokens per request; at least {shortest} for {dist!r}")
+    seed = whole_number("seed", seed, 0, "any whole number ≥ 0")
+    if real_number("rate", rate, "requests arriving per step, e.g. 0.5", low=0) == 0:
+        raise ValueError("rate must be > 0 requests per step (e.g. 0.5), got 0")
     if dist not in DISTRIBUTIONS:
         raise ValueError(f"dist must be one of {DISTRIBUTIONS}, got {dist!r}")
     rng = np.random.default_rng(seed)
@@ -339,6 +360,13 @@ def simulate(requests: list[Request], budget_tokens: int, policy: str = "paged",
     if policy not in ("contiguous", "paged"):
         raise ValueError(f"policy must be 'contiguous' or 'paged', got {policy!r}")
     budget, bs = whole_number("budget_tokens", budget_tokens, 1), whole_number("block_size", block_size, 1)
+    max_len = whole_number("max_len", max_len, 1, "the longest a request may grow, in tokens")
+    if snapshot_step is not None:
+        whole_number("snapshot_step", snapshot_step, 0, "a step, or None for the busiest one")
+    if isinstance(requests, (str, bytes)) or not isinstance(requests, (list, tuple)) or not requests \
+            or not all(isinstance(r, Request) for r in requests):
+        raise TypeError("requests must be a non-empty list of pool.Request, e.g. make_requests(200)")
+    check_fits(f"a token budget of {budget} slots", 2 * budget, "pass a smaller budget_tokens")
     for r in requests:
         if r.prompt + r.output > max_len:
             raise ValueError(f"request {r.rid} needs {r.prompt + r.output} tokens > max_len={max_len}")
@@ -434,6 +462,12 @@ def sequences_that_fit(lengths, budget_tokens: int, policy: str = "paged", block
                        max_len: int = 1024) -> int:
     """How many of these sequences (in order) fit at once: max_len reservations, or blocks of block_size."""
     budget, bs = whole_number("budget_tokens", budget_tokens, 1), whole_number("block_size", block_size, 1)
+    max_len = whole_number("max_len", max_len, 1, "the reservation per sequence, in tokens")
+    if policy not in ("contiguous", "paged"):
+        raise ValueError(f"policy must be 'contiguous' or 'paged', got {policy!r}")
+    if isinstance(lengths, (str, bytes)) or not isinstance(lengths, (list, tuple, np.ndarray)):
+        raise TypeError(f"lengths must be a list of sequence lengths in tokens, got {type(lengths).__name__}")
+    lengths = [whole_number("lengths", L, 0, "tokens per sequence") for L in lengths]
     if policy == "contiguous":
         return min(len(lengths), budget // max_len)
     free, n = budget // bs, 0
@@ -447,6 +481,8 @@ def sequences_that_fit(lengths, budget_tokens: int, policy: str = "paged", block
 
 def paged_waste_bound(length: int, block_size: int) -> float:
     """Largest fraction of a sequence's slots that paging can waste: (block − 1) / length."""
+    length = whole_number("length", length, 1, "tokens in the sequence")
+    block_size = whole_number("block_size", block_size, 1, "slots per block, e.g. 16")
     return (block_size - 1) / length
 
 

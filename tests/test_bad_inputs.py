@@ -570,7 +570,60 @@ LESSON_CASES: list[tuple[str, object, tuple]] = [
     ("capstone.best_recipe budget nan", lambda: lk.capstone.best_recipe(_points(), float("nan")), (VE,)),
     ("capstone.best_recipe unknown key", lambda: lk.capstone.best_recipe(_points(), 150, key="ram"), (VE,)),
     ("capstone.best_recipe no points", lambda: lk.capstone.best_recipe([], 150), (VE,)),
-    ("capstone.search_points {}", lambda: lk.capstone.search_points({}), (VE,)),
+    ("capstone.search_points {}", lambda: lk.capstone.search_points({}), (VE,)),    # pool / kvcache (notebook 05)
+    ("pool.BlockPool num_blocks 10**12", lambda: lk.pool.BlockPool(10**12, (4,)), (VE,)),
+    ("pool.BlockPool block_shape (1.5,)", lambda: lk.pool.BlockPool(4, (1.5,)), (TE,)),
+    ("pool.BlockPool dtype str", lambda: lk.pool.BlockPool(4, (4,), dtype="float32"), (TE,)),
+    ("pool.BlockPool.allocate_many inf", lambda: lk.pool.BlockPool(4, (4,)).allocate_many(float("inf")), (TE,)),
+    ("pool.BlockPool.set_fill 1.5", lambda: _block_pool().set_fill(0, 1.5), (TE,)),
+    ("pool.VariableAllocator capacity 10**12", lambda: lk.pool.VariableAllocator(10**12), (VE,)),
+    ("pool.churn max_size below min_size", lambda: lk.pool.churn(min_size=16, max_size=8), (VE,)),
+    ("pool.churn seed -1", lambda: lk.pool.churn(seed=-1), (VE,)),
+    ("pool.churn n_ops 10**12", lambda: lk.pool.churn(n_ops=10**12), (VE,)),
+    ("pool.make_requests rate 0", lambda: lk.pool.make_requests(10, rate=0.0), (VE,)),
+    ("pool.make_requests n 10**12", lambda: lk.pool.make_requests(10**12), (VE,)),
+    ("pool.make_requests max_len too short for 'short'", lambda: lk.pool.make_requests(10, dist="short", max_len=32),
+     (VE,)),
+    ("pool.simulate no requests", lambda: lk.pool.simulate([], 2048), (TE,)),
+    ("pool.simulate budget 10**12", lambda: lk.pool.simulate(lk.pool.make_requests(5, max_len=64), 10**12,
+                                                              max_len=64), (VE,)),
+    ("pool.sequences_that_fit max_len 0", lambda: lk.pool.sequences_that_fit([10], 100, "contiguous", max_len=0),
+     (VE,)),
+    ("pool.sequences_that_fit lengths str", lambda: lk.pool.sequences_that_fit("10", 100), (TE,)),
+    ("pool.paged_waste_bound length 0", lambda: lk.pool.paged_waste_bound(0, 16), (VE,)),
+    ("kvcache.PagedKVCache config dict", lambda: lk.kvcache.PagedKVCache({"num_hidden_layers": 2}), (TE,)),
+    ("kvcache.PagedKVCache block_size 1.5", lambda: lk.kvcache.PagedKVCache(_tiny().config, block_size=1.5), (TE,)),
+    ("kvcache.PagedKVCache num_blocks 10**12", lambda: lk.kvcache.PagedKVCache(_tiny().config, num_blocks=10**12),
+     (VE,)),
+    ("kvcache.PagedKVCache.update layer_idx 5", lambda: _paged().update(torch.randn(1, 2, 3, 16), torch.randn(1, 2, 3, 16),
+                                                                        5), (VE,)),
+    ("kvcache.PagedKVCache.update value_states None", lambda: _paged().update(torch.randn(1, 2, 3, 16), None, 0), (TE,)),
+    ("kvcache.PagedKVCache.fork src 10**12", lambda: _paged(filled=True).fork(10**12), (VE,)),
+    ("kvcache.PagedKVCache.fork n 10**12", lambda: _paged(filled=True).fork(0, 10**12), (VE,)),
+    ("kvcache.PagedKVCache.free_sequence True", lambda: _paged(filled=True).free_sequence(True), (TE,)),
+    ("kvcache.PagedKVCache.block_kv block 10**12", lambda: _paged(filled=True).block_kv(0, 10**12, 2), (VE,)),
+    ("kvcache.quantize_kv bits True", lambda: lk.kvcache.quantize_kv(torch.randn(2, 16), True, 8), (TE,)),
+    ("kvcache.quantize_kv group_size 0", lambda: lk.kvcache.quantize_kv(torch.randn(2, 16), 8, 0), (VE,)),
+    ("kvcache.quantize_kv NaN", lambda: lk.kvcache.quantize_kv(_w(nan=True), 8, 8), (VE,)),
+    ("kvcache.dequantize_kv scale of another shape", lambda: lk.kvcache.dequantize_kv(
+        torch.zeros(2, 16, dtype=torch.int8), torch.ones(3, 2), 8), (VE,)),
+    ("kvcache.kv_cache_table seq_len nan", lambda: lk.kvcache.kv_cache_table(_tiny().config, float("nan")), (TE,)),
+    ("kvcache.shared_prefix_blocks block_size 0", lambda: lk.kvcache.shared_prefix_blocks(2, 8, 16, 0), (VE,)),
+    ("kvcache.shared_prefix_blocks prefix longer than total", lambda: lk.kvcache.shared_prefix_blocks(2, 32, 16, 4),
+     (VE,)),
+    ("kvcache.paged_attention_decode view None", lambda: lk.kvcache.paged_attention_decode(torch.randn(1, 4, 1, 16),
+                                                                                           None), (TE,)),
+    ("kvcache.sample_parallel model str", lambda: lk.kvcache.sample_parallel("m", _ids(8).reshape(1, 8)), (TE,)),
+    ("kvcache.sample_parallel ids >= vocab", lambda: lk.kvcache.sample_parallel(_tiny(), _ids(8).reshape(1, 8) + 300),
+     (VE,)),
+    ("kvcache.sample_parallel block_size 0", lambda: lk.kvcache.sample_parallel(_tiny(), _ids(8).reshape(1, 8),
+                                                                               block_size=0), (VE,)),
+    ("kvcache.sample_parallel max_new_tokens 10**12", lambda: lk.kvcache.sample_parallel(
+        _tiny(), _ids(8).reshape(1, 8), max_new_tokens=10**12), (VE,)),
+    ("kvcache.sample_parallel seed 1.5", lambda: lk.kvcache.sample_parallel(_tiny(), _ids(8).reshape(1, 8), seed=1.5),
+     (TE,)),
+    ("kvcache.generate_shared_prefix float ids", lambda: lk.kvcache.generate_shared_prefix(
+        _tiny(), torch.rand(1, 8), _ids(8).reshape(2, 4)), (TE,)),
 ]
 _CACHE: dict = {}
 
@@ -647,6 +700,19 @@ def _packed():
 
 def _points() -> list[dict]:
     return [{"name": "a", "bytes": 100, "ppl": 30.0}, {"name": "b", "bytes": 50, "ppl": 40.0}]
+
+
+def _block_pool():
+    p = lk.pool.BlockPool(4, (4,))
+    p.allocate()
+    return p
+
+
+def _paged(filled: bool = False):
+    c = lk.kvcache.PagedKVCache(_tiny().config, num_blocks=16, block_size=4)
+    for layer in range(2 if filled else 0):
+        c.update(torch.randn(1, 2, 6, 16), torch.randn(1, 2, 6, 16), layer)
+    return c
 
 
 def _huffman():
