@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checks import whole_number
-from .memory import count_params, estimate_training_bytes, tensor_bytes
+from .checks import MAX_STEPS, real_number, whole_number
+from .memory import check_fits, count_params, estimate_training_bytes, tensor_bytes
 
 #: PIDs of the processes started by the last `launch` (tests check that none is left alive).
 LAST_PIDS: list[int] = []
@@ -147,6 +147,11 @@ def launch(worker, world_size: int = 2, args: tuple = (), timeout: float = 300.0
 
     _check_importable(worker)
     whole_number("world_size", world_size, 1, "local processes: more than 8 is too many for a laptop", high=8)
+    if isinstance(args, (str, bytes)) or not isinstance(args, (tuple, list)):
+        raise TypeError(f"args must be a tuple of the worker's extra arguments, e.g. (cfg,), got {args!r}")
+    for name, t in (("timeout", timeout), ("gloo_timeout", gloo_timeout)):
+        if not real_number(name, t, "seconds, e.g. 60", low=0) > 0:
+            raise ValueError(f"{name} must be > 0 seconds, got {t!r}")
     outdir = tempfile.mkdtemp(prefix="labkit-launch-")
     ctx = None
     LAST_PIDS.clear()
@@ -239,6 +244,8 @@ class Block(nn.Module):
 
     def __init__(self, hidden: int):
         super().__init__()
+        hidden = whole_number("hidden", hidden, 1, "the block's width, e.g. 64")
+        check_fits(f"a Block of width {hidden}", 4 * 9 * hidden * hidden, "use a smaller width")
         self.norm = nn.LayerNorm(hidden)
         self.up = nn.Linear(hidden, 4 * hidden)
         self.down = nn.Linear(4 * hidden, hidden)
@@ -252,6 +259,11 @@ class TinyLM(nn.Module):
 
     def __init__(self, vocab_size: int = 256, hidden_size: int = 64, layers: int = 4):
         super().__init__()
+        vocab_size = whole_number("vocab_size", vocab_size, 1, "tokens, e.g. 256")
+        hidden_size = whole_number("hidden_size", hidden_size, 1, "the width, e.g. 64")
+        layers = whole_number("layers", layers, 1, "blocks, e.g. 4")
+        check_fits(f"a TinyLM of {layers} layers × width {hidden_size}",
+                   4 * (2 * vocab_size * hidden_size + layers * 9 * hidden_size * hidden_size), "make it smaller")
         self.embed = nn.Embedding(vocab_size, hidden_size)
         self.layers = nn.ModuleList(Block(hidden_size) for _ in range(layers))
         self.head = nn.Linear(hidden_size, vocab_size)
@@ -268,9 +280,28 @@ DEFAULT_DIST_CFG = dict(vocab_size=256, hidden_size=64, layers=4, steps=3, batch
                         dtype="float32", seed=0)
 
 
+def check_cfg(cfg) -> dict:
+    """DEFAULT_DIST_CFG updated by cfg (None or a dict of its keys), every value checked."""
+    if cfg is not None and not isinstance(cfg, dict):
+        raise TypeError(f"cfg must be a dict of {sorted(DEFAULT_DIST_CFG)} (or None), got {type(cfg).__name__}")
+    unknown = sorted(set(cfg or {}) - set(DEFAULT_DIST_CFG) - {"data_seed"})
+    if unknown:
+        raise ValueError(f"cfg has unknown keys {unknown}; use {sorted(DEFAULT_DIST_CFG)} (or 'data_seed')")
+    full = {**DEFAULT_DIST_CFG, **(cfg or {})}
+    for k in ("vocab_size", "hidden_size", "layers", "steps", "batch", "seq_len"):
+        whole_number(f"cfg[{k!r}]", full[k], 2 if k == "seq_len" else 1, f"default {DEFAULT_DIST_CFG[k]}",
+                     high=MAX_STEPS if k == "steps" else None)
+    whole_number("cfg['seed']", full["seed"], 0, "any whole number ≥ 0")
+    if not 0 < real_number("cfg['lr']", full["lr"], "Adam's learning rate, e.g. 1e-2", low=0) <= 1:
+        raise ValueError(f"cfg['lr'] must be in (0, 1], got {full['lr']!r}")
+    if full["dtype"] not in ("float32", "float64", "bfloat16", "float16"):
+        raise ValueError(f"cfg['dtype'] must be 'float32', 'float64', 'bfloat16' or 'float16', got {full['dtype']!r}")
+    return full
+
+
 def build_model(cfg: dict | None = None) -> TinyLM:
     """The model every rank (and the one-process reference) starts from: same seed, same weights."""
-    cfg = {**DEFAULT_DIST_CFG, **(cfg or {})}
+    cfg = check_cfg(cfg)
     torch.manual_seed(cfg["seed"])
     return TinyLM(cfg["vocab_size"], cfg["hidden_size"], cfg["layers"]).to(getattr(torch, cfg["dtype"]))
 
@@ -299,7 +330,7 @@ def train_worker(rank: int, world_size: int, modes=("zero1", "fsdp"), cfg: dict 
     """
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    cfg = {**DEFAULT_DIST_CFG, **(cfg or {})}
+    cfg = check_cfg(cfg)
     if isinstance(modes, str):
         modes = (modes,)
     out = {}
@@ -338,7 +369,7 @@ def train_worker(rank: int, world_size: int, modes=("zero1", "fsdp"), cfg: dict 
 
 def train_single(cfg: dict | None = None) -> dict:
     """The reference: the same training in this one process on the full batch with plain Adam."""
-    cfg = {**DEFAULT_DIST_CFG, **(cfg or {})}
+    cfg = check_cfg(cfg)
     model = build_model(cfg)
     opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"])
     losses = _train_mode(model, opt, cfg, 0, 1)
@@ -350,6 +381,9 @@ def train_single(cfg: dict | None = None) -> dict:
 
 def max_weight_diff(a: dict, b: dict) -> float:
     """Largest |difference| between two state dicts with the same keys."""
+    for name, d in (("a", a), ("b", b)):
+        if not isinstance(d, dict) or not all(isinstance(t, torch.Tensor) for t in d.values()):
+            raise TypeError(f"{name} must be a state dict {{name: tensor}}, got {type(d).__name__}")
     if a.keys() != b.keys():
         raise ValueError(f"state dicts differ in keys: {sorted(set(a) ^ set(b))[:5]}")
     return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
@@ -364,7 +398,12 @@ def zero_state_bytes(n_params: int, ranks: int, stage: int = 1, optimizer: str =
 def compare_sharded(world_size: int = 2, modes=("zero1", "fsdp"), cfg: dict | None = None,
                     timeout: float = 240.0) -> dict:
     """One process vs `modes` over `world_size` ranks (one launch): per-rank bytes and weight differences."""
-    full = {**DEFAULT_DIST_CFG, **(cfg or {})}
+    full = check_cfg(cfg)
+    if isinstance(modes, str) or not isinstance(modes, (tuple, list)) or not modes \
+            or any(m not in ("ddp", "zero1", "fsdp") for m in modes):
+        raise ValueError(f"modes must be a non-empty tuple of 'ddp', 'zero1' and 'fsdp', got {modes!r}")
+    if not real_number("timeout", timeout, "seconds, e.g. 240", low=0) > 0:
+        raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
     if full["batch"] % whole_number("world_size", world_size, 1, "a rank count such as 1, 2 or 4"):
         raise ValueError(f"batch {full['batch']} cannot be split evenly over {world_size!r} ranks; use a rank "
                          f"count that divides it (e.g. 1, 2, 4) or a larger batch")

@@ -623,7 +623,36 @@ LESSON_CASES: list[tuple[str, object, tuple]] = [
     ("kvcache.sample_parallel seed 1.5", lambda: lk.kvcache.sample_parallel(_tiny(), _ids(8).reshape(1, 8), seed=1.5),
      (TE,)),
     ("kvcache.generate_shared_prefix float ids", lambda: lk.kvcache.generate_shared_prefix(
-        _tiny(), torch.rand(1, 8), _ids(8).reshape(2, 4)), (TE,)),
+        _tiny(), torch.rand(1, 8), _ids(8).reshape(2, 4)), (TE,)),    # sharding / footprint (notebooks 06, 00)
+    ("sharding.TinyLM vocab_size -1", lambda: lk.sharding.TinyLM(vocab_size=-1), (VE,)),
+    ("sharding.TinyLM layers 10**12", lambda: lk.sharding.TinyLM(layers=10**12), (VE,)),
+    ("sharding.Block hidden 1.5", lambda: lk.sharding.Block(1.5), (TE,)),
+    ("sharding.build_model cfg list", lambda: lk.sharding.build_model([]), (TE,)),
+    ("sharding.build_model cfg None value", lambda: lk.sharding.build_model({"hidden_size": None}), (TE,)),
+    ("sharding.train_single unknown cfg key", lambda: lk.sharding.train_single({"hiden_size": 8}), (VE,)),
+    ("sharding.max_weight_diff list", lambda: lk.sharding.max_weight_diff([], {}), (TE,)),
+    ("sharding.compare_sharded modes str", lambda: lk.sharding.compare_sharded(2, modes="zero1"), (VE,)),
+    ("sharding.compare_sharded timeout -1", lambda: lk.sharding.compare_sharded(2, timeout=-1.0), (VE,)),
+    ("sharding.launch args str", lambda: lk.sharding.launch(lk.sharding.sleeping_worker, 2, args="0.1"), (TE,)),
+    ("sharding.launch gloo_timeout nan", lambda: lk.sharding.launch(lk.sharding.sleeping_worker, 2, args=(0.1,),
+                                                                    gloo_timeout=float("nan")), (VE,)),
+    ("footprint.estimate_footprint n_params -1", lambda: lk.footprint.estimate_footprint(_tiny().config, -1), (VE,)),
+    ("footprint.estimate_footprint batch 1.5", lambda: lk.footprint.estimate_footprint(_tiny().config, 10, batch=1.5),
+     (TE,)),
+    ("footprint.estimate_footprint training str", lambda: lk.footprint.estimate_footprint(_tiny().config, 10,
+                                                                                           training="yes"), (TE,)),
+    ("footprint.measure_inference unknown name", lambda: lk.footprint.measure_inference("smollm3", [(1, 8)]), (VE,)),
+    ("footprint.measure_inference shapes str", lambda: lk.footprint.measure_inference("smollm2-135m", "1x8"), (TE,)),
+    ("footprint.measure_inference logits_to_keep 1.5", lambda: lk.footprint.measure_inference(
+        "smollm2-135m", [(1, 8)], logits_to_keep=1.5), (TE,)),
+    ("footprint.measure_inference batch 10**12", lambda: lk.footprint.measure_inference("smollm2-135m", [(10**12, 8)]),
+     (VE,)),
+    ("footprint.inference_peaks dtype int8", lambda: lk.footprint.inference_peaks("smollm2-135m", [(1, 8)], "int8"),
+     (VE,)),
+    ("footprint.measure_load name None", lambda: lk.footprint.measure_load(None), (TE,)),
+    ("footprint.measure_training_step seq_len 0", lambda: lk.footprint.measure_training_step("smollm2-135m", 1, 0),
+     (VE,)),
+    ("footprint.training_step lr 1.5", lambda: lk.footprint.training_step("smollm2-135m", 1, 8, lr=1.5), (VE,)),
 ]
 _CACHE: dict = {}
 
