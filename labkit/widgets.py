@@ -112,8 +112,10 @@ def distill_temperature(model, tokenizer, prompt: str = "And God said, Let there
 
 
 def distill_runs(results: dict):
-    """α and T sliders → the nearest stored seed-0 run: its test-books curve beside CE's, and its point on the
-    memory-vs-perplexity chart (lk.experiments.distill.nearest_run; stored runs only, nothing is trained)."""
+    """α and T sliders over the stored seed-0 runs → that run's test-books curve beside CE's, and its point on the
+    memory-vs-perplexity chart (lk.experiments.distill.nearest_run; stored runs only, nothing is trained). The
+    sliders offer only the α and T of stored runs; at α = 0 (cross-entropy only) T does not enter the loss, so the
+    T slider is greyed out."""
     import ipywidgets as w
     import matplotlib.pyplot as plt
 
@@ -121,21 +123,29 @@ def distill_runs(results: dict):
     from .experiments.distill import chart_points, nearest_run
 
     runs = results["grid_seed0"]
+    alphas = sorted({float(r["alpha"]) for r in runs.values()})
+    temps = sorted({float(r["temperature"]) for r in runs.values() if r["alpha"] > 0}) or [1.0]
+    style = {"description_width": "initial"}
+    t_slider = w.SelectionSlider(options=temps, value=1.0 if 1.0 in temps else temps[0], description="temperature",
+                                 style=style)
 
     def draw(alpha, temperature):
         name = nearest_run(results, alpha, temperature)
+        t_slider.disabled = alpha == 0
+        r = runs[name]
+        how = "cross-entropy only: T does not enter the loss" if r["alpha"] == 0 else f"α = {r['alpha']:g}, T = {r['temperature']:g}"
+        print(f"stored run {name!r} ({how}): validation perplexity {r['val_ppl']:.1f}")
         _, axes = plt.subplots(1, 2, figsize=(12, 3.8), gridspec_kw={"width_ratios": [1, 1.3]})
         plots.distill_curves(runs, ["ce", name] if name != "ce" else ["ce"], teacher_ppl=results["teacher"]["select_ppl"],
                              ax=axes[0], title=f"seed 0, stored run: {name}")
-        moved = {"bytes": results["depth"]["bytes"], "quality": runs[name]["val_ppl"], "marker": "X",
+        moved = {"bytes": results["depth"]["bytes"], "quality": r["val_ppl"], "marker": "X",
                  "technique": "ce" if name == "ce" else "kd", "label": f"seed 0: {name}", "annotate": True}
         return plots.memory_quality(chart_points(results) + [moved], memory="RAM", tokens=results["eval"]["val_tokens"],
                                     ax=axes[1], title="the chosen run on the memory chart")
 
-    style = {"description_width": "initial"}
-    return interact_chart(draw, alpha=w.FloatSlider(value=1.0, min=0.0, max=1.0, step=0.5, description="alpha", style=style),
-                          temperature=w.FloatSlider(value=1.0, min=1.0, max=2.0, step=1.0, description="temperature",
-                                                    style=style))
+    return interact_chart(draw, alpha=w.SelectionSlider(options=alphas, value=max(alphas), description="alpha",
+                                                        style=style),
+                          temperature=t_slider)
 
 
 # --- pruning (notebook 01) ---

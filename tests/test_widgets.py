@@ -44,3 +44,28 @@ def test_sparse_widget_moves_the_pruned_weight_on_the_storage_chart():
     diamonds = [c.get_offsets()[0].tolist() for c in ax.collections if c.get_paths() and len(c.get_offsets()) == 1]
     assert any(abs(y - xs.pruned_points(wt, 0.5)[0]["quality"]) < 1e-9 for _, y in diamonds)
     plt.close("all")
+
+
+def _controls(ui):
+    return {c.description or c._kwarg: c for c in ui.widget.children if not isinstance(c, (w.Output, w.Button))}
+
+
+def test_distill_runs_offers_only_stored_runs(capsys):
+    """α = 0.5 had no stored run and silently showed CE (a tie in nearest_run); T moved nothing at α = 0. Now the
+    sliders hold only stored values, T is greyed out at α = 0 and a line names the run shown."""
+    import matplotlib.pyplot as plt
+
+    from labkit.repro import load_results
+
+    res = load_results("distill")
+    ui = widgets.distill_runs(res)
+    c = _controls(ui)
+    runs = res["grid_seed0"].values()
+    assert list(c["alpha"].options) == sorted({r["alpha"] for r in runs})
+    assert all(any(r["alpha"] == a and (a == 0 or r["temperature"] == t) for r in runs)
+               for a in c["alpha"].options for t in c["temperature"].options)
+    c["alpha"].value = 0.0
+    assert c["temperature"].disabled and "T does not enter the loss" in capsys.readouterr().out
+    c["alpha"].value, c["temperature"].value = 1.0, max(c["temperature"].options)
+    assert not c["temperature"].disabled and "kd_a1_T2" in capsys.readouterr().out.splitlines()[-1]
+    plt.close("all")
