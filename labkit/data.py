@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from .checks import whole_number
+from .memory import check_fits
 from .models import package_dir
 from .repro import ChecksumError, cache_dir, read_verified, write_verified
 
@@ -175,9 +176,19 @@ def text_tokens(text_or_path, tokenizer, min_tokens: int = 257) -> torch.Tensor:
 
 def batches(split: str, tokenizer, seq_len: int = 128, batch_size: int = 8, seed: int = 0):
     """Endless random [batch_size, seq_len] windows of a split, reproducible from the seed (for training)."""
+    _check_split(split)
+    check_tokenizer(tokenizer)
+    seq_len = whole_number("seq_len", seq_len, 1, "tokens per window, e.g. 128")
+    batch_size = whole_number("batch_size", batch_size, 1, "windows per batch, e.g. 8")
+    seed = whole_number("seed", seed, 0, "any whole number ≥ 0")
+    check_fits(f"a batch of {batch_size} × {seq_len} token ids", 8 * batch_size * seq_len, "use a smaller batch")
     data = tokens(split, tokenizer)
     if len(data) <= seq_len + 1:
         raise ValueError(f"split {split!r} has only {len(data)} tokens; use seq_len < {len(data) - 1}")
+    return _windows_forever(data, seq_len, batch_size, seed)   # checked now, not at the first next()
+
+
+def _windows_forever(data: torch.Tensor, seq_len: int, batch_size: int, seed: int):
     g = torch.Generator().manual_seed(seed)
     while True:
         starts = torch.randint(0, len(data) - seq_len - 1, (batch_size,), generator=g)
@@ -191,6 +202,8 @@ def prepare(tokenizer) -> dict[str, int]:
 
 def kjv_sentences(n: int = 16, split: str = "validation") -> list[str]:
     """n KJV verses spread evenly over a split's books (MiniLM's test sentences)."""
+    n = whole_number("n", n, 1, "how many sentences, e.g. 16")
+    _check_split(split)
     wanted = set(books(split))
     vs = [v["text"] for v in verses() if v["book"] in wanted]
     step = max(1, len(vs) // n)

@@ -311,6 +311,8 @@ def load_checkpoint(path) -> dict:
     """A checkpoint written by save_checkpoint; lk.repro.ChecksumError if it was corrupted, truncated or edited."""
     from .repro import read_verified_torch
 
+    if not isinstance(path, (str, Path)):
+        raise TypeError(f"path must be the checkpoint's path (str or pathlib.Path), got {path!r}")
     return read_verified_torch(path, CHECKPOINT_KIND, fix=f"it cannot be trusted to resume from: delete "
                                                           f"{Path(path).name} and its .sha256.json to train from the start")[0]
 

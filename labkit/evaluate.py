@@ -98,6 +98,7 @@ def mean_nll(model, tokens: torch.Tensor, seq_len: int = SEQ_LEN, max_tokens: in
     max_tokens = default_budget() if max_tokens is None else max_tokens
     data = windows(tokens, seq_len, max_tokens)
     _check_model(model, tokens)
+    check_token_ids("tokens", data, model, dims=2)       # a model that reads ids, windows it can read
     batch_size = whole_number("batch_size", batch_size, 1, "windows per forward pass, e.g. 4")
     was_training = model.training
     model.eval()
@@ -112,6 +113,9 @@ def mean_nll(model, tokens: torch.Tensor, seq_len: int = SEQ_LEN, max_tokens: in
             count += x[:, 1:].numel()
     finally:
         model.train(was_training)
+    if not math.isfinite(total):
+        raise ValueError("the model's loss is not finite (NaN/inf logits): its weights hold NaN/inf or overflowed "
+                         "— check them with [n for n, p in model.named_parameters() if not p.isfinite().all()]")
     return total / count
 
 
@@ -121,8 +125,8 @@ class Perplexity(float):
     tokens: int
 
     def __new__(cls, value: float, tokens: int):
-        obj = super().__new__(cls, value)
-        obj.tokens = int(tokens)
+        obj = super().__new__(cls, real_number("value", value, "a perplexity, e.g. 30.47", low=0))
+        obj.tokens = whole_number("tokens", tokens, 1, "the tokens it was measured on, e.g. 1024")
         return obj
 
     @property
@@ -141,7 +145,7 @@ class Perplexity(float):
 
 def ppl_label(tokens: int) -> str:
     """'ppl₁₀₂₄' — the name of a perplexity on the protocol with that many tokens."""
-    return "ppl" + str(int(tokens)).translate(_SUBSCRIPT)
+    return "ppl" + str(whole_number("tokens", tokens, 0, "a token count, e.g. 1024")).translate(_SUBSCRIPT)
 
 
 def perplexity(model, tokens: torch.Tensor, seq_len: int = SEQ_LEN, max_tokens: int | None = None,

@@ -278,7 +278,7 @@ def kv_layout(config, kv_heads: int | None = None) -> tuple[int, int, int]:
     if kv_heads is None:
         kv_heads = _cfg(config, "num_key_value_heads", default=heads)
     head_dim = getattr(config, "head_dim", None) or _cfg(config, "hidden_size", "n_embd") // heads
-    return layers, whole_number("kv_heads", kv_heads, 1), head_dim
+    return layers, whole_number("kv_heads", kv_heads, 1, f"at most the {heads} query heads (MHA)", high=heads), head_dim
 
 
 def kv_bytes_per_token(config, dtype=torch.float32, kv_heads: int | None = None) -> int:
@@ -339,6 +339,8 @@ def estimate_activation_bytes(config, batch: int, seq_len: int, dtype=torch.floa
     that scores every token (perplexity) keeps batch·seq_len·vocab logits; `model.generate` asks the model for the
     last position's logits only (transformers' `logits_to_keep=1`), so pass logits_to_keep=1 for generation.
     """
+    if not isinstance(training, bool):
+        raise TypeError(f"training must be True or False, got {training!r}")
     if logits_to_keep is not None:
         whole_number("logits_to_keep", logits_to_keep, 1, "or None for every position; 1 for generation")
     whole_number("batch", batch)
@@ -418,8 +420,8 @@ def measure_memory(sample_interval: float = 0.001):
     peak is exact even for allocations shorter than any sampling interval. Elsewhere a thread samples RSS.
     tracemalloc would miss this memory: torch allocates outside Python's allocator.
     """
-    if real_number("sample_interval", sample_interval, "seconds, e.g. 0.001", low=0) == 0:
-        raise ValueError("sample_interval must be > 0 seconds (e.g. 0.001), got 0")
+    if not 0 < real_number("sample_interval", sample_interval, "seconds, e.g. 0.001", low=0) <= 10:
+        raise ValueError(f"sample_interval must be > 0 and at most 10 seconds (e.g. 0.001), got {sample_interval!r}")
     gc.collect()
     m = MemoryMeasurement()
     exact = _reset_peak()

@@ -156,6 +156,10 @@ class _quiet_progress:
 
 def resolve(name_or_path: str) -> tuple[str, str]:
     """(source for from_pretrained, kind) for a registered name, a local folder, or a hub id."""
+    if not isinstance(name_or_path, (str, os.PathLike)) or not str(name_or_path).strip():
+        raise TypeError(f"name_or_path must be a registered name ({', '.join(REGISTRY)}), a folder or a hub id, got "
+                        f"{name_or_path!r}")
+    name_or_path = str(name_or_path)
     if name_or_path in REGISTRY:
         return str(prepare(name_or_path)), REGISTRY[name_or_path]["kind"]
     path = Path(name_or_path).expanduser()
@@ -265,6 +269,9 @@ def build_llama(spec: LlamaSpec, seed: int = 0):
     if not isinstance(spec, LlamaSpec):
         raise TypeError(f"build_llama needs a lk.models.LlamaSpec, got {type(spec).__name__}")
     whole_number("seed", seed, 0, "any whole number ≥ 0")
+    from .memory import check_fits, estimate_params
+    check_fits(f"a Llama of {spec.num_hidden_layers} layers, hidden {spec.hidden_size}, vocabulary {spec.vocab_size}",
+               4 * estimate_params(spec)["total"], "use smaller sizes")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
         model = LlamaForCausalLM(spec.to_hf())
@@ -297,8 +304,17 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int = 20) -> str:
     """Greedy continuation of prompt (deterministic); returns only the new text."""
     if not isinstance(prompt, str):
         raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
-    whole_number("max_new_tokens", max_new_tokens, 1, "how many tokens to add, e.g. 20")
+    if not callable(getattr(torch_module("model", model, "a causal LM such as lk.load_model()[0]"), "generate", None)):
+        raise TypeError(f"model must be a causal LM that can generate (lk.load_model()[0]), got {type(model).__name__}")
+    if not callable(tokenizer) or not hasattr(tokenizer, "decode"):
+        raise TypeError(f"tokenizer must be the model's Hugging Face tokenizer (lk.load_model()[1]), got "
+                        f"{type(tokenizer).__name__}")
+    if not prompt:
+        raise ValueError("prompt is empty; give the model some text to continue")
     ids = tokenizer(prompt, return_tensors="pt")
+    limit = getattr(model.config, "max_position_embeddings", None)
+    whole_number("max_new_tokens", max_new_tokens, 1, "how many tokens to add, within the model's context",
+                 high=limit - ids["input_ids"].shape[1] if isinstance(limit, int) else None)
     out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
                          pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
     return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
@@ -325,8 +341,17 @@ def empty_model(config: dict, attn_implementation: str | None = None) -> torch.n
     with every parameter on the `meta` device: no memory yet; the loaders fill it one tensor at a time."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+        raise TypeError("config must be a model's config as a dict with its 'model_type' (model.config.to_dict(), "
+                        f"as exports save it), got {config!r:.80}")
+    if attn_implementation is not None and not isinstance(attn_implementation, str):
+        raise TypeError(f"attn_implementation must be a str such as 'sdpa' or None, got {attn_implementation!r}")
     cfg = dict(config)
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg),
-                                                 attn_implementation=attn_implementation)
+    try:
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg),
+                                                     attn_implementation=attn_implementation)
+    except ValueError as e:
+        raise ValueError(f"this config cannot be built ({str(e)[:200]}); pass model.config.to_dict() and an "
+                         "attn_implementation such as 'sdpa' or 'eager'") from None
     return model.eval()

@@ -44,10 +44,26 @@ def cache_dir() -> Path:
     return path
 
 
+def _as_path(what: str, path) -> Path:
+    """path as a Path; TypeError unless it is a str or os.PathLike, ValueError for an empty one."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{what} must be a path (str or pathlib.Path), got {path!r}")
+    if not str(path).strip():
+        raise ValueError(f"{what} is an empty path; name a file or folder")
+    return Path(path)
+
+
+def _check_kind(kind) -> str:
+    if not isinstance(kind, str) or not kind:
+        raise TypeError(f"kind names what the file is (a non-empty str such as 'labkit-token-cache'), got {kind!r}")
+    return kind
+
+
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     """Hex SHA-256 of a file, read in chunks."""
+    chunk = whole_number("chunk", chunk, 1, "bytes read at a time, e.g. 1 << 20", high=1 << 30)
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open(_as_path("path", path), "rb") as f:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
@@ -58,7 +74,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise TypeError(f"atomic_write_bytes writes bytes, got {type(data).__name__}; encode text with .encode() "
                         "or use atomic_write_json")
-    path = Path(path)
+    path = _as_path("path", path)
     if path.is_dir():
         raise IsADirectoryError(f"{path} is a folder; name a file inside it")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -81,6 +97,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
 
 def atomic_write_json(path: str | os.PathLike, obj) -> Path:
     """Write a JSON file atomically (sorted keys, indent 1, trailing newline); nothing is written on an error."""
+    _as_path("path", path)
     try:
         text = json.dumps(obj, indent=1, sort_keys=True)
     except (TypeError, ValueError) as e:
@@ -113,7 +130,7 @@ def load_results(name: str) -> dict:
 # ---- threads and timing ------------------------------------------------------------------------------
 
 def _check_threads(n) -> None:
-    whole_number("the number of threads", n, 1, "such as 1")
+    whole_number("the number of threads", n, 1, "such as 1", high=1024)
 
 
 @contextlib.contextmanager
@@ -138,8 +155,9 @@ def time_call(fn, *args, min_run_time: float = 0.2, n_threads: int | None = 1, *
     from torch.utils.benchmark import Timer
     if not callable(fn):
         raise TypeError(f"time_call needs a callable, got {type(fn).__name__}")
-    if not real_number("min_run_time", min_run_time, "seconds > 0, e.g. 0.2", low=0) > 0:
-        raise ValueError(f"min_run_time must be a finite number of seconds > 0 (e.g. 0.2), got {min_run_time!r}")
+    if not 0 < real_number("min_run_time", min_run_time, "seconds > 0, e.g. 0.2", low=0) <= 3600:
+        raise ValueError(f"min_run_time must be a finite number of seconds > 0 and at most an hour (e.g. 0.2), got "
+                         f"{min_run_time!r}")
     if n_threads is not None:
         _check_threads(n_threads)
     threads_now = torch.get_num_threads() if n_threads is None else n_threads
@@ -162,13 +180,15 @@ MANIFEST_VERSION = 1
 
 def file_entry(path: str | os.PathLike) -> dict:
     """{"bytes": size, "sha256": hex} of one file."""
-    path = Path(path)
+    path = _as_path("path", path)
     return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
 def check_file(path: str | os.PathLike, entry: dict, fix: str) -> None:
     """Raise ChecksumError unless the file exists with the size and sha256 of `entry`; `fix` says what to do."""
-    path = Path(path)
+    path = _as_path("path", path)
+    if not isinstance(entry, dict):
+        raise TypeError(f"entry must be the dict file_entry returned ({{'bytes': …, 'sha256': …}}), got {entry!r:.80}")
     if not path.is_file():
         raise ChecksumError(f"{path} is missing; {fix}")
     size = path.stat().st_size
@@ -189,9 +209,10 @@ def write_verified(path: str | os.PathLike, data: bytes, kind: str, meta: dict |
     """Write bytes atomically plus a sidecar `<name>.sha256.json` (kind, format version, size, sha256, meta).
 
     For single-file caches and checkpoints; read them back with read_verified."""
-    if not isinstance(kind, str) or not kind:
-        raise TypeError(f"kind names what the file is (a non-empty str such as 'labkit-token-cache'), got {kind!r}")
-    path = Path(path)
+    _check_kind(kind)
+    if meta is not None and not isinstance(meta, dict):
+        raise TypeError(f"meta must be a dict stored beside the checksum (or None), got {type(meta).__name__}")
+    path = _as_path("path", path)
     atomic_write_bytes(path, data)
     side = {"kind": kind, "version": MANIFEST_VERSION, "bytes": len(data),
             "sha256": hashlib.sha256(data).hexdigest(), "meta": meta or {}}
@@ -201,7 +222,8 @@ def write_verified(path: str | os.PathLike, data: bytes, kind: str, meta: dict |
 
 def read_verified(path: str | os.PathLike, kind: str, fix: str) -> tuple[bytes, dict]:
     """(bytes, meta) of a file written by write_verified; ChecksumError (with `fix`) when anything is off."""
-    path = Path(path)
+    path = _as_path("path", path)
+    _check_kind(kind)
     side_path = _sidecar(path)
     try:
         side = json.loads(side_path.read_text())
@@ -265,7 +287,15 @@ def write_manifest(folder: str | os.PathLike, kind: str, files: list[str] | None
                    name: str = "labkit-manifest.json", extra: dict | None = None) -> dict:
     """Write `folder/name`: kind, format version and {file: {bytes, sha256}} of `files` (default: every file
     in the folder but the manifest). Written last and atomically: a folder without it is incomplete."""
-    folder = Path(folder)
+    folder = _as_path("folder", folder)
+    _check_kind(kind)
+    if files is not None and (isinstance(files, (str, bytes)) or not isinstance(files, (list, tuple))
+                              or not all(isinstance(f, str) for f in files)):
+        raise TypeError(f"files must be a list of file names in the folder (or None for all), got {files!r}")
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"name must be the manifest's file name, e.g. 'labkit-manifest.json', got {name!r}")
+    if extra is not None and not isinstance(extra, dict):
+        raise TypeError(f"extra must be a dict added to the manifest (or None), got {type(extra).__name__}")
     if not folder.is_dir():
         raise FileNotFoundError(f"cannot write a manifest into {folder}: no such folder")
     if files is None:
@@ -282,7 +312,12 @@ def write_manifest(folder: str | os.PathLike, kind: str, files: list[str] | None
 def read_manifest(folder: str | os.PathLike, kind: str, fix: str, name: str = "labkit-manifest.json",
                   verify: bool = True) -> dict:
     """The manifest of a folder written by write_manifest, every file checked (verify=True); ChecksumError else."""
-    folder = Path(folder)
+    folder = _as_path("folder", folder)
+    _check_kind(kind)
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"name must be the manifest's file name, e.g. 'labkit-manifest.json', got {name!r}")
+    if not isinstance(verify, bool):
+        raise TypeError(f"verify must be True or False, got {verify!r}")
     path = folder / name
     try:
         manifest = json.loads(path.read_text())
@@ -300,6 +335,8 @@ def read_manifest(folder: str | os.PathLike, kind: str, fix: str, name: str = "l
         for fname, entry in manifest["files"].items():
             if not isinstance(fname, str) or "/" in fname or fname.startswith(".."):
                 raise ChecksumError(f"{path} names a file outside its folder ({fname!r}); {fix}")
+            if not isinstance(entry, dict):
+                raise ChecksumError(f"{path} lists {fname!r} without its size and sha256; {fix}")
             check_file(folder / fname, entry, fix)
     return manifest
 
@@ -309,7 +346,9 @@ def replace_folder(tmp: str | os.PathLike, dest: str | os.PathLike) -> Path:
 
     Callers build `tmp` as a sibling of dest (tempfile.mkdtemp(dir=dest.parent)), verify it, then call this;
     an interruption leaves either the old complete folder or the new one."""
-    tmp, dest = Path(tmp), Path(dest)
+    tmp, dest = _as_path("tmp", tmp), _as_path("dest", dest)
+    if not tmp.is_dir():
+        raise FileNotFoundError(f"tmp {tmp} is not a folder; pass the finished temporary folder to move onto dest")
     old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
     if dest.exists():
         os.replace(dest, old)
