@@ -4,12 +4,12 @@ optimizer state, and the stacked memory estimate (params + grads + optimizer + a
 Defined in notebook 06 ("Other memory-saving designs"). In-place transforms end in `_` and take a config,
 torchao style: `share_(model, ShareConfig(group_size=4))`, `checkpoint_(model, every=4)`, `untie_(model)`.
 Estimates come beside measurements: `saved_activation_bytes` counts the tensors autograd keeps for backward,
-`measure_step` measures the peak RSS of a training step (run it in a fresh process per variant).
+`measure_step` measures the peak RSS of a training step (run it in a fresh process per variant); the estimates
+(per layer, with checkpointing, of Adam's state, the stack per rank) are in labkit/training_estimates.py.
 """
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from dataclasses import asdict, dataclass, fields
 
@@ -17,19 +17,26 @@ import torch
 from torch import nn
 
 from . import memory, repro
-from .checks import whole_number
-from .models import LlamaSpec, build_llama
+from .calibration import check_filter, check_windows
+from .checks import MAX_STEPS, real_number, torch_module, torch_tensor, whole_number
+from .evaluate import check_token_ids
+from .models import LlamaSpec, build_llama, check_llama
+# The estimates of a step have their own module; re-exported (notebook 06 uses T.estimate_stack, T.activation_bytes,
+# T.layer_activation_bytes, T.optimizer_estimates, T.resolve_interval, T.SMALL, ...).
+from .training_estimates import (  # noqa: F401
+    CHECKPOINTING, LOWBIT_ADAM, PRECISIONS, SMALL, activation_bytes, check_spec, check_step, estimate_stack,
+    layer_activation_bytes, lowbit_moment_bytes, optimizer_estimates, resolve_interval, sqrt_interval, step_estimate,
+)
 
-PRECISIONS = ("fp32", "bf16")
-CHECKPOINTING = ("none", "sqrt", "every")
+
+def _check_trainable(model):
+    """model: a Llama-style causal LM, or one wrapped for data parallelism (DistributedDataParallel's .module)."""
+    check_llama(getattr(model, "module", model))
+    return model
 
 
 # ----------------------------------------------------------------------------------------------------------
 # A small Llama and byte-level KJV data
-
-#: The small Llama notebook 06 trains and measures (16 layers, 11.7M parameters, byte vocabulary).
-SMALL = LlamaSpec(hidden_size=256, num_hidden_layers=16, intermediate_size=688, tie_word_embeddings=False)
-
 
 #: The models of the notebook-06 widget: the small Llama we measure and SmolLM2-135M's shapes.
 MODEL_CONFIGS = {
@@ -53,6 +60,12 @@ def byte_tokens(split: str = "train") -> torch.Tensor:
 
 def batches(tokens: torch.Tensor, steps: int, batch: int, seq_len: int, seed: int = 0) -> torch.Tensor:
     """[steps, batch, seq_len] random windows of `tokens` (deterministic for a seed)."""
+    torch_tensor("tokens", tokens, "1-D token ids, e.g. byte_tokens('train')", dims=1, kind="int")
+    steps = whole_number("steps", steps, 1, "training steps", high=MAX_STEPS)
+    batch = whole_number("batch", batch, 1, "sequences per step, e.g. 4")
+    seq_len = whole_number("seq_len", seq_len, 1, "tokens per sequence, e.g. 128")
+    seed = whole_number("seed", seed, 0, "any whole number ≥ 0")
+    memory.check_fits(f"{steps} × {batch} × {seq_len} token ids", 8 * steps * batch * seq_len, "use fewer steps")
     if len(tokens) <= seq_len:
         raise ValueError(f"need more than seq_len={seq_len} tokens, got {len(tokens)}")
     g = torch.Generator().manual_seed(seed)
@@ -63,6 +76,8 @@ def batches(tokens: torch.Tensor, steps: int, batch: int, seq_len: int, seed: in
 @torch.no_grad()
 def eval_loss(model, tokens: torch.Tensor, seq_len: int = 128, max_windows: int = 32) -> float:
     """Mean next-token loss over the first `max_windows` consecutive windows of `tokens` (deterministic)."""
+    tokens = check_windows(_check_trainable(model), tokens, seq_len, 8)
+    max_windows = whole_number("max_windows", max_windows, 1, "windows to score, e.g. 32")
     was = model.training
     model.eval()
     n = min(max_windows, (len(tokens) - 1) // seq_len)
@@ -77,12 +92,21 @@ def eval_loss(model, tokens: torch.Tensor, seq_len: int = 128, max_windows: int 
 
 def is_tied(model) -> bool:
     """True when the output head shares storage with the input embedding (tied embeddings)."""
+    _check_lm(model)
     out, inp = model.get_output_embeddings(), model.get_input_embeddings()
     return out is not None and out.weight.untyped_storage().data_ptr() == inp.weight.untyped_storage().data_ptr()
 
 
+def _check_lm(model) -> None:
+    if not all(callable(getattr(torch_module("model", model, "a language model such as small_llama()"), f, None))
+               for f in ("get_input_embeddings", "get_output_embeddings")):
+        raise TypeError(f"model must be a language model with input and output embeddings (small_llama(), "
+                        f"lk.load_model()[0]), got {type(model).__name__}")
+
+
 def untie_(model):
     """Give the output head its own copy of the embedding (costs vocab × hidden × bytes per element)."""
+    _check_lm(model)
     out = model.get_output_embeddings()
     if is_tied(model):
         out.weight = nn.Parameter(out.weight.detach().clone())
@@ -109,7 +133,9 @@ def _default_filter(module: nn.Module, fqn: str) -> bool:
 def share_(model, config: ShareConfig, filter_fn=None):
     """Tie the weights of decoder layers in groups (in place); `filter_fn(module, fqn)` picks what to share
     inside a layer (default: every Linear and norm). Returns the model."""
-    layers = model.model.layers
+    layers = check_llama(model).model.layers
+    if filter_fn is not None:
+        check_filter(filter_fn)
     n = len(layers)
     if not isinstance(config, ShareConfig):
         raise TypeError(f"share_ needs a lk.training.ShareConfig, got {type(config).__name__}")
@@ -131,32 +157,12 @@ def share_(model, config: ShareConfig, filter_fn=None):
 # ----------------------------------------------------------------------------------------------------------
 # Activation checkpointing (Chen et al. 2016): keep only each segment's input; recompute the segment
 
-def sqrt_interval(depth: int) -> int:
-    """The segment length that minimises n/k + k: round(√depth)."""
-    return max(1, round(math.sqrt(depth)))
-
-
-def resolve_interval(mode, depth: int) -> int | None:
-    """'none' → None, 'every' → 1, 'sqrt' → round(√depth), an int k → k (1 ≤ k ≤ depth)."""
-    if mode in (None, "none", 0):
-        return None
-    if mode == "every":
-        return 1
-    if mode == "sqrt":
-        return sqrt_interval(depth)
-    if isinstance(mode, bool) or not isinstance(mode, int):
-        raise ValueError(f"checkpointing must be 'none', 'sqrt', 'every' or an int interval, got {mode!r}")
-    if not 1 <= mode <= depth:
-        raise ValueError(f"checkpoint interval {mode} must be between 1 and the depth ({depth} layers)")
-    return mode
-
-
 def checkpoint_(model, every="sqrt"):
     """Checkpoint the decoder in segments of `every` layers (in place): the forward keeps only each
     segment's input; the backward recomputes one segment at a time. every='none' undoes it."""
     from torch.utils.checkpoint import checkpoint
 
-    layers = model.model.layers
+    layers = check_llama(model).model.layers
     for layer in layers:  # undo any previous setting
         layer.__dict__.pop("forward", None)
     k = resolve_interval(every, len(layers))
@@ -202,6 +208,9 @@ def autocast(precision: str):
 def accumulate_grads(model, x: torch.Tensor, micro_batches: int = 1, precision: str = "fp32") -> float:
     """Forward + backward over `x` split into `micro_batches` equal parts, each loss divided by their number:
     the gradients equal those of the whole batch, but only one part's activations are alive at a time."""
+    check_token_ids("x", x, _check_trainable(model), dims=2)
+    micro_batches = whole_number("micro_batches", micro_batches, 1, f"parts of the batch of {x.shape[0]}")
+    autocast(precision)                       # checks the precision before any forward
     if x.shape[0] % micro_batches:
         raise ValueError(f"batch {x.shape[0]} is not divisible into {micro_batches} micro-batches")
     total = 0.0
@@ -216,6 +225,17 @@ def accumulate_grads(model, x: torch.Tensor, micro_batches: int = 1, precision: 
 def train(model, data: torch.Tensor, lr: float = 3e-3, precision: str = "fp32", micro_batches: int = 1,
           optimizer=None) -> list[float]:
     """Train on `data` [steps, batch, seq] with Adam; return the loss of every step."""
+    torch_tensor("data", data, "token ids [steps, batch, seq], e.g. batches(tokens, steps, batch, seq_len)", dims=3,
+                 kind="int")
+    check_token_ids("data", data.reshape(-1, data.shape[-1]), _check_trainable(model), dims=2)
+    whole_number("steps", data.shape[0], 1, "the first dimension of data", high=MAX_STEPS)
+    if optimizer is None and not 0 < real_number("lr", lr, "Adam's learning rate in (0, 1], e.g. 3e-3", low=0) <= 1:
+        raise ValueError(f"lr must be in (0, 1] (e.g. 3e-3), got {lr!r}; a larger step diverges to NaN losses")
+    if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch optimizer (or None for Adam), got {type(optimizer).__name__}")
+    autocast(precision)
+    if data.shape[1] % whole_number("micro_batches", micro_batches, 1, "parts of each batch"):
+        raise ValueError(f"batch {data.shape[1]} is not divisible into {micro_batches} micro-batches")
     opt = optimizer or torch.optim.Adam(model.parameters(), lr=lr)
     model.train()
     losses = []
@@ -232,6 +252,8 @@ def train(model, data: torch.Tensor, lr: float = 3e-3, precision: str = "fp32", 
 def saved_activation_bytes(model, x: torch.Tensor, precision: str = "fp32") -> int:
     """Bytes of the tensors autograd saves for backward in one forward (parameters excluded; each storage
     once). Counts what stays alive between forward and backward without checkpointing."""
+    check_token_ids("x", x, _check_trainable(model), dims=2)
+    autocast(precision)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen: dict[int, int] = {}
 
@@ -250,6 +272,8 @@ def saved_activation_bytes(model, x: torch.Tensor, precision: str = "fp32") -> i
 def optimizer_state_bytes(opt) -> int:
     """Bytes of an optimizer's state tensors (Adam: exp_avg and exp_avg_sq, plus a scalar step each; a DTensor
     counts its local shard, a torchao low-bit state its codes, scales and code map)."""
+    if not isinstance(getattr(opt, "state", None), dict):
+        raise TypeError(f"opt must be a torch optimizer (it has a .state), got {type(opt).__name__}")
     return memory.tensor_bytes([dict(s) for s in opt.state.values()])
 
 
@@ -265,6 +289,10 @@ def measure_step(cfg: dict, variants: dict | None = None) -> dict:
     """
     from labkit.memory import count_params, measure_memory
 
+    _check_variants(variants, allow_none=True)
+    if not isinstance(cfg, dict):
+        raise TypeError(f"cfg must be a dict of LlamaSpec fields, batch, seq_len, precision, checkpoint, "
+                        f"micro_batches; got {type(cfg).__name__}")
     torch.set_num_threads(1)
     keys = {f.name for f in fields(LlamaSpec)}
     mc = LlamaSpec(**{k: v for k, v in cfg.items() if k in keys})
@@ -290,10 +318,22 @@ def measure_step(cfg: dict, variants: dict | None = None) -> dict:
             "param_bytes": sum(p.numel() * p.element_size() for p in model.parameters())}
 
 
+def _check_variants(variants, allow_none: bool = False) -> None:
+    if variants is None and allow_none:
+        return
+    if not isinstance(variants, dict) or not variants or not all(isinstance(v, dict) for v in variants.values()):
+        raise TypeError(f"variants must be a non-empty dict {{name: {{'precision': ..., 'checkpoint': ...}}}}, e.g. "
+                        f"STEP_VARIANTS; got {variants!r:.80}")
+
+
 def time_variants(variants: dict, cfg: LlamaSpec | None = None, batch: int = 4, seq_len: int = 128,
                   repeats: int = 3) -> dict:
     """Seconds per training step (median of `repeats`, variants interleaved in ONE process, one thread).
     `variants` maps a name to {"precision": ..., "checkpoint": ...}. Compare the results as ratios."""
+    _check_variants(variants)
+    spec = check_spec(cfg or SMALL)
+    check_step(spec, batch, seq_len)
+    repeats = whole_number("repeats", repeats, 1, "timed rounds, e.g. 3", high=1000)
     with repro.threads(1):
         model = small_llama(cfg)
         opt = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: every variant sees the same weights
@@ -313,82 +353,6 @@ def time_variants(variants: dict, cfg: LlamaSpec | None = None, batch: int = 4, 
         return {name: sorted(ts)[len(ts) // 2] for name, ts in times.items()}
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Estimates: the stacked memory of one rank
-
-def layer_activation_bytes(cfg: LlamaSpec, batch: int, seq_len: int, precision: str = "fp32") -> int:
-    """Bytes one decoder layer saves for backward: lk.memory.layer_activation_bytes (one formula for the lab)."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    return memory.layer_activation_bytes(cfg, batch, seq_len, precision)
-
-
-def activation_bytes(cfg: LlamaSpec, batch: int, seq_len: int, precision: str = "fp32",
-                     checkpoint="none") -> int:
-    """Estimated peak activation bytes of a step: n·layer without checkpointing; with segments of k layers
-    (n/k)·(one hidden state) + k·layer (one segment recomputed at a time); plus the logits' loss tensors."""
-    n = cfg.num_hidden_layers
-    k = resolve_interval(checkpoint, n)
-    T = batch * seq_len
-    parts = memory.estimate_activation_bytes(cfg, batch, seq_len, torch.float32 if precision == "fp32" else
-                                             torch.bfloat16, training=True)
-    per_layer = layer_activation_bytes(cfg, batch, seq_len, precision)
-    head = parts["logits"] + parts["embeddings"]
-    if k is None:
-        return parts["total"]
-    return math.ceil(n / k) * T * cfg.hidden_size * 4 + k * per_layer + head
-
-
-def estimate_stack(n_params: int, cfg: LlamaSpec | None = None, batch: int = 4, seq_len: int = 128,
-                   precision: str = "fp32", checkpoint="none", zero_stage: int = 0, ranks: int = 1) -> dict:
-    """Per-rank bytes of a training step with Adam, by part: params, grads, optimizer, activations.
-
-    fp32: 4 + 4 + 8 = 16 bytes/param. precision="bf16" means bf16 *autocast*: the fp32 weights, gradients and Adam
-    state stay (the same 16 bytes/param) and autocast adds a 2-byte bf16 copy of each weight while the step runs,
-    so 18 bytes/param in all — not ZeRO's "mixed" precision (bf16 weights and gradients + an fp32 master copy,
-    16 bytes/param, lk.memory.estimate_training_bytes(..., "mixed")). ZeRO stage 1 splits the optimizer state over
-    `ranks`, stage 2 also the gradients, stage 3 also the parameters (lk.memory.estimate_training_bytes, the one
-    estimator). Activations are per rank: `batch` is the per-rank batch.
-    """
-    cfg = cfg or SMALL
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    resolve_interval(checkpoint, cfg.num_hidden_layers)  # validates the interval against the depth
-    state = memory.estimate_training_bytes(n_params, "fp32", "adam", zero_stage=zero_stage, ranks=ranks)
-    params, grads, optim = state["weights"], state["gradients"], state["optimizer_state"]
-    if precision == "bf16":  # autocast keeps a bf16 copy of every weight it casts, sharded with the weights
-        params += 2 * n_params // (ranks if zero_stage >= 3 else 1)
-    return {"params": int(params), "grads": int(grads), "optimizer": int(optim),
-            "activations": int(activation_bytes(cfg, batch, seq_len, precision, checkpoint))}
-
-
-LOWBIT_ADAM = {8: dict(block=256, qmap=256, min_numel=4096), 4: dict(block=128, qmap=16, min_numel=4096)}
-
-
-def _lowbit_moment_bytes(numel: int, bits: int) -> int:
-    """Bytes of one Adam moment as torchao.optim.AdamW8bit / AdamW4bit store it: bit-packed codes, one fp32 scale
-    per block and a fp32 code map (its quantization levels); tensors under 4,096 values, or not a whole number of
-    blocks, stay fp32 (torchao follows bitsandbytes there)."""
-    spec = LOWBIT_ADAM[bits]
-    if numel < spec["min_numel"] or numel % spec["block"]:
-        return 4 * numel
-    return math.ceil(numel * bits / 8) + 4 * (numel // spec["block"]) + 4 * spec["qmap"]
-
-
-def optimizer_estimates(model) -> dict:
-    """Optimizer-state bytes (without Adam's 4-byte step counters): Adam fp32 (two fp32 moments, 8 B/param);
-    8-bit and 4-bit Adam as torchao.optim stores them (Dettmers et al.'s block-wise scheme: codes + a scale per
-    block of 256 / 128 values + a code map; bitsandbytes uses blocks of 2048); Adafactor (factored second moment:
-    rows + columns per matrix, no first moment)."""
-    adam = adam8 = adam4 = factored = 0
-    for p in model.parameters():
-        adam += 8 * p.numel()
-        adam8 += 2 * _lowbit_moment_bytes(p.numel(), 8)
-        adam4 += 2 * _lowbit_moment_bytes(p.numel(), 4)
-        factored += 4 * (p.shape[0] + p.shape[1]) if p.dim() == 2 else 4 * p.numel()
-    return {"adam_fp32": adam, "adam_8bit": adam8, "adam_4bit": adam4, "adafactor": factored}
-
-
 def lowbit_adam(params, bits: int = 8, **kwargs):
     """torchao's AdamW8bit or AdamW4bit (pure PyTorch + torch.compile: it runs on a CPU; the first step compiles,
     ~10–20 s on 2 cores). Measure its state with state_after_step."""
@@ -396,7 +360,11 @@ def lowbit_adam(params, bits: int = 8, **kwargs):
     import warnings
 
     from labkit.quantize import quiet_torchao
-    if bits not in LOWBIT_ADAM:
+    params = list(params) if not isinstance(params, (str, bytes, torch.Tensor)) and hasattr(params, "__iter__") \
+        else None
+    if not params or not all(isinstance(p, (torch.Tensor, dict)) for p in params):
+        raise TypeError("params must be a non-empty list of tensors (e.g. model.parameters()) or parameter groups")
+    if isinstance(bits, bool) or bits not in LOWBIT_ADAM:
         raise ValueError(f"low-bit Adam comes in {sorted(LOWBIT_ADAM)} bits (torchao.optim), got {bits!r}")
     quiet_torchao()
     logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)     # a deprecation notice at import
@@ -412,6 +380,8 @@ def state_after_step(model: nn.Module, opt, x: torch.Tensor) -> int:
     scales and code map)."""
     import warnings
 
+    if not isinstance(opt, torch.optim.Optimizer):
+        raise TypeError(f"opt must be a torch optimizer, e.g. lowbit_adam(model.parameters()), got {type(opt).__name__}")
     accumulate_grads(model, x)
     with warnings.catch_warnings():            # torch.compile's notices about torchao's tensor subclasses
         warnings.simplefilter("ignore")
@@ -438,35 +408,15 @@ STEP_VARIANTS = {
 }
 
 
-def step_estimate(cfg: LlamaSpec, n: int, batch: int, seq_len: int, precision="fp32", checkpoint="none") -> int:
-    """Estimated peak growth during forward + backward (Adam state and weights already exist).
-
-    Gradients (G = 4 bytes/param) appear while activations are freed, so the peak is not their sum.
-    Without checkpointing it comes at the start of the backward: every layer's saved tensors (L each) + the
-    loss's + one layer's backward temporaries (≈ two MLP-wide tensors). With segments of k layers it comes while
-    segment j (from the bottom) is recomputed: the inputs still stored below it (j · T·h floats) + k·L + the
-    gradients of the layers above it; the estimate takes the largest j. bf16 autocast adds the 2-byte weight
-    copies that autocast saves for backward (all layers', or one segment's when checkpointing).
-    """
-    k = resolve_interval(checkpoint, cfg.num_hidden_layers)
-    n_layers, T = cfg.num_hidden_layers, batch * seq_len
-    L = layer_activation_bytes(cfg, batch, seq_len, precision)
-    temps = 2 * T * cfg.intermediate_size * 4
-    G = 4 * n
-    copies = 2 * n if precision == "bf16" else 0
-    if k is None:
-        return max(activation_bytes(cfg, batch, seq_len, precision), G) + copies + temps
-    h_in = T * cfg.hidden_size * 4
-    segments = math.ceil(n_layers / k)
-    peak = max(j * h_in + k * L + G * max(0, n_layers - j * k) / n_layers for j in range(1, segments + 1))
-    return int(peak + copies * k / n_layers + temps)
-
-
 def step_memory(batch: int = 4, seq_len: int = 128, cfg: LlamaSpec | None = None, fresh_each: bool = True,
                 variants: dict | None = None) -> dict:
     """Peak growth of forward + backward per variant beside its estimate. fresh_each=True: one fresh process
     per variant (cleanest); False: all variants one after the other in one fresh process (faster)."""
-    cfg = cfg or SMALL
+    cfg = check_spec(SMALL if cfg is None else cfg)
+    _check_variants(variants, allow_none=True)
+    check_step(cfg, batch, seq_len)                   # before any process starts
+    if not isinstance(fresh_each, bool):
+        raise TypeError(f"fresh_each must be True or False, got {fresh_each!r}")
     variants = variants or STEP_VARIANTS
     base = {**asdict(cfg), "batch": batch, "seq_len": seq_len}
     if fresh_each:
