@@ -502,17 +502,18 @@ def prune_sweep(results: dict, live: dict | None = None, ax=None, title: str = "
     return ax
 
 
-def prune_widget_chart(results: list[dict], dense_ppl, dense_model_bytes: int, ax=None):
+def prune_widget_chart(results: list[dict], dense_ppl, dense_model_bytes: int, ax=None, current: dict | None = None):
     """The pruning widget's signature chart: each pruned setting tried (labkit.experiments.prune.prune_and_measure)
     at the whole model's RAM bytes with its pruned weights in their best storage format, against perplexity on
-    the widget's budget; the dense model as the reference."""
+    the widget's budget; the dense model as the reference; `current` (one of `results`) as a labelled diamond."""
     tokens = getattr(dense_ppl, "tokens", None)
     pts = [{"bytes": dense_model_bytes, "quality": float(dense_ppl), "technique": "dense", "label": "dense",
             "reference": True}]
     for r in results:
         tech = "2:4" if r["method"].startswith("2:4") else r["method"].split("_")[0]
+        now = {"marker": "D", "annotate": True} if r is current else {}
         pts.append({"bytes": dense_model_bytes - r["dense_bytes"] + r["best_bytes"], "quality": float(r["perplexity"]),
-                    "technique": tech, "label": f"{r['method']} {r['sparsity']:.0%}"})
+                    "technique": tech, "label": f"{r['method']} {r['sparsity']:.0%}", **now})
     return memory_quality(pts, memory="RAM", tokens=tokens, ax=ax, log_y=True,
                           title="pruned model in its best storage format")
 

@@ -152,33 +152,41 @@ def distill_runs(results: dict):
 
 def prune_widget(model, tokenizer, eval_tokens, input_norms, max_tokens: int = 512):
     """Sparsity slider + method → the pruned model's perplexity against its bytes in the best storage format
-    (every setting tried stays on the chart, with the frontier), and a greedy sample beside the dense one
-    (labkit.experiments.prune.prune_and_measure; the dense weights are restored after each move)."""
+    (every setting tried stays on the chart, with the frontier; the current one is the diamond), and a greedy
+    sample beside the dense one (labkit.experiments.prune.prune_and_measure; the dense weights are restored after
+    each move). 2:4 keeps 2 of every 4 weights, so its sparsity is 50% whatever the slider says: the slider is
+    greyed out for it and a 2:4 setting is computed once."""
     import ipywidgets as w
 
     from . import plots
     from .evaluate import perplexity
-    from .experiments.prune import prune_and_measure
+    from .experiments.prune import prune_and_measure, sweep_config
     from .memory import model_bytes
     from .models import generate
     dense_ppl = perplexity(model, eval_tokens, max_tokens=max_tokens)
     dense_sample = generate(model, tokenizer, "In the beginning", 12)
     history = {}
+    slider = w.FloatSlider(value=0.5, min=0.0, max=0.9, step=0.1, continuous_update=False)
 
     def draw(method="magnitude", sparsity=0.5):
-        key = (method, round(float(sparsity), 4))
+        fixed = sweep_config(method).method == "nm"   # N:M: the pattern sets the sparsity, not the slider
+        slider.disabled = fixed
+        key = (method, None if fixed else round(float(sparsity), 4))
+        if fixed:
+            print(f"{method} keeps 2 of every 4 weights, so its sparsity is always 50%: the slider only moves "
+                  "magnitude, magnitude_row and wanda", flush=True)
         if key not in history:  # each setting is computed once (a few seconds): say so while it runs
-            print(f"pruning {method} to {sparsity:.0%} and measuring perplexity on {max_tokens} tokens …", flush=True)
+            to = "2 of every 4" if fixed else f"{sparsity:.0%}"
+            print(f"pruning {method} to {to} and measuring perplexity on {max_tokens} tokens …", flush=True)
             history[key] = prune_and_measure(model, tokenizer, eval_tokens, method, sparsity, input_norms, max_tokens)
         r = history[key]
         print(f"dense : {dense_ppl} | In the beginning{dense_sample}")
         print(f"pruned: {r['perplexity']} | In the beginning{r['sample']}")
-        return plots.prune_widget_chart(list(history.values()), dense_ppl, model_bytes(model))
+        return plots.prune_widget_chart(list(history.values()), dense_ppl, model_bytes(model), current=r)
 
     return interact_chart(draw, method=w.Dropdown(options=["magnitude", "magnitude_row", "wanda", "2:4", "2:4 wanda"],
                                                   value="magnitude"),
-                          sparsity=w.FloatSlider(value=0.5, min=0.0, max=0.9, step=0.1,
-                                                 continuous_update=False))
+                          sparsity=slider)
 
 
 # --- sparse storage (notebook 04) ---

@@ -46,8 +46,56 @@ def test_sparse_widget_moves_the_pruned_weight_on_the_storage_chart():
     plt.close("all")
 
 
+class _ByteTokenizer:
+    """Just enough of a tokenizer for lk.models.generate on tiny_llama (vocab 256): one byte per token."""
+    pad_token_id = eos_token_id = 2
+
+    def __call__(self, text, return_tensors="pt"):
+        import torch
+        ids = torch.tensor([list(text.encode()[:64])])
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+    def decode(self, ids, skip_special_tokens=True):
+        return bytes(int(i) % 128 for i in ids).decode("ascii", "replace")
+
+
 def _controls(ui):
     return {c.description or c._kwarg: c for c in ui.widget.children if not isinstance(c, (w.Output, w.Button))}
+
+
+def test_prune_widget_2_4_ignores_the_slider_and_marks_the_current_setting(monkeypatch, tiny, capsys):
+    """Moving the sparsity slider under 2:4 recomputed the same 2:4 model (up to 80 s) and stacked duplicate points;
+    now the slider is greyed out, a line says why, and the setting shown is the diamond on the chart."""
+    import matplotlib.pyplot as plt
+    import torch
+
+    from labkit.experiments import prune as xp
+
+    calls, results = [], []
+    real = xp.prune_and_measure
+
+    def counted(*a, **k):
+        calls.append(a[3:5])
+        results.append(real(*a, **k))
+        return results[-1]
+
+    monkeypatch.setattr(xp, "prune_and_measure", counted)
+    tokens = torch.randint(0, 256, (600,), generator=torch.Generator().manual_seed(0))
+    ui = widgets.prune_widget(tiny, _ByteTokenizer(), tokens, None, max_tokens=256)
+    c = _controls(ui)
+    assert calls == [("magnitude", 0.5)] and not c["sparsity"].disabled
+    c["method"].value = "2:4"
+    c["sparsity"].value = 0.30000000000000004   # what the browser sends for 3 steps of 0.1
+    assert calls == [("magnitude", 0.5), ("2:4", 0.5)] and c["sparsity"].disabled
+    assert "always 50%" in capsys.readouterr().out
+    ax = plt.gcf().axes[0]
+    diamonds = [o.get_offsets()[0].tolist() for o in ax.collections
+                if len(o.get_offsets()) == 1 and len(o.get_paths()[0].vertices) <= 5]   # a circle has more
+    assert [y for _, y in diamonds] == [float(results[1]["perplexity"])]
+    assert any(t.get_text() == "2:4 50%" for t in ax.texts)
+    c["method"].value = "magnitude"
+    assert calls[-1][0] == "magnitude" and abs(calls[-1][1] - 0.3) < 1e-9 and not c["sparsity"].disabled
+    plt.close("all")
 
 
 def test_distill_runs_offers_only_stored_runs(capsys):
