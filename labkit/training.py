@@ -222,6 +222,26 @@ def accumulate_grads(model, x: torch.Tensor, micro_batches: int = 1, precision: 
     return total
 
 
+def layer_forwards(model, x: torch.Tensor, every="none") -> int:
+    """How many decoder-layer forwards one training step on `x` runs (forward + backward) with checkpointing
+    `every`: n layers without it, 2n with it (each segment runs again in the backward pass) — the compute that
+    checkpointing pays for its memory, counted instead of timed. Counted on each layer's MLP; the model's own
+    checkpoint setting is restored and its gradients cleared afterwards."""
+    before = getattr(model, "_labkit_checkpoint_every", None)
+    checkpoint_(model, every)
+    count = [0]
+    hooks = [layer.mlp.register_forward_hook(lambda *_: count.__setitem__(0, count[0] + 1))
+             for layer in model.model.layers]
+    try:
+        accumulate_grads(model, x)
+    finally:
+        for h in hooks:
+            h.remove()
+        checkpoint_(model, before if before is not None else "none")
+        model.zero_grad(set_to_none=True)
+    return count[0]
+
+
 def train(model, data: torch.Tensor, lr: float = 3e-3, precision: str = "fp32", micro_batches: int = 1,
           optimizer=None) -> list[float]:
     """Train on `data` [steps, batch, seq] with Adam; return the loss of every step."""

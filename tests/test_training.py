@@ -274,6 +274,15 @@ def test_time_variants_times_each_variants_step(monkeypatch):
     assert t == {"none": 4, "every": 8, "sqrt": 8} and torch.get_num_threads() == threads
 
 
+@pytest.mark.parametrize("every, runs", [("none", 1), ("sqrt", 2), ("every", 2), (3, 2)])
+def test_layer_forwards_counts_the_recomputation(every, runs):
+    model = T.small_llama(SMALL)                     # 4 layers
+    x = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(0))
+    T.checkpoint_(model, 2)
+    assert T.layer_forwards(model, x, every) == runs * SMALL.num_hidden_layers
+    assert model._labkit_checkpoint_every == 2 and all(p.grad is None for p in model.parameters())
+
+
 def test_batches_are_windows_of_the_tokens():
     tok = torch.arange(1000)
     b = T.batches(tok, 3, 2, 10, seed=0)
