@@ -135,7 +135,7 @@ def test_forbid_calls_catches_a_call_however_it_was_imported():
     w = torch.randn(4, 4)
     with lk.checks.forbid_calls(lk.prune.magnitude_mask):
         (w.abs() > 0.5).sum()
-    with pytest.raises(AssertionError, match="labkit.prune.magnitude_mask"):
+    with pytest.raises(AssertionError, match=r"labkit\.(prune|masks)\.magnitude_mask"):
         with lk.checks.forbid_calls(lk.prune.magnitude_mask):
             renamed(w, 0.5)
     with pytest.raises(TypeError, match="Python functions"):
