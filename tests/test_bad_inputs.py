@@ -1,6 +1,9 @@
 """Bad inputs, as a careless learner or a hostile user would give them, to every public entry point of
-labkit.sparse, compress, storage, data, models (and their experiments), the CLI, and the shared
-helpers of other modules (evaluate, memory, repro).
+labkit.sparse, compress, storage, data, models (and their experiments), the CLI, the shared helpers of other
+modules (evaluate, memory, repro), and — in LESSON_CASES, one bad value per parameter — the lesson modules of
+notebooks 01–07 (prune, quantize, second_order, awq, smoothquant, distill, storage, capstone, pool, kvcache,
+training, sharding, footprint), each case a call that once ended in an IndexError, AttributeError, a RuntimeError
+from deep inside torch, a hang, a silently wrong number, or a half-changed model (TRANSFORMS).
 
 Each case must end in a *clear labkit error*: the expected exception type (TypeError, ValueError, ChecksumError,
 FileNotFoundError), raised from labkit's own code (not from deep inside torch/numpy/transformers) with a message,
@@ -8,7 +11,8 @@ or — for degenerate but valid input — a correct result. Cases that touch fil
 exactly as it was (sha256 of the folder before and after). Random byte flips in every file format these modules
 read must be detected (hypothesis).
 
-`CASES` is a plain table so that the counts in the developer notes can be recomputed:
+`CASES`, `OTHER_CASES` and `LESSON_CASES` are plain tables so that the counts in the developer notes can be
+recomputed:
     python -c "import tests.test_bad_inputs as t; t.summary()"
 """
 from __future__ import annotations
